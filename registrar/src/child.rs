@@ -1,0 +1,71 @@
+//! Exec mode: the app runs as our child in its own process group (so a terminal's Ctrl-C
+//! reaches us first and the lease is revoked before the app stops); we forward signals
+//! and report its exit status the way a shell does (128+N for a signal).
+
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tracing::{info, warn};
+
+/// The running app.
+pub struct App {
+    child: Child,
+    pid: Pid,
+}
+
+impl App {
+    /// Starts `command` (program + args) with our stdio.
+    pub fn spawn(command: &[String]) -> std::io::Result<App> {
+        let (program, args) = command.split_first().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command")
+        })?;
+        let child = Command::new(program)
+            .args(args)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()?;
+        let raw = child
+            .id()
+            .ok_or_else(|| std::io::Error::other("child exited before its pid was read"))?;
+        let pid = Pid::from_raw(raw as i32);
+        info!(pid = raw, command = ?command, "started app");
+        Ok(App { child, pid })
+    }
+
+    /// Sends `signal` to the app.
+    pub fn signal(&self, signal: Signal) {
+        if let Err(e) = kill(self.pid, signal) {
+            warn!(%signal, error = %e, "could not signal the app");
+        }
+    }
+
+    /// Waits for the app to exit.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Sends `signal`, waits up to `timeout`, then SIGKILLs.
+    pub async fn stop(&mut self, signal: Signal, timeout: Duration) -> std::io::Result<ExitStatus> {
+        self.signal(signal);
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status,
+            Err(_) => {
+                warn!(?timeout, "app did not exit in time; sending SIGKILL");
+                self.signal(Signal::SIGKILL);
+                self.child.wait().await
+            }
+        }
+    }
+}
+
+/// Shell-style exit code: the exit code, or 128 + signal number.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1)
+}

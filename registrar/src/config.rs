@@ -1,0 +1,348 @@
+//! Command-line flags (raw, as clap parses them) and the validated [`Config`] built from
+//! them. Every flag can also come from an environment variable.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use registry::duration::parse_duration;
+use registry::etcd::EtcdArgs;
+use registry::validate::ValidationError;
+use registry::Instance;
+use thiserror::Error;
+
+use crate::health::HealthCheck;
+
+const AFTER_HELP: &str = "\
+Examples:
+  # register this host's web app, keep it registered until SIGTERM
+  registrar --service webapp --port 3000
+
+  # run the app as a child; register once it answers /health; on SIGTERM revoke the
+  # lease, wait 2s for the load balancer to drain, then stop the app
+  registrar --service webapp --port 3000 --health-http http://127.0.0.1:3000/health \\
+            --drain 2s -- /usr/local/bin/webapp --port 3000
+
+  # what is registered, and which lease owns it
+  etcdctl get --prefix /services/
+  etcdctl lease timetolive <lease-id-in-hex> --keys
+
+Exit status: 0 after a graceful stop; the child's status in exec mode (128+N when it
+was killed by signal N); 64 for bad flags or a fatal etcd setup error (authentication,
+certificates); 1 for other failures.";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Raw command-line flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "registrar",
+    version,
+    about = "Keep this instance registered in etcd under a TTL lease (optionally running the app as a child).",
+    long_about = "Keep this instance registered in etcd under a TTL lease.\n\n\
+        Writes <prefix>/<service>/<id> = JSON {id, service, address, port, tags, meta, weight} \
+        bound to a lease, keeps the lease alive every TTL/3, re-registers after any lease loss, \
+        and revokes the lease on SIGTERM/SIGINT so the load balancer drops the instance at once. \
+        If the process dies without revoking, the key disappears after the TTL.\n\n\
+        With `-- CMD ARGS...` the app runs as a child: signals are forwarded, the lease is \
+        revoked before the child is stopped, and registrar exits with the child's status.",
+    after_help = AFTER_HELP
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// Key prefix; the key is <prefix>/<service>/<id>.
+    #[arg(long, env = "REGISTRAR_PREFIX", default_value = registry::DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// Service name ([A-Za-z0-9][A-Za-z0-9._-]{0,62}).
+    #[arg(long, env = "REGISTRAR_SERVICE")]
+    pub service: String,
+
+    /// Instance id, unique within the service [default: the hostname].
+    #[arg(long, env = "REGISTRAR_ID")]
+    pub id: Option<String>,
+
+    /// Address the load balancer should connect to: an IP or DNS name, no port
+    /// [default: this host's address on the route towards etcd].
+    #[arg(long, env = "REGISTRAR_ADDRESS")]
+    pub address: Option<String>,
+
+    /// Port the app listens on (1-65535).
+    #[arg(long, env = "REGISTRAR_PORT")]
+    pub port: u16,
+
+    /// Tag, repeatable (or comma-separated in REGISTRAR_TAGS).
+    #[arg(long = "tag", env = "REGISTRAR_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+
+    /// Metadata KEY=VALUE, repeatable (or comma-separated in REGISTRAR_META).
+    #[arg(long = "meta", env = "REGISTRAR_META", value_delimiter = ',', value_parser = parse_meta)]
+    pub meta: Vec<(String, String)>,
+
+    /// Load-balancing weight (0-256).
+    #[arg(long, env = "REGISTRAR_WEIGHT", default_value_t = registry::instance::DEFAULT_WEIGHT)]
+    pub weight: u16,
+
+    /// Lease TTL (at least 2s; whole seconds): how long a crashed instance stays registered.
+    #[arg(long, env = "REGISTRAR_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub ttl: Duration,
+
+    /// Register only while GET URL answers 2xx/3xx (http:// only).
+    #[arg(
+        long,
+        env = "REGISTRAR_HEALTH_HTTP",
+        value_name = "URL",
+        conflicts_with = "health_tcp"
+    )]
+    pub health_http: Option<String>,
+
+    /// Register only while a TCP connect to HOST:PORT succeeds.
+    #[arg(long, env = "REGISTRAR_HEALTH_TCP", value_name = "HOST:PORT")]
+    pub health_tcp: Option<String>,
+
+    /// Time between health checks.
+    #[arg(long, env = "REGISTRAR_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// Timeout of one health check.
+    #[arg(long, env = "REGISTRAR_HEALTH_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Consecutive failed checks before the instance is deregistered.
+    #[arg(long, env = "REGISTRAR_HEALTH_FAILS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_fails: u32,
+
+    /// Consecutive passed checks before a deregistered instance is registered again.
+    #[arg(long, env = "REGISTRAR_HEALTH_RISES", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub health_rises: u32,
+
+    /// On SIGTERM/SIGINT: time between revoking the lease and signalling the child, so
+    /// the load balancer stops sending new requests first.
+    #[arg(long, env = "REGISTRAR_DRAIN", default_value = "0s", value_parser = parse_duration)]
+    pub drain: Duration,
+
+    /// Exec mode: time the child gets to exit after it is signalled, then SIGKILL.
+    #[arg(long, env = "REGISTRAR_KILL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub kill_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Exec mode: the app command to run as a child (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn parse_meta(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub etcd: EtcdArgs,
+    pub prefix: String,
+    pub instance: Instance,
+    pub ttl_secs: i64,
+    pub health: Option<HealthCheck>,
+    pub health_interval: Duration,
+    pub health_timeout: Duration,
+    pub health_fails: u32,
+    pub health_rises: u32,
+    pub drain: Duration,
+    pub kill_timeout: Duration,
+    pub command: Vec<String>,
+}
+
+/// Why the flags do not make a usable configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("--ttl {0:?} is too short: etcd leases need at least 2s")]
+    TtlTooShort(Duration),
+    #[error("--prefix {0:?} must start with '/' and contain no whitespace")]
+    Prefix(String),
+    #[error("--id not given and the hostname {0:?} is not a valid id; pass --id")]
+    Hostname(String),
+    #[error("cannot detect this host's address ({0}); pass --address")]
+    Address(String),
+    #[error("{0}")]
+    Health(String),
+    #[error("--health-interval and --health-timeout must be greater than zero")]
+    HealthTiming,
+}
+
+impl Config {
+    /// Validates the flags. Nothing is written anywhere before this succeeds.
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        if args.ttl < Duration::from_secs(2) {
+            return Err(ConfigError::TtlTooShort(args.ttl));
+        }
+        // etcd leases are whole seconds; round up so the TTL is never shorter than asked.
+        let ttl_secs = args.ttl.as_secs() + u64::from(args.ttl.subsec_nanos() > 0);
+        if !args.prefix.starts_with('/') || args.prefix.chars().any(char::is_whitespace) {
+            return Err(ConfigError::Prefix(args.prefix));
+        }
+        registry::validate::name("service", &args.service)?;
+        let id = match args.id {
+            Some(id) => id,
+            None => {
+                let host = nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                registry::validate::name("id", &host)
+                    .map_err(|_| ConfigError::Hostname(host.clone()))?;
+                host
+            }
+        };
+        let address = match args.address {
+            Some(a) => a,
+            None => detect_address(&args.etcd.endpoints).map_err(ConfigError::Address)?,
+        };
+        let mut instance = Instance::new(&args.service, &id, &address, args.port);
+        instance.tags = args.tags;
+        instance.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
+        instance.weight = args.weight;
+        instance.validate()?;
+
+        let health = match (args.health_http, args.health_tcp) {
+            (Some(url), _) => Some(HealthCheck::http(&url).map_err(ConfigError::Health)?),
+            (None, Some(addr)) => Some(HealthCheck::tcp(&addr).map_err(ConfigError::Health)?),
+            (None, None) => None,
+        };
+        if args.health_interval.is_zero() || args.health_timeout.is_zero() {
+            return Err(ConfigError::HealthTiming);
+        }
+        Ok(Config {
+            etcd: args.etcd,
+            prefix: args.prefix,
+            instance,
+            ttl_secs: ttl_secs as i64,
+            health,
+            health_interval: args.health_interval,
+            health_timeout: args.health_timeout,
+            health_fails: args.health_fails,
+            health_rises: args.health_rises,
+            drain: args.drain,
+            kill_timeout: args.kill_timeout,
+            command: args.command,
+        })
+    }
+
+    /// The etcd key of this instance.
+    pub fn key(&self) -> String {
+        registry::instance_key(&self.prefix, &self.instance.service, &self.instance.id)
+    }
+}
+
+/// The local address of the route towards the first etcd endpoint: the address other
+/// hosts on that network reach this one on. A UDP `connect` only picks a route; no packet
+/// is sent.
+fn detect_address(endpoints: &[String]) -> Result<String, String> {
+    let endpoint = endpoints.first().ok_or("no etcd endpoint")?;
+    let hostport = endpoint
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    let target: SocketAddr = hostport
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve etcd endpoint {hostport}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("etcd endpoint {hostport} has no address"))?;
+    let bind = if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+    sock.connect(target).map_err(|e| e.to_string())?;
+    let local = sock.local_addr().map_err(|e| e.to_string())?.ip();
+    if local.is_unspecified() {
+        return Err("no route towards etcd".into());
+    }
+    Ok(local.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Config, String> {
+        let mut v = vec![
+            "registrar",
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--port",
+            "3000",
+        ];
+        v.extend_from_slice(extra);
+        let a = Args::try_parse_from(v).map_err(|e| e.to_string())?;
+        Config::from_args(a).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_and_detection() {
+        let c = args(&["--endpoints", "http://127.0.0.1:2379"]).unwrap();
+        assert_eq!(c.instance.address, "127.0.0.1");
+        assert_eq!(c.ttl_secs, 10);
+        assert_eq!(c.key(), "/services/webapp/s1");
+        assert!(c.command.is_empty());
+    }
+
+    #[test]
+    fn exec_mode_and_meta() {
+        let c = args(&[
+            "--address",
+            "10.0.0.5",
+            "--meta",
+            "zone=a",
+            "--tag",
+            "v1",
+            "--tag",
+            "v2",
+            "--ttl",
+            "2500ms",
+            "--",
+            "sleep",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(c.command, vec!["sleep", "10"]);
+        assert_eq!(c.instance.meta["zone"], "a");
+        assert_eq!(c.instance.tags, vec!["v1", "v2"]);
+        assert_eq!(c.ttl_secs, 3);
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        for bad in [
+            &["--address", "10.0.0.1:3000"][..],
+            &["--ttl", "ten"],
+            &["--ttl", "1s"],
+            &["--meta", "novalue"],
+            &["--tag", "a b"],
+            &["--weight", "300"],
+            &["--health-http", "https://x/"],
+            &["--prefix", "services"],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?}");
+        }
+        let a = Args::try_parse_from(["registrar", "--service", "a b", "--port", "1", "--id", "x"]);
+        assert!(Config::from_args(a.unwrap()).is_err());
+        assert!(Args::try_parse_from(["registrar", "--service", "a", "--port", "70000"]).is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! registrar: keeps one service instance registered in etcd under a TTL lease.
+//!
+//! [`run`] wires the pieces: the optional child app ([`child`]), the health verdict
+//! ([`health`]), and the lease-bound registration ([`lease`]). `main.rs` only parses flags,
+//! sets up logging and signals ([`signal`]) and maps the result to an exit code.
+#![forbid(unsafe_code)]
+
+pub mod child;
+pub mod config;
+pub mod health;
+pub mod lease;
+pub mod signal;
+
+use nix::sys::signal::Signal;
+use registry::etcd::{Backoff, ConnectError};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use config::{Args, Config};
+
+/// Fatal failures of [`run`].
+#[derive(Debug, Error)]
+pub enum Error {
+    /// etcd setup that retrying cannot fix: credentials, certificates, flags.
+    #[error("{0}")]
+    EtcdSetup(String),
+    /// The app could not be started.
+    #[error("cannot start {command:?}: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    /// Waiting for the app failed.
+    #[error("waiting for the app: {0}")]
+    Wait(std::io::Error),
+}
+
+/// Signals delivered by [`signal::install`].
+pub struct Signals {
+    /// Signals to pass on to the app.
+    pub forward: mpsc::UnboundedReceiver<Signal>,
+    /// The signal that requested shutdown (valid once `shutdown` is cancelled).
+    pub stop_signal: watch::Receiver<Signal>,
+}
+
+impl Signals {
+    /// No forwarding; shutdown passes SIGTERM on. For embedding and tests.
+    pub fn none() -> (Signals, mpsc::UnboundedSender<Signal>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (_stop_tx, stop_rx) = watch::channel(Signal::SIGTERM);
+        (
+            Signals {
+                forward: rx,
+                stop_signal: stop_rx,
+            },
+            tx,
+        )
+    }
+}
+
+/// Runs until `shutdown` (or, in exec mode, until the app exits). Returns the process
+/// exit code: 0, or the app's status in exec mode.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    mut signals: Signals,
+) -> Result<i32, Error> {
+    let key = config.key();
+    let value = config.instance.encode();
+    info!(%key, %value, ttl = config.ttl_secs, "starting");
+
+    let mut app = if config.command.is_empty() {
+        None
+    } else {
+        Some(
+            child::App::spawn(&config.command).map_err(|source| Error::Spawn {
+                command: config.command.join(" "),
+                source,
+            })?,
+        )
+    };
+
+    // Health verdict: always true without a check.
+    let tasks = CancellationToken::new();
+    let (health_tx, health_rx) = watch::channel(config.health.is_none());
+    if let Some(check) = config.health.clone() {
+        tokio::spawn(health::run_checks(
+            check,
+            config.health_interval,
+            config.health_timeout,
+            health::Hysteresis::new(config.health_fails, config.health_rises),
+            health_tx,
+            tasks.clone(),
+        ));
+    } else {
+        // Keep the sender alive so the verdict never reads as "checker gone".
+        tokio::spawn({
+            let t = tasks.clone();
+            async move {
+                t.cancelled().await;
+                drop(health_tx);
+            }
+        });
+    }
+
+    let (registered_tx, registered_rx) = watch::channel(false);
+    let mut registration = tokio::spawn(register(
+        config.clone(),
+        key,
+        value,
+        health_rx,
+        registered_tx,
+        tasks.clone(),
+    ));
+
+    // Wait for whatever comes first: a stop request, the app's exit, a fatal etcd error.
+    let app_status = loop {
+        let app_exit = async {
+            match app.as_mut() {
+                Some(a) => a.wait().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => break None,
+            status = app_exit => {
+                let status = status.map_err(Error::Wait)?;
+                warn!(%status, "app exited; deregistering");
+                break Some(status);
+            }
+            result = &mut registration => {
+                // Only a fatal setup error ends the registration task on its own.
+                let err = match result {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => Error::EtcdSetup("registration ended unexpectedly".into()),
+                    Err(join) => Error::EtcdSetup(format!("registration task failed: {join}")),
+                };
+                tasks.cancel();
+                if let Some(a) = app.as_mut() {
+                    let _ = a.stop(Signal::SIGTERM, config.kill_timeout).await;
+                }
+                return Err(err);
+            }
+            Some(sig) = signals.forward.recv() => {
+                match &app {
+                    Some(a) => { info!(signal = %sig, "forwarding signal to app"); a.signal(sig) }
+                    None => info!(signal = %sig, "ignoring signal"),
+                }
+            }
+        }
+    };
+
+    // Deregister first: revoke the lease so the load balancer stops routing here.
+    let was_registered = *registered_rx.borrow();
+    tasks.cancel();
+    if let Ok(Err(e)) = registration.await {
+        warn!(error = %e, "registration ended with an error");
+    }
+    if let Some(status) = app_status {
+        return Ok(child::exit_code(status));
+    }
+    let Some(mut app) = app else {
+        return Ok(0);
+    };
+    if was_registered && !config.drain.is_zero() {
+        info!(drain = ?config.drain, "draining before stopping the app");
+        tokio::time::sleep(config.drain).await;
+    }
+    let sig = *signals.stop_signal.borrow();
+    let status = app
+        .stop(sig, config.kill_timeout)
+        .await
+        .map_err(Error::Wait)?;
+    info!(%status, "app stopped");
+    Ok(child::exit_code(status))
+}
+
+/// Connects (retrying while etcd is unreachable, failing on fatal setup errors), then keeps
+/// the registration until `stop`.
+async fn register(
+    config: Config,
+    key: String,
+    value: String,
+    health: watch::Receiver<bool>,
+    registered: watch::Sender<bool>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let mut backoff = Backoff::new(std::time::Duration::from_secs(5));
+    let client = loop {
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = config.etcd.connect() => r,
+        };
+        match attempt {
+            Ok(c) => break c,
+            Err(ConnectError::Fatal(msg)) => {
+                error!(error = %msg, "cannot use etcd");
+                return Err(Error::EtcdSetup(msg));
+            }
+            Err(e @ ConnectError::Unavailable { .. }) => {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "etcd not reachable yet; the app keeps running, registration waits");
+                if lease::sleep_or_stop(delay, &stop).await {
+                    return Ok(());
+                }
+            }
+        }
+    };
+    info!(endpoints = %config.etcd.endpoints_display(), "connected to etcd");
+    lease::Registration::new(
+        client,
+        key,
+        value,
+        config.ttl_secs,
+        config.etcd.dial_timeout,
+        health,
+        registered,
+    )
+    .run(stop)
+    .await;
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! etcd connection flags in etcdctl's vocabulary (`--endpoints`, `--user`,
+//! `--password-file`, `--cacert`, `--cert`, `--key`) and a connect that proves the server
+//! is reachable and tells fatal problems (bad credentials, untrusted certificate) from
+//! transient ones (etcd not up yet).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use thiserror::Error;
+
+use crate::duration::parse_duration;
+
+/// HTTP/2 keep-alive ping interval: a frozen or cut-off etcd is noticed within
+/// interval + timeout instead of hanging until TCP gives up.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// HTTP/2 keep-alive ping timeout.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connection flags shared by both binaries (flatten into a clap parser).
+#[derive(Debug, Clone, Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (all members of the cluster).
+    #[arg(
+        long,
+        env = "ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub endpoints: Vec<String>,
+
+    /// etcd user name for authentication.
+    #[arg(long, env = "ETCD_USER")]
+    pub user: Option<String>,
+
+    /// File holding the etcd password (first line). Preferred over --password / ETCD_PASSWORD.
+    #[arg(long, env = "ETCD_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// etcd password. Prefer --password-file or the ETCD_PASSWORD environment variable:
+    /// a flag is visible to every user of the machine in the process list.
+    #[arg(long, env = "ETCD_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
+    /// CA bundle to verify the etcd server certificate (enables TLS; use https:// endpoints).
+    #[arg(long, env = "ETCD_CACERT", value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+
+    /// Client certificate for TLS client authentication (with --key).
+    #[arg(long, env = "ETCD_CERT", value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+
+    /// Client private key for TLS client authentication (with --cert).
+    #[arg(long, env = "ETCD_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+
+    /// Timeout for connecting to etcd and for each request.
+    #[arg(long, env = "ETCD_DIAL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+}
+
+/// Why connecting failed.
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    /// Bad flags, unreadable files, bad credentials, untrusted certificate: retrying will
+    /// not help, the operator must fix something.
+    #[error("{0}")]
+    Fatal(String),
+    /// etcd is not reachable (yet): retry with backoff.
+    #[error("etcd unreachable at {endpoints}: {message}")]
+    Unavailable { endpoints: String, message: String },
+}
+
+impl EtcdArgs {
+    /// Endpoints joined for messages.
+    pub fn endpoints_display(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    /// Checks the flags and reads the files they name; called once at start-up so a bad
+    /// flag is a usage error, not a retry loop.
+    pub fn connect_options(&self) -> Result<ConnectOptions, ConnectError> {
+        if self.endpoints.iter().all(|e| e.trim().is_empty()) {
+            return Err(ConnectError::Fatal("--endpoints is empty".into()));
+        }
+        let mut opts = ConnectOptions::new()
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(true)
+            .with_connect_timeout(self.dial_timeout)
+            .with_require_leader(true);
+
+        let password = match (&self.password_file, &self.password) {
+            (Some(file), _) => Some(
+                std::fs::read_to_string(file)
+                    .map_err(|e| {
+                        ConnectError::Fatal(format!(
+                            "cannot read --password-file {}: {e}",
+                            file.display()
+                        ))
+                    })?
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            ),
+            (None, Some(p)) => Some(p.clone()),
+            (None, None) => None,
+        };
+        match (&self.user, password) {
+            (Some(user), Some(pw)) => {
+                opts = opts
+                    .with_user(user.clone(), pw)
+                    .with_auto_token_refresh(true)
+            }
+            (Some(_), None) => {
+                return Err(ConnectError::Fatal(
+                    "--user needs a password: --password-file FILE or ETCD_PASSWORD".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConnectError::Fatal(
+                    "a password was given without --user".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+
+        if self.cacert.is_some() || self.cert.is_some() || self.key.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.cacert {
+                tls = tls.ca_certificate(Certificate::from_pem(read_file("--cacert", ca)?));
+            }
+            match (&self.cert, &self.key) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(Identity::from_pem(
+                        read_file("--cert", cert)?,
+                        read_file("--key", key)?,
+                    ));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(ConnectError::Fatal(
+                        "--cert and --key must be given together".into(),
+                    ))
+                }
+            }
+            if self.endpoints.iter().any(|e| e.starts_with("http://")) {
+                return Err(ConnectError::Fatal(
+                    "TLS options given but an endpoint uses http://; use https://".into(),
+                ));
+            }
+            opts = opts.with_tls(tls);
+        }
+        Ok(opts)
+    }
+
+    /// Connects and proves the cluster answers (a `status` call) within `--dial-timeout`.
+    /// `Client::connect` alone is lazy and proves nothing.
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let opts = self.connect_options()?;
+        let endpoints = self.endpoints_display();
+        let attempt = async {
+            let mut client = Client::connect(self.endpoints.clone(), Some(opts)).await?;
+            // With --user, connect has already authenticated; status proves a member answers.
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        match tokio::time::timeout(self.dial_timeout, attempt).await {
+            Ok(Ok(client)) => Ok(client),
+            Ok(Err(e)) => Err(classify(&endpoints, &e)),
+            Err(_) => Err(ConnectError::Unavailable {
+                endpoints,
+                message: format!("no answer within {:?}", self.dial_timeout),
+            }),
+        }
+    }
+}
+
+fn read_file(flag: &str, path: &PathBuf) -> Result<Vec<u8>, ConnectError> {
+    std::fs::read(path)
+        .map_err(|e| ConnectError::Fatal(format!("cannot read {flag} {}: {e}", path.display())))
+}
+
+/// The full message of an error and its sources: tonic hides the useful part (the TLS
+/// or auth reason) in the source chain.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        source = s.source();
+    }
+    msg
+}
+
+/// Sorts an etcd error into fatal (credentials, certificates, permissions) or transient.
+pub fn classify(endpoints: &str, e: &etcd_client::Error) -> ConnectError {
+    let message = error_chain(e);
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("authentication failed") || lower.contains("invalid user id or password") {
+        ConnectError::Fatal(format!(
+            "etcd authentication failed for the given --user/password: {message}"
+        ))
+    } else if lower.contains("permission denied") {
+        ConnectError::Fatal(format!("etcd permission denied: {message}"))
+    } else if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || lower.contains("unknownissuer")
+    {
+        ConnectError::Fatal(format!(
+            "etcd TLS failed (certificate not trusted or not accepted): {message}"
+        ))
+    } else {
+        ConnectError::Unavailable {
+            endpoints: endpoints.to_string(),
+            message,
+        }
+    }
+}
+
+/// True when etcd says the lease does not exist (expired, revoked, or the store was replaced).
+pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    error_chain(e).contains("lease not found")
+}
+
+/// Capped exponential backoff for reconnect loops: 100 ms doubling up to `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    /// Starts at 100 ms.
+    pub fn new(max: Duration) -> Self {
+        Backoff {
+            next: Duration::from_millis(100),
+            max,
+        }
+    }
+
+    /// The delay to wait now; doubles the next one.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    /// Back to the first delay after a success.
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_capped() {
+        let mut b = Backoff::new(Duration::from_secs(1));
+        let delays: Vec<_> = (0..6).map(|_| b.next_delay()).collect();
+        assert_eq!(delays[0], Duration::from_millis(100));
+        assert_eq!(delays[3], Duration::from_millis(800));
+        assert_eq!(delays[5], Duration::from_secs(1));
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Starts the whole system locally on loopback: etcd, HAProxy + renderer, and N demo web
+# apps each run by a registrar. Ctrl-C stops everything this script started.
+#
+#   scripts/demo.sh            # 3 web apps
+#   WEBAPPS=5 scripts/demo.sh  # 5 web apps
+#
+# Ports (override with the environment): etcd 2379, HAProxy traffic 8080, stats 1936,
+# web apps from 3001 up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+
+WEBAPPS=${WEBAPPS:-3}
+ETCD_PORT=${ETCD_PORT:-2379}
+HTTP_PORT=${HTTP_PORT:-8080}
+STATS_PORT=${STATS_PORT:-1936}
+APP_BASE_PORT=${APP_BASE_PORT:-3001}
+RUN_DIR=${RUN_DIR:-$(mktemp -d -t lb-demo-XXXX)}
+ENDPOINT="http://127.0.0.1:${ETCD_PORT}"
+
+echo "==> building (release)" >&2
+cargo build --release --locked -q -p registrar -p webapp -p renderer 2>/dev/null \
+  || cargo build --release --locked -p registrar -p webapp
+BIN=target/release
+
+pids=()
+cleanup() {
+  echo "==> stopping" >&2
+  # Web apps first (graceful: leases revoked), then the load balancer, then etcd.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  echo "logs were in $RUN_DIR" >&2
+}
+trap cleanup EXIT INT TERM
+
+echo "==> etcd on $ENDPOINT (data in $RUN_DIR/etcd)" >&2
+etcd --name demo --data-dir "$RUN_DIR/etcd" \
+  --listen-client-urls "$ENDPOINT" --advertise-client-urls "$ENDPOINT" \
+  --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
+  --initial-cluster "demo=http://127.0.0.1:$((ETCD_PORT + 1))" \
+  >"$RUN_DIR/etcd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  ETCDCTL_API=3 etcdctl --endpoints "$ENDPOINT" endpoint health >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+if [ -x "$BIN/renderer" ]; then
+  echo "==> HAProxy + renderer: traffic on 127.0.0.1:$HTTP_PORT, stats on http://127.0.0.1:$STATS_PORT/" >&2
+  mkdir -p "$RUN_DIR/haproxy"
+  "$BIN/renderer" --endpoints "$ENDPOINT" \
+    --template "templates/haproxy.cfg.hbs:$RUN_DIR/haproxy/haproxy.cfg" \
+    --var "http_port=$HTTP_PORT" --var "stats_port=$STATS_PORT" \
+    --var "bind_address=127.0.0.1" --var "runtime_dir=$RUN_DIR/haproxy" \
+    -- haproxy -W -db -f "$RUN_DIR/haproxy/haproxy.cfg" \
+    >"$RUN_DIR/renderer.log" 2>&1 &
+  pids+=($!)
+fi
+
+for i in $(seq 1 "$WEBAPPS"); do
+  port=$((APP_BASE_PORT + i - 1))
+  echo "==> web app s$i on 127.0.0.1:$port (registrar in exec mode)" >&2
+  "$BIN/registrar" --endpoints "$ENDPOINT" --service webapp --id "s$i" \
+    --address 127.0.0.1 --port "$port" --ttl 5s \
+    --health-http "http://127.0.0.1:$port/health" --health-interval 1s \
+    -- "$BIN/webapp" --bind 127.0.0.1 --port "$port" --id "s$i" \
+    >"$RUN_DIR/webapp-s$i.log" 2>&1 &
+  pids+=($!)
+done
+
+sleep 2
+echo "==> registered instances (etcdctl get --prefix /services/):" >&2
+ETCDCTL_API=3 etcdctl --endpoints "$ENDPOINT" get --prefix /services/ --print-value-only
+if [ -x "$BIN/renderer" ]; then
+  echo "==> try:  curl -s http://127.0.0.1:$HTTP_PORT/   (repeat: round robin)" >&2
+fi
+echo "==> running; logs in $RUN_DIR. Ctrl-C to stop." >&2
+wait

@@ -1,0 +1,24 @@
+# Sourced by the other scripts: installs what building and running need, if missing.
+# Debian/Ubuntu: etcd (server + etcdctl), HAProxy, protoc (etcd-client's build), wrk, curl.
+
+need_apt=()
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
+command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> installing ${need_apt[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  # Debian's packages try to start their services; the scripts start their own instances.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >&2
+  # The etcd package starts a system etcd on 127.0.0.1:2379 where init allows it; ours
+  # use their own ports, so leave it be.
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "error: cargo not found; install a Rust toolchain (1.80 or newer, e.g. with rustup)" >&2
+  exit 1
+fi

@@ -1,0 +1,94 @@
+//! The one harness for integration tests (and the benchmarks): free loopback ports,
+//! temp dirs, and real etcd / HAProxy / registrar / renderer / web-app processes that
+//! are killed by PID when their handle is dropped.
+//!
+//! Tests wait on events or poll with a deadline ([`eventually`]); nothing here sleeps
+//! to synchronise.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used)]
+
+pub mod etcd;
+pub mod http;
+pub mod proc;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use etcd::Etcd;
+pub use proc::Proc;
+
+static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A loopback port that was free a moment ago and that this process has not handed out
+/// before (tests run in parallel threads).
+pub fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("bind 127.0.0.1:0");
+        let mut set = HANDED_OUT.lock().unwrap();
+        if set.get_or_insert_with(HashSet::new).insert(port) {
+            return port;
+        }
+    }
+}
+
+/// A fresh temp dir, removed on drop.
+pub fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("lb-e2e-")
+        .tempdir()
+        .expect("temp dir")
+}
+
+/// Path of a workspace binary (`registrar`, `renderer`, `webapp`), built by
+/// `cargo build --workspace` before the tests run (the README's test command does it).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo build --workspace` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts `check` keeps returning true for `period` (polling); for "X must not happen" checks.
+pub async fn stays<F, Fut>(period: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + period;
+    while Instant::now() < deadline {
+        assert!(check().await, "expected to hold for {period:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,497 @@
+//! registrar against a real etcd: registration, graceful and crash deregistration,
+//! store restarts and freezes, health checks, bad input, duplicate ids.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::{bin, eventually, free_port, stays, temp_dir, Etcd, Proc};
+use nix::sys::signal::Signal;
+
+const KEY: &str = "/services/webapp/s1";
+
+fn registrar(dir: &std::path::Path, name: &str, etcd: &Etcd, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin("registrar"));
+    cmd.arg("--endpoints")
+        .arg(etcd.endpoint())
+        .args(args)
+        .env("RUST_LOG", "info,registrar=debug");
+    Proc::spawn(name, dir, cmd)
+}
+
+fn webapp_cmd(port: u16, id: &str) -> Vec<String> {
+    vec![
+        bin("webapp").display().to_string(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--id".into(),
+        id.into(),
+    ]
+}
+
+async fn key_present(etcd: &Etcd, key: &str) -> bool {
+    etcd.get(key).await.is_some()
+}
+
+/// Waits until the key exists under a lease that outlives its own 3 s TTL, i.e. a live
+/// registrar renews it.
+async fn wait_kept_alive(etcd: &Etcd, key: &str, timeout: Duration) -> i64 {
+    let deadline = Instant::now() + timeout;
+    let mut seen: Option<(i64, Instant)> = None;
+    loop {
+        match etcd.get(key).await {
+            Some(kv) => match seen {
+                Some((lease, since)) if lease == kv.lease => {
+                    if since.elapsed() > Duration::from_millis(3500)
+                        && etcd.lease_ttl(lease).await > 0
+                    {
+                        return lease;
+                    }
+                }
+                _ => seen = Some((kv.lease, Instant::now())),
+            },
+            None => seen = None,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}: {key} not kept alive"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_json_under_a_lease_and_revokes_on_sigterm() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let started = Instant::now();
+    let mut reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--address",
+            "192.168.42.11",
+            "--port",
+            "3000",
+            "--tag",
+            "v1",
+            "--meta",
+            "zone=a",
+            "--ttl",
+            "10s",
+        ],
+    );
+    eventually(Duration::from_secs(10), "key registered", || {
+        key_present(&etcd, KEY).then_some_async()
+    })
+    .await;
+    eprintln!("start -> key visible: {:?}", started.elapsed());
+
+    // etcdctl shows the documented JSON.
+    let out = etcd.etcdctl(&["get", "--prefix", "/services/", "--print-value-only"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON value");
+    assert_eq!(v["id"], "s1");
+    assert_eq!(v["service"], "webapp");
+    assert_eq!(v["address"], "192.168.42.11");
+    assert_eq!(v["port"], 3000);
+    assert_eq!(v["tags"], serde_json::json!(["v1"]));
+    assert_eq!(v["meta"]["zone"], "a");
+    assert_eq!(v["weight"], 100);
+
+    // The key carries the lease; the lease lists the key.
+    let kv = etcd.get(KEY).await.unwrap();
+    assert_ne!(kv.lease, 0, "key must be bound to a lease");
+    assert_eq!(etcd.lease_keys(kv.lease).await, vec![KEY.to_string()]);
+    let ttl = etcd.lease_ttl(kv.lease).await;
+    assert!((1..=10).contains(&ttl), "lease TTL {ttl}");
+
+    // SIGTERM: the lease is revoked at once (well before the 10 s TTL) and exit is 0.
+    let t = Instant::now();
+    reg.signal(Signal::SIGTERM);
+    let status = reg
+        .exited(Duration::from_secs(5))
+        .await
+        .expect("registrar exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        !key_present(&etcd, KEY).await,
+        "key must be gone after SIGTERM"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert_eq!(etcd.lease_ttl(kv.lease).await, -1, "lease revoked");
+    eprintln!("SIGTERM -> key gone: {:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_leaves_the_key_until_the_ttl_expires() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--port",
+            "3000",
+            "--ttl",
+            "3s",
+        ],
+    );
+    wait_kept_alive(&etcd, KEY, Duration::from_secs(10)).await;
+    let t = Instant::now();
+    reg.signal(Signal::SIGKILL);
+    eventually(Duration::from_secs(10), "key expires", || async {
+        (!key_present(&etcd, KEY).await).then_some(())
+    })
+    .await;
+    let took = t.elapsed();
+    eprintln!("SIGKILL -> key gone (ttl 3s): {took:?}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "gone after {took:?}: too early for a TTL expiry"
+    );
+    assert!(
+        took <= Duration::from_secs(6),
+        "gone after {took:?}: much later than the TTL"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_mode_revokes_first_and_exits_with_the_childs_status() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let port = free_port();
+    let mut args: Vec<String> = [
+        "--service",
+        "webapp",
+        "--id",
+        "s1",
+        "--address",
+        "127.0.0.1",
+        "--ttl",
+        "10s",
+        "--health-http",
+        &format!("http://127.0.0.1:{port}/health"),
+        "--health-interval",
+        "100ms",
+        "--drain",
+        "200ms",
+        "--port",
+        &port.to_string(),
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(webapp_cmd(port, "s1"));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut reg = registrar(dir.path(), "registrar", &etcd, &argv);
+    eventually(Duration::from_secs(10), "registered once healthy", || {
+        key_present(&etcd, KEY).then_some_async()
+    })
+    .await;
+    let resp = e2e::http::get(port, "/", None).await.expect("app answers");
+    assert_eq!(resp.instance_id().as_deref(), Some("s1"));
+
+    reg.signal(Signal::SIGTERM);
+    // The key goes first (revoke), while the app still serves during the drain.
+    eventually(Duration::from_secs(3), "key revoked", || async {
+        (!key_present(&etcd, KEY).await).then_some(())
+    })
+    .await;
+    let status = reg
+        .exited(Duration::from_secs(10))
+        .await
+        .expect("registrar exits");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "child's status (webapp exits 0 on SIGTERM)"
+    );
+    let log = reg.log();
+    let revoked = log.find("lease revoked").expect("revoked logged");
+    let stopped = log.find("app stopped").expect("app stop logged");
+    assert!(
+        revoked < stopped,
+        "lease must be revoked before the app is stopped"
+    );
+
+    // The child dying on its own: registrar revokes and exits with its status.
+    let mut reg = registrar(
+        dir.path(),
+        "registrar-2",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--port",
+            "3000",
+            "--",
+            "sh",
+            "-c",
+            "sleep 1; exit 7",
+        ],
+    );
+    let status = reg
+        .exited(Duration::from_secs(15))
+        .await
+        .expect("registrar exits after child");
+    assert_eq!(status.code(), Some(7));
+    assert!(!key_present(&etcd, KEY).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_survives_etcd_restart_and_long_outage() {
+    let dir = temp_dir();
+    let mut etcd = Etcd::start(dir.path()).await;
+    let _reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--port",
+            "3000",
+            "--ttl",
+            "3s",
+        ],
+    );
+    wait_kept_alive(&etcd, KEY, Duration::from_secs(10)).await;
+
+    // Quick restart on the same data dir.
+    etcd.restart().await;
+    wait_kept_alive(&etcd, KEY, Duration::from_secs(15)).await;
+
+    // Down for longer than the TTL: the fault lasts 5 s (a duration we inject, not a wait
+    // for an event). Make sure the lease expires meanwhile by wiping nothing; etcd expires
+    // it on return, and the registrar must grant a new one.
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    etcd.start_again().await;
+    wait_kept_alive(&etcd, KEY, Duration::from_secs(20)).await;
+
+    // Store replaced by an empty one (lease unknown): re-registers by itself.
+    etcd.replace_with_empty().await;
+    wait_kept_alive(&etcd, KEY, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_etcd_is_detected_and_registration_recovers() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--port",
+            "3000",
+            "--ttl",
+            "3s",
+        ],
+    );
+    wait_kept_alive(&etcd, KEY, Duration::from_secs(10)).await;
+    etcd.freeze();
+    // The registrar must notice the frozen store (keep-alive failures), not hang silently.
+    eventually(
+        Duration::from_secs(15),
+        "registrar reports keep-alive failure",
+        || async { reg.log().contains("keep-alive fail").then_some(()) },
+    )
+    .await;
+    etcd.thaw();
+    wait_kept_alive(&etcd, KEY, Duration::from_secs(20)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_deregisters_and_reregisters_keeping_the_lease() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let port = free_port();
+    let start_app = |n: u32| {
+        let argv = webapp_cmd(port, "s1");
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        Proc::spawn(&format!("webapp-{n}"), dir.path(), cmd)
+    };
+    let mut app = start_app(1);
+    let url = format!("http://127.0.0.1:{port}/health");
+    let _reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--port",
+            &port.to_string(),
+            "--ttl",
+            "5s",
+            "--health-http",
+            &url,
+            "--health-interval",
+            "100ms",
+            "--health-fails",
+            "2",
+        ],
+    );
+    let first = eventually(Duration::from_secs(10), "registered", || async {
+        etcd.get(KEY).await
+    })
+    .await;
+
+    app.kill();
+    eventually(
+        Duration::from_secs(5),
+        "deregistered after failed checks",
+        || async { (!key_present(&etcd, KEY).await).then_some(()) },
+    )
+    .await;
+    // The lease is kept while unhealthy.
+    assert!(
+        etcd.lease_ttl(first.lease).await > 0,
+        "lease kept while deregistered"
+    );
+
+    let _app = start_app(2);
+    let again = eventually(Duration::from_secs(5), "registered again", || async {
+        etcd.get(KEY).await
+    })
+    .await;
+    assert_eq!(again.lease, first.lease, "same lease after recovery");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_flags_fail_clearly_and_write_nothing() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let base = ["--service", "webapp", "--id", "s1"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--port", "0"], "port"),
+        (&["--port", "70000"], "70000"),
+        (&["--port", "3000", "--ttl", "soon"], "duration"),
+        (&["--port", "3000", "--address", "10.0.0.1:3000"], "address"),
+        (&["--port", "3000", "--service", "web app"], "service"),
+        (&["--port", "3000", "--service", "web/app"], "service"),
+        (&["--port", "3000", "--service", "web\napp"], "service"),
+        (&["--port", "3000", "--unknown-flag"], "unexpected argument"),
+    ];
+    for (i, (args, needle)) in cases.iter().enumerate() {
+        let mut all: Vec<&str> = base.to_vec();
+        all.extend_from_slice(args);
+        let mut reg = registrar(dir.path(), &format!("bad-{i}"), &etcd, &all);
+        let status = reg.exited(Duration::from_secs(10)).await.expect("exits");
+        assert_eq!(status.code(), Some(64), "{args:?} must be a usage error");
+        let log = reg.log();
+        assert!(
+            log.contains(needle),
+            "{args:?}: message should mention {needle:?}: {log}"
+        );
+    }
+    assert!(
+        etcd.get_prefix("/").await.is_empty(),
+        "nothing written to etcd"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_id_does_not_overwrite_a_live_registration() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let mut a = registrar(
+        dir.path(),
+        "registrar-a",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--address",
+            "10.0.0.1",
+            "--port",
+            "3000",
+            "--ttl",
+            "3s",
+        ],
+    );
+    let owner = eventually(Duration::from_secs(10), "A registered", || async {
+        etcd.get(KEY).await
+    })
+    .await;
+    let b = registrar(
+        dir.path(),
+        "registrar-b",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--address",
+            "10.0.0.2",
+            "--port",
+            "3000",
+            "--ttl",
+            "3s",
+        ],
+    );
+    eventually(
+        Duration::from_secs(10),
+        "B reports the conflict",
+        || async { b.log().contains("CONFLICT").then_some(()) },
+    )
+    .await;
+    stays(
+        Duration::from_millis(500),
+        "A still owns the key",
+        || async {
+            etcd.get(KEY)
+                .await
+                .map(|kv| kv.lease == owner.lease && kv.value.contains("10.0.0.1"))
+                == Some(true)
+        },
+    )
+    .await;
+    // When A leaves, B takes over.
+    a.signal(Signal::SIGTERM);
+    assert!(a.exited(Duration::from_secs(5)).await.is_some());
+    eventually(Duration::from_secs(10), "B takes over", || async {
+        etcd.get(KEY)
+            .await
+            .filter(|kv| kv.value.contains("10.0.0.2"))
+    })
+    .await;
+}
+
+/// `bool::then_some(())` as a future, for `eventually`.
+trait ThenSomeAsync {
+    fn then_some_async(self) -> impl std::future::Future<Output = Option<()>>;
+}
+
+impl<F: std::future::Future<Output = bool>> ThenSomeAsync for F {
+    async fn then_some_async(self) -> Option<()> {
+        self.await.then_some(())
+    }
+}
