@@ -1,0 +1,256 @@
+//! Writing a rendered file safely: stage next to the destination, run the check command
+//! on the staged file, keep the previous file as a backup, rename into place (or write in
+//! place when the destination is a bind-mounted single file). A file that fails its check
+//! never reaches the destination.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::process::Command;
+use tracing::warn;
+
+/// How long a check command may run.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Failure to validate or write a file.
+#[derive(Debug, Error)]
+pub enum FileError {
+    #[error("check `{command}` rejected the rendered config{line}: {output}")]
+    Check {
+        command: String,
+        /// ` (line N: text)` when the check output names a line of the staged file.
+        line: String,
+        output: String,
+    },
+    #[error("check `{command}` could not run: {message}")]
+    CheckRun { command: String, message: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// One destination file and how to validate it.
+#[derive(Debug, Clone)]
+pub struct FileTarget {
+    pub dest: PathBuf,
+    /// Shell command; `{}` is replaced by the staged file's path. `None` = no check.
+    pub check: Option<String>,
+    /// Where the previous file is kept.
+    pub backup: PathBuf,
+}
+
+impl FileTarget {
+    pub fn new(dest: PathBuf, check: Option<String>) -> Self {
+        let mut backup = dest.clone().into_os_string();
+        backup.push(".prev");
+        FileTarget {
+            dest,
+            check,
+            backup: backup.into(),
+        }
+    }
+
+    /// The destination's current content, if it exists.
+    pub fn current(&self) -> Option<Vec<u8>> {
+        std::fs::read(&self.dest).ok()
+    }
+
+    fn staged_path(&self) -> PathBuf {
+        let name = self
+            .dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "config".into());
+        self.dest
+            .with_file_name(format!(".{name}.staged-{}", std::process::id()))
+    }
+
+    /// Writes `bytes` to a staged file and runs the check on it. Returns the staged path.
+    pub async fn stage_and_check(&self, bytes: &[u8]) -> Result<PathBuf, FileError> {
+        let staged = self.staged_path();
+        write_synced(&staged, bytes).map_err(|source| FileError::Write {
+            path: staged.display().to_string(),
+            source,
+        })?;
+        if let Some(cmd) = &self.check {
+            if let Err(e) = run_check(cmd, &staged, bytes).await {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
+            }
+        }
+        Ok(staged)
+    }
+
+    /// Moves a staged (checked) file into place, keeping the previous one as the backup.
+    pub fn commit(&self, staged: &Path) -> Result<(), FileError> {
+        let werr = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| FileError::Write { path, source }
+        };
+        if self.dest.exists() {
+            std::fs::copy(&self.dest, &self.backup).map_err(werr(&self.backup))?;
+        }
+        match std::fs::rename(staged, &self.dest) {
+            Ok(()) => {}
+            Err(e) if is_busy(&e) => {
+                // A bind-mounted single file cannot be replaced by rename; write in place.
+                warn!(dest = %self.dest.display(), error = %e, "cannot rename over the destination (bind-mounted file?); writing in place, which is not atomic");
+                let bytes = std::fs::read(staged).map_err(werr(staged))?;
+                let _ = std::fs::remove_file(staged);
+                write_synced(&self.dest, &bytes).map_err(werr(&self.dest))?;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(staged);
+                return Err(werr(&self.dest)(e));
+            }
+        }
+        if let Some(dir) = self.dest.parent() {
+            // Make the rename durable; failure here is not worth failing the apply.
+            if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            }) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a staged file that will not be committed.
+    pub fn discard(&self, staged: &Path) {
+        let _ = std::fs::remove_file(staged);
+    }
+}
+
+fn is_busy(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(16) | Some(18)) // EBUSY, EXDEV
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+async fn run_check(cmd: &str, staged: &Path, bytes: &[u8]) -> Result<(), FileError> {
+    let staged_str = staged.display().to_string();
+    let line = if cmd.contains("{}") {
+        cmd.replace("{}", &shell_quote(&staged_str))
+    } else {
+        format!("{cmd} {}", shell_quote(&staged_str))
+    };
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(&line)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(CHECK_TIMEOUT, child).await {
+        Ok(Ok(out)) => out,
+        Ok(Err(e)) => {
+            return Err(FileError::CheckRun {
+                command: line,
+                message: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(FileError::CheckRun {
+                command: line,
+                message: format!("timed out after {CHECK_TIMEOUT:?}"),
+            })
+        }
+    };
+    if out.status.success() {
+        return Ok(());
+    }
+    let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stdout));
+    let alerts: Vec<&str> = text.lines().filter(|l| l.contains("ALERT")).collect();
+    let summary = if alerts.is_empty() {
+        text.trim().chars().take(2000).collect::<String>()
+    } else {
+        alerts.join(" | ").chars().take(2000).collect()
+    };
+    Err(FileError::Check {
+        command: line,
+        line: offending_line(&text, &staged_str, bytes)
+            .map(|(n, l)| format!(" (line {n}: {l:?})"))
+            .unwrap_or_default(),
+        output: format!("{} ({})", summary, out.status),
+    })
+}
+
+/// Finds `[<staged>:N]` (HAProxy's "parsing [file:N]") in the check output and returns
+/// line N of the rendered bytes.
+pub fn offending_line(output: &str, staged: &str, bytes: &[u8]) -> Option<(usize, String)> {
+    let marker = format!("{staged}:");
+    let start = output.find(&marker)? + marker.len();
+    let digits: String = output[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let n: usize = digits.parse().ok()?;
+    let text = String::from_utf8_lossy(bytes);
+    let line = text.lines().nth(n.checked_sub(1)?)?;
+    Some((n, line.trim().chars().take(300).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn check_failure_keeps_the_old_file_and_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("app.cfg");
+        std::fs::write(&dest, "old\n").unwrap();
+        let t = FileTarget::new(
+            dest.clone(),
+            Some(
+                "grep -q good {} || { echo \"[ALERT] parsing [{}:2] : bad\" >&2; exit 1; }".into(),
+            ),
+        );
+        let err = t
+            .stage_and_check(b"line one\nbad line\n")
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("line 2: \"bad line\""), "{msg}");
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "old\n");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "staged file removed"
+        );
+
+        let staged = t.stage_and_check(b"good\n").await.unwrap();
+        t.commit(&staged).unwrap();
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "good\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("app.cfg.prev")).unwrap(),
+            "old\n"
+        );
+    }
+
+    #[test]
+    fn finds_haproxy_style_line_numbers() {
+        let out = "[ALERT]    (1) : config : parsing [/tmp/x.cfg:3] : unknown keyword 'evil'";
+        assert_eq!(
+            offending_line(out, "/tmp/x.cfg", b"a\nb\n  evil thing\n"),
+            Some((3, "evil thing".to_string()))
+        );
+        assert_eq!(offending_line("nothing", "/tmp/x.cfg", b"a"), None);
+    }
+}

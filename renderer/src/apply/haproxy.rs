@@ -1,0 +1,387 @@
+//! Talking to HAProxy: its master CLI (`show proc`, `reload`, and commands for the current
+//! worker with the `@1` prefix), running it as our child in exec mode, and the ways to
+//! reload it — each reload is confirmed, never assumed (a SIGUSR2 sent while the master is
+//! still starting has been seen to get lost).
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// How long one CLI exchange may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a reload may take to show up in `show proc` before it is sent again.
+const RELOAD_CONFIRM: Duration = Duration::from_secs(10);
+/// Reload attempts before giving up.
+const RELOAD_ATTEMPTS: u32 = 3;
+
+/// Reload or CLI failure.
+#[derive(Debug, Error)]
+pub enum HaproxyError {
+    #[error("master CLI {path}: {source}")]
+    Cli {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("unexpected `show proc` output: {0:?}")]
+    ShowProc(String),
+    #[error(
+        "HAProxy refused the new config (master reports a failed reload; old workers keep serving)"
+    )]
+    ReloadFailed,
+    #[error("reload not confirmed after {attempts} attempts")]
+    NotConfirmed { attempts: u32 },
+    #[error("reload command `{command}` failed: {message}")]
+    Command { command: String, message: String },
+    #[error("cannot start HAProxy `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("HAProxy exited before it was ready ({0})")]
+    Exited(ExitStatus),
+    #[error("HAProxy not ready after {0:?}")]
+    NotReady(Duration),
+}
+
+/// The master's view of its processes (`show proc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcTable {
+    pub master_pid: u32,
+    /// Reloads so far, failed ones included.
+    pub reloads: u32,
+    /// Failed reloads so far.
+    pub failed: u32,
+    /// Current workers (pid, reloads they have survived): the newest has 0.
+    pub workers: Vec<(u32, u32)>,
+}
+
+impl ProcTable {
+    /// Parses HAProxy 2.x `show proc` output.
+    pub fn parse(text: &str) -> Option<ProcTable> {
+        let mut master = None;
+        let mut workers = Vec::new();
+        let mut section_current = true;
+        for line in text.lines() {
+            let line = line.trim();
+            if line.starts_with("# old workers") || line.starts_with("# programs") {
+                section_current = false;
+                continue;
+            }
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 3 {
+                continue;
+            }
+            let pid: u32 = fields[0].parse().ok()?;
+            let reloads: u32 = fields[2].parse().ok()?;
+            match fields[1] {
+                "master" => {
+                    // "0 [failed: 1]"
+                    let failed = line
+                        .split("[failed:")
+                        .nth(1)
+                        .and_then(|r| r.split(']').next())
+                        .and_then(|n| n.trim().parse().ok())
+                        .unwrap_or(0);
+                    master = Some((pid, reloads, failed));
+                }
+                "worker" if section_current => workers.push((pid, reloads)),
+                _ => {}
+            }
+        }
+        let (master_pid, reloads, failed) = master?;
+        Some(ProcTable {
+            master_pid,
+            reloads,
+            failed,
+            workers,
+        })
+    }
+
+    /// The newest current worker.
+    pub fn current_worker(&self) -> Option<u32> {
+        self.workers.iter().min_by_key(|(_, r)| *r).map(|(p, _)| *p)
+    }
+}
+
+/// A client for HAProxy's master CLI socket (`-S`).
+#[derive(Debug, Clone)]
+pub struct MasterCli {
+    pub path: PathBuf,
+}
+
+impl MasterCli {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        MasterCli { path: path.into() }
+    }
+
+    /// Sends one command line and returns the whole answer.
+    pub async fn command(&self, cmd: &str) -> Result<String, HaproxyError> {
+        let exchange = async {
+            let mut s = UnixStream::connect(&self.path).await?;
+            s.write_all(format!("{cmd}\n").as_bytes()).await?;
+            // Without the half-close the master keeps the session open for more commands.
+            s.shutdown().await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            Ok::<_, std::io::Error>(out)
+        };
+        match tokio::time::timeout(CLI_TIMEOUT, exchange).await {
+            Ok(r) => r.map_err(|source| self.err(source)),
+            Err(_) => Err(self.err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer to {cmd:?} within {CLI_TIMEOUT:?}"),
+            ))),
+        }
+    }
+
+    /// Sends a command to the current worker (`@1 …`) through the master.
+    pub async fn worker_command(&self, cmd: &str) -> Result<String, HaproxyError> {
+        self.command(&format!("@1 {cmd}")).await
+    }
+
+    fn err(&self, source: std::io::Error) -> HaproxyError {
+        HaproxyError::Cli {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    pub async fn show_proc(&self) -> Result<ProcTable, HaproxyError> {
+        let out = self.command("show proc").await?;
+        ProcTable::parse(&out).ok_or(HaproxyError::ShowProc(out.chars().take(500).collect()))
+    }
+
+    /// Waits until the master answers and has a worker.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<ProcTable, HaproxyError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.show_proc().await {
+                Ok(t) if !t.workers.is_empty() => return Ok(t),
+                Ok(_) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Ok(_) => return Err(HaproxyError::NotReady(timeout)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reloads and confirms: the master's reload counter must move, without a new failure,
+    /// and a new worker must be current. Resends if nothing happened.
+    pub async fn reload(&self) -> Result<ProcTable, HaproxyError> {
+        let before = self.wait_ready(RELOAD_CONFIRM).await?;
+        for attempt in 1..=RELOAD_ATTEMPTS {
+            // The master re-executes itself on reload and never answers this command.
+            let send = async {
+                let mut s = UnixStream::connect(&self.path).await?;
+                s.write_all(b"reload\n").await?;
+                s.shutdown().await
+            };
+            if let Err(e) = tokio::time::timeout(CLI_TIMEOUT, send)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "send timed out",
+                    ))
+                })
+            {
+                warn!(error = %e, attempt, "could not send reload to the master CLI");
+            }
+            let deadline = Instant::now() + RELOAD_CONFIRM;
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let Ok(now) = self.show_proc().await else {
+                    continue;
+                };
+                if now.reloads <= before.reloads {
+                    continue;
+                }
+                if now.failed > before.failed {
+                    return Err(HaproxyError::ReloadFailed);
+                }
+                if now.current_worker().is_some() && now.current_worker() != before.current_worker()
+                {
+                    return Ok(now);
+                }
+            }
+            warn!(
+                attempt,
+                "reload not confirmed by the master; sending it again"
+            );
+        }
+        Err(HaproxyError::NotConfirmed {
+            attempts: RELOAD_ATTEMPTS,
+        })
+    }
+}
+
+/// HAProxy run as our child in master-worker mode (exec mode).
+pub struct HaproxyChild {
+    pid: Pid,
+    pub cli: MasterCli,
+    /// Set once HAProxy has exited (a task owns the process handle and reaps it).
+    exit: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl HaproxyChild {
+    /// Starts `command`, adding `-S <socket>` (master CLI) unless the command has `-S`.
+    pub async fn start(
+        command: &[String],
+        master_socket: &Path,
+    ) -> Result<HaproxyChild, HaproxyError> {
+        let (program, args) = command.split_first().ok_or_else(|| HaproxyError::Spawn {
+            command: String::new(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"),
+        })?;
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+        let socket = match args.iter().position(|a| a == "-S") {
+            Some(i) => PathBuf::from(
+                args.get(i + 1)
+                    .map(|s| s.split(',').next().unwrap_or(s).to_string())
+                    .unwrap_or_default(),
+            ),
+            None => {
+                let _ = std::fs::remove_file(master_socket);
+                cmd.arg("-S").arg(master_socket);
+                master_socket.to_path_buf()
+            }
+        };
+        let mut child: Child = cmd.spawn().map_err(|source| HaproxyError::Spawn {
+            command: command.join(" "),
+            source,
+        })?;
+        let raw = child.id().unwrap_or(0);
+        info!(pid = raw, command = ?command, master_socket = %socket.display(), "started HAProxy");
+        let (tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            match status {
+                Ok(s) => {
+                    tx.send_replace(Some(s));
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot wait for HAProxy");
+                    tx.send_replace(Some(std::os::unix::process::ExitStatusExt::from_raw(
+                        1 << 8,
+                    )));
+                }
+            }
+        });
+        Ok(HaproxyChild {
+            pid: Pid::from_raw(raw as i32),
+            cli: MasterCli::new(socket),
+            exit,
+        })
+    }
+
+    /// A receiver that holds `Some(status)` once HAProxy has exited.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitStatus>> {
+        self.exit.clone()
+    }
+
+    /// Waits until the master answers with a worker, or fails if HAProxy exits first.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<(), HaproxyError> {
+        let mut exit = self.exit.clone();
+        tokio::select! {
+            status = exit.wait_for(Option::is_some) => Err(match status.ok().and_then(|s| *s) {
+                Some(s) => HaproxyError::Exited(s),
+                None => HaproxyError::NotReady(timeout),
+            }),
+            r = self.cli.wait_ready(timeout) => r.map(|_| ()),
+        }
+    }
+
+    /// Resolves when HAProxy exits.
+    pub async fn wait(&self) -> ExitStatus {
+        let mut exit = self.exit.clone();
+        let status = exit.wait_for(Option::is_some).await.ok().and_then(|s| *s);
+        status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(1 << 8))
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        if let Err(e) = kill(self.pid, sig) {
+            warn!(signal = %sig, error = %e, "cannot signal HAProxy");
+        }
+    }
+
+    /// Passes `sig` on and waits up to `timeout` before SIGKILL.
+    pub async fn stop(&self, sig: Signal, timeout: Duration) -> ExitStatus {
+        self.signal(sig);
+        match tokio::time::timeout(timeout, self.wait()).await {
+            Ok(s) => s,
+            Err(_) => {
+                warn!(?timeout, "HAProxy did not stop in time; SIGKILL");
+                self.signal(Signal::SIGKILL);
+                self.wait().await
+            }
+        }
+    }
+}
+
+/// Runs a user-supplied reload command with a timeout.
+pub async fn run_reload_command(command: &str, timeout: Duration) -> Result<(), HaproxyError> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let err = |message: String| HaproxyError::Command {
+        command: command.to_string(),
+        message,
+    };
+    match tokio::time::timeout(timeout, out).await {
+        Err(_) => Err(err(format!("timed out after {timeout:?}"))),
+        Ok(Err(e)) => Err(err(e.to_string())),
+        Ok(Ok(o)) if o.status.success() => Ok(()),
+        Ok(Ok(o)) => Err(err(format!(
+            "{}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+                .trim()
+                .chars()
+                .take(1000)
+                .collect::<String>()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_show_proc() {
+        let text =
+            "#<PID>          <type>          <reloads>       <uptime>        <version>      \n\
+13235           master          2 [failed: 1]   0d00h10m29s     2.6.12-1+deb12u4\n\
+# workers\n\
+13342           worker          0               0d00h10m24s     2.6.12-1+deb12u4\n\
+# old workers\n\
+13238           worker          1               0d00h10m28s     2.6.12-1+deb12u4\n\
+# programs\n";
+        let t = ProcTable::parse(text).unwrap();
+        assert_eq!(t.master_pid, 13235);
+        assert_eq!((t.reloads, t.failed), (2, 1));
+        assert_eq!(t.workers, vec![(13342, 0)]);
+        assert_eq!(t.current_worker(), Some(13342));
+        assert!(ProcTable::parse("garbage").is_none());
+    }
+}

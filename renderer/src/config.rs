@@ -1,0 +1,346 @@
+//! Command-line flags (raw, as clap parses them) and the validated [`Config`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use registry::duration::parse_duration;
+use registry::etcd::EtcdArgs;
+use thiserror::Error;
+
+/// Default check command for templates without their own: HAProxy's config check.
+pub const DEFAULT_CHECK: &str = "haproxy -c -f {}";
+
+const AFTER_HELP: &str = "\
+Examples:
+  # exec mode (containers): render, start HAProxy as a child, reload it on every change
+  renderer --template /etc/renderer/haproxy.cfg.hbs:/etc/haproxy/haproxy.cfg \\
+           -- haproxy -W -db -f /etc/haproxy/haproxy.cfg
+
+  # HAProxy started elsewhere with `-S /run/haproxy-master.sock`
+  renderer --template haproxy.cfg.hbs:/etc/haproxy/haproxy.cfg \\
+           --haproxy-master-socket /run/haproxy-master.sock
+
+  # see what would be rendered, change nothing
+  renderer --template haproxy.cfg.hbs:/dev/null --dry-run
+
+Templates get: services (name -> [instance]), instances (all), vars (--var), revision.
+An instance is {id, service, address, port, tags, meta, weight}. Helpers: eq, ne,
+default, join, json, instances, by_tag, by_meta, sort_by.
+
+Exit status: 0 after a graceful stop; HAProxy's status if it exits in exec mode;
+64 for bad flags or templates (or fatal etcd setup errors); 1 for other failures
+(with --once: any render, check, write or reload failure).";
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Raw command-line flags.
+#[derive(Debug, Parser)]
+#[command(
+    name = "renderer",
+    version,
+    about = "Watch the registry in etcd, render config files from Handlebars templates, validate them, reload HAProxy.",
+    long_about = "Watch the registry in etcd, render config files from Handlebars templates, \
+        validate them and reload HAProxy without dropping requests.\n\n\
+        Lists <prefix>/ and watches it from that revision. Each change updates an in-memory \
+        model; templates are rendered from it, and a file is written only when its bytes \
+        change: staged next to the destination, checked (default `haproxy -c -f <staged>`), \
+        renamed into place, the previous file kept as <dest>.prev. A config that fails its \
+        check never reaches the destination, and HAProxy keeps serving the last good one. \
+        Bursts of changes are merged into one apply without delaying the first.",
+    after_help = AFTER_HELP
+)]
+pub struct Args {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// Key prefix to watch (<prefix>/<service>/<id>).
+    #[arg(long, env = "RENDERER_PREFIX", default_value = registry::DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// Template and destination, SRC:DEST, or SRC:DEST:CHECK with a check command of its
+    /// own ({} is the staged file). Repeatable (';'-separated in RENDERER_TEMPLATES).
+    #[arg(
+        long = "template",
+        env = "RENDERER_TEMPLATES",
+        value_delimiter = ';',
+        required = true
+    )]
+    pub templates: Vec<String>,
+
+    /// Check command for templates without their own; {} is replaced by the staged file.
+    /// Empty string: no check.
+    #[arg(long, env = "RENDERER_CHECK_CMD", default_value = DEFAULT_CHECK)]
+    pub check_cmd: String,
+
+    /// Template variable KEY=VALUE (as vars.KEY), repeatable (','-separated in RENDERER_VARS).
+    #[arg(long = "var", env = "RENDERER_VARS", value_delimiter = ',', value_parser = parse_var)]
+    pub vars: Vec<(String, String)>,
+
+    /// Changes arriving within this time of the last apply are merged into the next one.
+    #[arg(long, env = "RENDERER_WAIT_MIN", default_value = "50ms", value_parser = parse_duration)]
+    pub wait_min: Duration,
+
+    /// Longest time continuous churn may postpone an apply.
+    #[arg(long, env = "RENDERER_WAIT_MAX", default_value = "1s", value_parser = parse_duration)]
+    pub wait_max: Duration,
+
+    /// Re-list the whole prefix this often as a safety net (0 = never).
+    #[arg(long, env = "RENDERER_RESYNC", default_value = "0s", value_parser = parse_duration)]
+    pub resync: Duration,
+
+    /// Render, check, write and reload once, then exit (non-zero on any failure).
+    #[arg(long)]
+    pub once: bool,
+
+    /// Print the rendered output to stdout; write nothing, reload nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// HAProxy master CLI socket. With an exec-mode command, where HAProxy's `-S` socket
+    /// is created [default: next to the first destination]; without, the master of an
+    /// HAProxy started elsewhere, reloaded with `reload`.
+    #[arg(long, env = "HAPROXY_MASTER_SOCKET", value_name = "PATH")]
+    pub haproxy_master_socket: Option<PathBuf>,
+
+    /// Shell command that reloads the consumer of the files (when not using exec mode or
+    /// the master socket).
+    #[arg(long, env = "RENDERER_RELOAD_CMD", value_name = "CMD")]
+    pub reload_cmd: Option<String>,
+
+    /// Timeout of --reload-cmd.
+    #[arg(long, env = "RENDERER_RELOAD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub reload_timeout: Duration,
+
+    /// Exec mode: time HAProxy gets to finish in-flight requests on shutdown.
+    #[arg(long, env = "RENDERER_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub stop_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Exec mode: the HAProxy command to run as a child (after `--`), e.g.
+    /// `haproxy -W -db -f /etc/haproxy/haproxy.cfg`.
+    #[arg(last = true, value_name = "HAPROXY")]
+    pub command: Vec<String>,
+}
+
+fn parse_var(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// One template and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateSpec {
+    pub source: PathBuf,
+    pub dest: PathBuf,
+    pub check: Option<String>,
+}
+
+/// How HAProxy (or whatever reads the files) is brought to the new config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadMode {
+    /// Only write files.
+    None,
+    /// Run HAProxy as our child; its master CLI socket.
+    Exec {
+        command: Vec<String>,
+        socket: PathBuf,
+    },
+    /// Reload an HAProxy started elsewhere through its master CLI.
+    Master(PathBuf),
+    /// Run a shell command.
+    Command { command: String, timeout: Duration },
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub etcd: EtcdArgs,
+    pub prefix: String,
+    pub templates: Vec<TemplateSpec>,
+    pub vars: BTreeMap<String, String>,
+    pub wait_min: Duration,
+    pub wait_max: Duration,
+    pub resync: Option<Duration>,
+    pub once: bool,
+    pub dry_run: bool,
+    pub reload: ReloadMode,
+    pub stop_timeout: Duration,
+}
+
+/// Why the flags do not make a usable configuration.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--template {0:?}: expected SRC:DEST or SRC:DEST:CHECK")]
+    Template(String),
+    #[error("--prefix {0:?} must start with '/' and contain no whitespace")]
+    Prefix(String),
+    #[error("{0}")]
+    Conflict(&'static str),
+}
+
+impl Config {
+    pub fn from_args(args: Args) -> Result<Config, ConfigError> {
+        if !args.prefix.starts_with('/') || args.prefix.chars().any(char::is_whitespace) {
+            return Err(ConfigError::Prefix(args.prefix));
+        }
+        let default_check = (!args.check_cmd.trim().is_empty()).then(|| args.check_cmd.clone());
+        let templates = args
+            .templates
+            .iter()
+            .map(|t| parse_template(t, default_check.as_deref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if args.wait_max < args.wait_min {
+            return Err(ConfigError::Conflict(
+                "--wait-max must not be shorter than --wait-min",
+            ));
+        }
+        let exclusive = [
+            !args.command.is_empty() && args.haproxy_master_socket.is_none(),
+            args.reload_cmd.is_some(),
+        ];
+        if exclusive.iter().filter(|x| **x).count() > 1
+            || (args.reload_cmd.is_some() && args.haproxy_master_socket.is_some())
+        {
+            return Err(ConfigError::Conflict(
+                "choose one way to reload: `-- haproxy …` (exec mode), --haproxy-master-socket, or --reload-cmd",
+            ));
+        }
+        if args.once && !args.command.is_empty() {
+            return Err(ConfigError::Conflict(
+                "--once cannot be combined with exec mode (`-- haproxy …`)",
+            ));
+        }
+        let reload = if !args.command.is_empty() {
+            let socket = args.haproxy_master_socket.clone().unwrap_or_else(|| {
+                templates[0]
+                    .dest
+                    .parent()
+                    .map(|d| d.join("haproxy-master.sock"))
+                    .unwrap_or_else(|| PathBuf::from("haproxy-master.sock"))
+            });
+            ReloadMode::Exec {
+                command: args.command,
+                socket,
+            }
+        } else if let Some(path) = args.haproxy_master_socket {
+            ReloadMode::Master(path)
+        } else if let Some(command) = args.reload_cmd {
+            ReloadMode::Command {
+                command,
+                timeout: args.reload_timeout,
+            }
+        } else {
+            ReloadMode::None
+        };
+        Ok(Config {
+            etcd: args.etcd,
+            prefix: args.prefix,
+            templates,
+            vars: args.vars.into_iter().collect(),
+            wait_min: args.wait_min,
+            wait_max: args.wait_max,
+            resync: (!args.resync.is_zero()).then_some(args.resync),
+            once: args.once || args.dry_run,
+            dry_run: args.dry_run,
+            reload,
+            stop_timeout: args.stop_timeout,
+        })
+    }
+}
+
+fn parse_template(spec: &str, default_check: Option<&str>) -> Result<TemplateSpec, ConfigError> {
+    let mut parts = spec.splitn(3, ':');
+    let (Some(src), Some(dest)) = (parts.next(), parts.next()) else {
+        return Err(ConfigError::Template(spec.to_string()));
+    };
+    if src.is_empty() || dest.is_empty() {
+        return Err(ConfigError::Template(spec.to_string()));
+    }
+    let check = match parts.next() {
+        Some(c) if c.trim().is_empty() => None,
+        Some(c) => Some(c.to_string()),
+        None => default_check.map(str::to_string),
+    };
+    Ok(TemplateSpec {
+        source: PathBuf::from(src),
+        dest: PathBuf::from(dest),
+        check,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut v = vec!["renderer"];
+        v.extend_from_slice(args);
+        Config::from_args(Args::try_parse_from(v).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn templates_checks_and_modes() {
+        let c = parse(&[
+            "--template",
+            "a.hbs:/etc/a.cfg",
+            "--template",
+            "b.hbs:/x/b.cfg:true {}",
+            "--var",
+            "k=v=w",
+        ])
+        .unwrap();
+        assert_eq!(c.templates[0].check.as_deref(), Some(DEFAULT_CHECK));
+        assert_eq!(c.templates[1].check.as_deref(), Some("true {}"));
+        assert_eq!(c.vars["k"], "v=w");
+        assert_eq!(c.reload, ReloadMode::None);
+
+        let c = parse(&[
+            "--template",
+            "a:/run/lb/h.cfg",
+            "--",
+            "haproxy",
+            "-W",
+            "-f",
+            "/run/lb/h.cfg",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.reload,
+            ReloadMode::Exec {
+                command: vec![
+                    "haproxy".into(),
+                    "-W".into(),
+                    "-f".into(),
+                    "/run/lb/h.cfg".into()
+                ],
+                socket: PathBuf::from("/run/lb/haproxy-master.sock")
+            }
+        );
+        let c = parse(&["--template", "a:b", "--check-cmd", ""]).unwrap();
+        assert_eq!(c.templates[0].check, None);
+    }
+
+    #[test]
+    fn bad_flags() {
+        assert!(parse(&[]).is_err(), "--template is required");
+        assert!(parse(&["--template", "nodest"]).is_err());
+        assert!(parse(&["--template", "a:b", "--reload-cmd", "x", "--", "haproxy"]).is_err());
+        assert!(parse(&["--template", "a:b", "--once", "--", "haproxy"]).is_err());
+        assert!(parse(&["--template", "a:b", "--wait-min", "2s", "--wait-max", "1s"]).is_err());
+        assert!(parse(&["--template", "a:b", "--var", "novalue"]).is_err());
+        assert!(parse(&["--template", "a:b", "--wait-min", "fast"]).is_err());
+    }
+}

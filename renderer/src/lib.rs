@@ -1,0 +1,348 @@
+//! renderer: watches the registry in etcd and keeps HAProxy's config in step with it.
+//!
+//! Data flows one way: [`watch`] (etcd) → [`model`] (BTreeMaps) → [`render`] (Handlebars,
+//! pure) → [`apply`] (files, HAProxy). [`coalesce`] decides when to apply. `main.rs` only
+//! parses flags, sets up logging and signals, and maps the result to an exit code.
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod coalesce;
+pub mod config;
+pub mod model;
+pub mod render;
+pub mod signal;
+pub mod watch;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::process::ExitStatus;
+
+use etcd_client::Client;
+use nix::sys::signal::Signal;
+use registry::etcd::{Backoff, ConnectError};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use apply::file::FileTarget;
+use apply::haproxy::MasterCli;
+use apply::{Applier, Reloader, Target};
+pub use config::{Args, Config, ReloadMode};
+use model::Model;
+use render::Renderer;
+use watch::{Update, Watcher};
+
+/// Fatal failures of [`run`].
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A template that does not load or compile: fix it before starting.
+    #[error(transparent)]
+    Template(#[from] render::RenderFailure),
+    /// etcd setup that retrying cannot fix (credentials, certificates, flags).
+    #[error("{0}")]
+    EtcdSetup(String),
+    /// etcd unreachable in --once / --dry-run mode.
+    #[error("{0}")]
+    EtcdUnavailable(String),
+    /// HAProxy could not be started (exec mode).
+    #[error(transparent)]
+    Haproxy(#[from] apply::haproxy::HaproxyError),
+    /// --once: something failed.
+    #[error("{0} failure(s) while applying; see the log")]
+    Apply(usize),
+}
+
+impl Error {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Template(_) | Error::EtcdSetup(_) => 64,
+            _ => 1,
+        }
+    }
+}
+
+/// Compiles every template; a broken one stops the start.
+fn load_templates(config: &Config) -> Result<(Renderer, Vec<Target>), Error> {
+    let mut renderer = Renderer::new();
+    let mut targets = Vec::new();
+    for spec in &config.templates {
+        let name = renderer.add_file(&spec.source)?;
+        let file = FileTarget::new(spec.dest.clone(), spec.check.clone());
+        let last = file.current();
+        targets.push(Target { name, file, last });
+    }
+    Ok((renderer, targets))
+}
+
+/// Runs until `shutdown` (or until HAProxy exits in exec mode). Returns the exit code.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Error> {
+    let (renderer, targets) = load_templates(&config)?;
+    if config.once {
+        return run_once(&config, renderer, targets).await;
+    }
+    let reloader = match &config.reload {
+        ReloadMode::None => Reloader::None,
+        ReloadMode::Exec { .. } => Reloader::Exec(None),
+        ReloadMode::Master(path) => Reloader::Master(MasterCli::new(path)),
+        ReloadMode::Command { command, timeout } => Reloader::Command {
+            command: command.clone(),
+            timeout: *timeout,
+        },
+    };
+    let mut applier = Applier { targets, reloader };
+
+    // Exec mode with a config already in place (a previous run's last good one): serve it
+    // now rather than wait for etcd.
+    if let ReloadMode::Exec { command, socket } = &config.reload {
+        if applier.start_haproxy_if_due(command, socket).await? {
+            info!("serving the existing config until the registry is read");
+        }
+    }
+
+    let tasks = CancellationToken::new();
+    let (tx, mut rx) = mpsc::channel::<Update>(256);
+    let (live_tx, _live_rx) = tokio::sync::watch::channel(false);
+    let mut source = tokio::spawn(follow_registry(config.clone(), tx, live_tx, tasks.clone()));
+
+    let mut model = Model::new(&config.prefix);
+    let mut coalescer = coalesce::Coalescer::new(config.wait_min, config.wait_max);
+    let mut synced = false;
+    let mut applied_set: BTreeSet<(String, String)> = BTreeSet::new();
+    let far = || Instant::now() + std::time::Duration::from_secs(86_400);
+
+    let result = loop {
+        let deadline = coalescer.deadline();
+        let mut haproxy_exit = applier.haproxy().map(|c| c.exit_watch());
+        let exited = async {
+            match haproxy_exit.as_mut() {
+                Some(rx) => rx.wait_for(Option::is_some).await.ok().and_then(|s| *s),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(0),
+            status = exited => {
+                let status = status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(1 << 8));
+                error!(%status, "HAProxy exited; stopping");
+                break Ok(exit_code(status));
+            }
+            r = &mut source => {
+                break Err(match r {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => Error::EtcdUnavailable("registry follower ended".into()),
+                    Err(e) => Error::EtcdUnavailable(format!("registry follower failed: {e}")),
+                });
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {
+                // Take everything already queued into this apply.
+                while let Ok(u) = rx.try_recv() {
+                    if apply_update(&mut model, u, &mut synced) {
+                        coalescer.changed(Instant::now());
+                    }
+                }
+                let started = Instant::now();
+                let data = model.template_data(&config.vars);
+                let report = applier.apply(&renderer, &data).await;
+                coalescer.applied(Instant::now());
+                let now_set = instance_set(&model);
+                let added: Vec<_> = now_set.difference(&applied_set).map(|(s, i)| format!("{s}/{i}")).collect();
+                let removed: Vec<_> = applied_set.difference(&now_set).map(|(s, i)| format!("{s}/{i}")).collect();
+                if report.errors.is_empty() {
+                    applied_set = now_set;
+                }
+                info!(
+                    revision = model.revision,
+                    instances = model.len(),
+                    ?added,
+                    ?removed,
+                    written = report.written,
+                    applied = report.reload.unwrap_or("unchanged"),
+                    errors = report.errors.len(),
+                    took = ?started.elapsed(),
+                    "apply"
+                );
+                if let ReloadMode::Exec { command, socket } = &config.reload {
+                    if let Err(e) = applier.start_haproxy_if_due(command, socket).await {
+                        break Err(e.into());
+                    }
+                }
+            }
+            u = rx.recv() => match u {
+                Some(u) => {
+                    if apply_update(&mut model, u, &mut synced) {
+                        coalescer.changed(Instant::now());
+                    }
+                }
+                None => continue,
+            },
+        }
+    };
+    tasks.cancel();
+    if let Some(child) = applier.haproxy() {
+        if result.as_ref().is_ok_and(|_| shutdown.is_cancelled()) {
+            info!("stopping HAProxy gracefully (SIGUSR1: finish in-flight requests)");
+            let status = child.stop(Signal::SIGUSR1, config.stop_timeout).await;
+            info!(%status, "HAProxy stopped");
+        }
+    }
+    result
+}
+
+/// Feeds an update to the model; true if something was admitted or removed (or this is
+/// the first full listing, which must always be applied).
+fn apply_update(model: &mut Model, update: Update, synced: &mut bool) -> bool {
+    match update {
+        Update::Snapshot { revision, kvs } => {
+            let changed = model.reset(
+                kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                revision,
+            );
+            let first = !*synced;
+            *synced = true;
+            changed || first
+        }
+        Update::Changes { revision, changes } => {
+            let mut changed = false;
+            for c in changes {
+                changed |= match c {
+                    watch::Change::Put { key, value } => model.put(&key, &value),
+                    watch::Change::Delete { key } => model.delete(&key),
+                };
+            }
+            model.revision = revision;
+            changed
+        }
+    }
+}
+
+fn instance_set(model: &Model) -> BTreeSet<(String, String)> {
+    model
+        .services()
+        .iter()
+        .flat_map(|(s, ids)| ids.keys().map(move |i| (s.clone(), i.clone())))
+        .collect()
+}
+
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match status.code().or_else(|| status.signal().map(|s| 128 + s)) {
+        Some(0) | None => 1, // HAProxy exiting on its own is a failure for a load balancer.
+        Some(c) => c,
+    }
+}
+
+/// Connects (retrying while etcd is unreachable; fatal on bad credentials/certificates)
+/// and follows the registry until `stop`.
+async fn follow_registry(
+    config: Config,
+    tx: mpsc::Sender<Update>,
+    live: tokio::sync::watch::Sender<bool>,
+    stop: CancellationToken,
+) -> Result<(), Error> {
+    let Some(client) = connect(&config, &stop).await? else {
+        return Ok(());
+    };
+    Watcher::new(
+        client,
+        &config.prefix,
+        config.etcd.dial_timeout,
+        config.resync,
+        tx,
+        live,
+    )
+    .run(stop)
+    .await;
+    Ok(())
+}
+
+async fn connect(config: &Config, stop: &CancellationToken) -> Result<Option<Client>, Error> {
+    let mut backoff = Backoff::new(std::time::Duration::from_secs(5));
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            r = config.etcd.connect() => r,
+        };
+        match attempt {
+            Ok(c) => {
+                info!(endpoints = %config.etcd.endpoints_display(), "connected to etcd");
+                return Ok(Some(c));
+            }
+            Err(ConnectError::Fatal(msg)) => return Err(Error::EtcdSetup(msg)),
+            Err(e @ ConnectError::Unavailable { .. }) => {
+                if config.once {
+                    return Err(Error::EtcdUnavailable(e.to_string()));
+                }
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "etcd not reachable; keeping the last config");
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// --once / --dry-run: one listing, one render (and apply), then exit.
+async fn run_once(config: &Config, renderer: Renderer, targets: Vec<Target>) -> Result<i32, Error> {
+    let stop = CancellationToken::new();
+    let Some(client) = connect(config, &stop).await? else {
+        return Ok(1);
+    };
+    let (tx, _rx) = mpsc::channel(1);
+    let (live, _) = tokio::sync::watch::channel(false);
+    let watcher = Watcher::new(
+        client,
+        &config.prefix,
+        config.etcd.dial_timeout,
+        None,
+        tx,
+        live,
+    );
+    let (store, kvs) = watcher
+        .list()
+        .await
+        .map_err(|e| Error::EtcdUnavailable(registry::etcd::error_chain(&e)))?;
+    let mut model = Model::new(&config.prefix);
+    model.reset(
+        kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        store.revision,
+    );
+    let data = model.template_data(&config.vars);
+    if config.dry_run {
+        let mut out = std::io::stdout().lock();
+        for t in &targets {
+            let bytes = renderer.render(&t.name, &data)?;
+            let _ = out.write_all(&bytes);
+        }
+        let _ = out.flush();
+        return Ok(0);
+    }
+    let reloader = match &config.reload {
+        ReloadMode::Master(path) => Reloader::Master(MasterCli::new(path)),
+        ReloadMode::Command { command, timeout } => Reloader::Command {
+            command: command.clone(),
+            timeout: *timeout,
+        },
+        _ => Reloader::None,
+    };
+    let mut applier = Applier { targets, reloader };
+    let report = applier.apply(&renderer, &data).await;
+    info!(
+        revision = store.revision,
+        instances = model.len(),
+        written = report.written,
+        unchanged = report.unchanged,
+        applied = report.reload.unwrap_or("unchanged"),
+        "applied once"
+    );
+    if report.errors.is_empty() {
+        Ok(0)
+    } else {
+        Err(Error::Apply(report.errors.len()))
+    }
+}

@@ -1,0 +1,245 @@
+//! The in-memory registry: `service -> id -> Instance`, in `BTreeMap`s so that everything
+//! derived from it (template data, rendered bytes) is deterministic. Records that fail
+//! the contract are kept aside in `skipped` with the reason, never in the model.
+
+use std::collections::BTreeMap;
+
+use registry::{parse_key, Instance};
+use serde_json::{json, Value};
+use tracing::warn;
+
+/// A record that was not admitted, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Stable label (`json`, `invalid`, `too_large`, `schema`, `key_mismatch`, `key_layout`).
+    pub reason: &'static str,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// Registry contents as seen by the renderer.
+#[derive(Debug, Default, Clone)]
+pub struct Model {
+    prefix: String,
+    services: BTreeMap<String, BTreeMap<String, Instance>>,
+    skipped: BTreeMap<String, Skipped>,
+    /// The etcd revision the model reflects.
+    pub revision: i64,
+}
+
+impl Model {
+    /// An empty model for keys under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Model {
+            prefix: prefix.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Replaces the whole content (a full listing). Returns true if the admitted
+    /// instances changed.
+    pub fn reset<'a>(
+        &mut self,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+        revision: i64,
+    ) -> bool {
+        let old_services = std::mem::take(&mut self.services);
+        let old_skipped = std::mem::take(&mut self.skipped);
+        for (key, value) in kvs {
+            self.admit(key, value, old_skipped.get(key));
+        }
+        self.revision = revision;
+        self.services != old_services
+    }
+
+    /// Applies a put. Returns true if the admitted instances changed.
+    pub fn put(&mut self, key: &str, value: &[u8]) -> bool {
+        let before = self.lookup(key).cloned();
+        let previous_skip = self.skipped.remove(key);
+        self.remove(key);
+        self.admit(key, value, previous_skip.as_ref());
+        self.lookup(key) != before.as_ref()
+    }
+
+    /// Applies a delete. Returns true if an admitted instance went away.
+    pub fn delete(&mut self, key: &str) -> bool {
+        self.skipped.remove(key);
+        self.remove(key)
+    }
+
+    fn lookup(&self, key: &str) -> Option<&Instance> {
+        let (service, id) = parse_key(&self.prefix, key)?;
+        self.services.get(service)?.get(id)
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        let Some((service, id)) = parse_key(&self.prefix, key) else {
+            return false;
+        };
+        let Some(instances) = self.services.get_mut(service) else {
+            return false;
+        };
+        let removed = instances.remove(id).is_some();
+        if instances.is_empty() {
+            self.services.remove(service);
+        }
+        removed
+    }
+
+    /// Decodes and admits one record, or records why it was skipped (warning once per
+    /// distinct problem, not on every resync).
+    fn admit(&mut self, key: &str, value: &[u8], previous: Option<&Skipped>) {
+        let decoded = match parse_key(&self.prefix, key) {
+            None => Err(Skipped {
+                reason: "key_layout",
+                message: "key is not <prefix>/<service>/<id>".into(),
+            }),
+            Some((service, id)) => Instance::decode(service, id, value).map_err(|e| Skipped {
+                reason: e.reason(),
+                message: e.to_string(),
+            }),
+        };
+        match decoded {
+            Ok(inst) => {
+                self.services
+                    .entry(inst.service.clone())
+                    .or_default()
+                    .insert(inst.id.clone(), inst);
+            }
+            Err(skip) => {
+                if previous != Some(&skip) {
+                    warn!(key = %truncate_key(key), reason = skip.reason, error = %skip.message, "skipping invalid registry record");
+                }
+                self.skipped.insert(key.to_string(), skip);
+            }
+        }
+    }
+
+    /// Records skipped, by key.
+    pub fn skipped(&self) -> &BTreeMap<String, Skipped> {
+        &self.skipped
+    }
+
+    /// Admitted instances by service.
+    pub fn services(&self) -> &BTreeMap<String, BTreeMap<String, Instance>> {
+        &self.services
+    }
+
+    /// Number of admitted instances.
+    pub fn len(&self) -> usize {
+        self.services.values().map(BTreeMap::len).sum()
+    }
+
+    /// True when no instance is admitted.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// The data given to templates:
+    /// `{services: {name: [instance…]}, instances: [instance…], vars: {…}, revision}`;
+    /// instances sorted by id within a service, services by name.
+    pub fn template_data(&self, vars: &BTreeMap<String, String>) -> Value {
+        let services: serde_json::Map<String, Value> = self
+            .services
+            .iter()
+            .map(|(name, instances)| {
+                (
+                    name.clone(),
+                    Value::Array(instances.values().map(instance_json).collect()),
+                )
+            })
+            .collect();
+        let instances: Vec<Value> = self
+            .services
+            .values()
+            .flat_map(BTreeMap::values)
+            .map(instance_json)
+            .collect();
+        json!({
+            "services": services,
+            "instances": instances,
+            "vars": vars,
+            "revision": self.revision,
+        })
+    }
+}
+
+fn instance_json(i: &Instance) -> Value {
+    json!({
+        "id": i.id,
+        "service": i.service,
+        "address": i.address,
+        "port": i.port,
+        "tags": i.tags,
+        "meta": i.meta,
+        "weight": i.weight,
+    })
+}
+
+/// Keys come from the store and may be hostile too: bound what reaches the log.
+fn truncate_key(key: &str) -> String {
+    key.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(service: &str, id: &str, port: u16) -> String {
+        Instance::new(service, id, "10.0.0.1", port).encode()
+    }
+
+    #[test]
+    fn puts_deletes_and_change_detection() {
+        let mut m = Model::new("/services");
+        assert!(m.put("/services/web/b", rec("web", "b", 80).as_bytes()));
+        assert!(m.put("/services/web/a", rec("web", "a", 80).as_bytes()));
+        assert!(
+            !m.put("/services/web/a", rec("web", "a", 80).as_bytes()),
+            "identical re-put"
+        );
+        assert!(m.put("/services/web/a", rec("web", "a", 81).as_bytes()));
+        let data = m.template_data(&BTreeMap::new());
+        let ids: Vec<_> = data["services"]["web"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].clone())
+            .collect();
+        assert_eq!(ids, vec!["a", "b"], "sorted by id");
+        assert_eq!(data["instances"].as_array().unwrap().len(), 2);
+        assert!(m.delete("/services/web/a"));
+        assert!(!m.delete("/services/web/a"));
+        assert!(m.delete("/services/web/b"));
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn invalid_records_are_skipped_and_replace_valid_ones() {
+        let mut m = Model::new("/services");
+        m.put("/services/web/a", rec("web", "a", 80).as_bytes());
+        // A valid record overwritten by garbage leaves the model.
+        assert!(m.put("/services/web/a", b"{not json"));
+        assert!(m.is_empty());
+        assert_eq!(m.skipped()["/services/web/a"].reason, "json");
+        assert!(!m.put("/services/web/x/y", b"{}"));
+        assert_eq!(m.skipped()["/services/web/x/y"].reason, "key_layout");
+        let evil = r#"{"id":"e","service":"web","address":"1.2.3.4\n    server evil 6.6.6.6:80","port":80}"#;
+        assert!(!m.put("/services/web/e", evil.as_bytes()));
+        assert_eq!(m.skipped()["/services/web/e"].reason, "invalid");
+        // Fixing the record admits it and clears the skip.
+        assert!(m.put("/services/web/e", rec("web", "e", 80).as_bytes()));
+        assert!(!m.skipped().contains_key("/services/web/e"));
+    }
+
+    #[test]
+    fn reset_reports_changes_only_when_content_differs() {
+        let mut m = Model::new("/services");
+        let a = rec("web", "a", 80);
+        let kvs = vec![("/services/web/a", a.as_bytes())];
+        assert!(m.reset(kvs.clone(), 5));
+        assert!(!m.reset(kvs, 9), "same content at a new revision");
+        assert_eq!(m.revision, 9);
+        assert!(m.reset(Vec::new(), 10));
+    }
+}

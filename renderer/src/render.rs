@@ -1,0 +1,318 @@
+//! Rendering: a pure function of (template, data) -> bytes.
+//!
+//! The Handlebars registry is set up for config files, not HTML: no escaping, strict mode
+//! (a typo in a template is an error, not an empty string), and the helpers users of
+//! consul-template/confd expect: `eq`/`ne` (built in), `default`, `join`, `json`,
+//! `instances`, `by_tag`, `by_meta`, `sort_by`.
+
+use std::path::Path;
+
+use handlebars::{
+    handlebars_helper, Context, Handlebars, Helper, HelperDef, RenderContext, RenderError,
+    RenderErrorReason, ScopedJson,
+};
+use serde_json::Value;
+use thiserror::Error;
+
+/// Template loading or rendering failure.
+#[derive(Debug, Error)]
+pub enum RenderFailure {
+    #[error("cannot read template {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("template {path} does not compile: {message}")]
+    Compile { path: String, message: String },
+    #[error("rendering {name} failed: {message}")]
+    Render { name: String, message: String },
+}
+
+/// A set of compiled templates, each under its own name.
+pub struct Renderer {
+    hbs: Handlebars<'static>,
+}
+
+impl Default for Renderer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Renderer {
+    /// An empty registry with the config-file settings and helpers.
+    pub fn new() -> Self {
+        let mut hbs = Handlebars::new();
+        hbs.register_escape_fn(handlebars::no_escape);
+        hbs.set_strict_mode(true);
+        hbs.register_helper("default", Box::new(DefaultHelper));
+        hbs.register_helper("join", Box::new(join));
+        hbs.register_helper("json", Box::new(json));
+        hbs.register_helper("instances", Box::new(InstancesHelper));
+        hbs.register_helper("by_tag", Box::new(by_tag));
+        hbs.register_helper("by_meta", Box::new(by_meta));
+        hbs.register_helper("sort_by", Box::new(sort_by));
+        Renderer { hbs }
+    }
+
+    /// Compiles template text under `name`.
+    pub fn add(&mut self, name: &str, text: &str) -> Result<(), RenderFailure> {
+        self.hbs
+            .register_template_string(name, text)
+            .map_err(|e| RenderFailure::Compile {
+                path: name.to_string(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Reads and compiles a template file; its path is its name.
+    pub fn add_file(&mut self, path: &Path) -> Result<String, RenderFailure> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| RenderFailure::Read {
+            path: name.clone(),
+            source,
+        })?;
+        self.add(&name, &text)?;
+        Ok(name)
+    }
+
+    /// Renders `name` with `data`.
+    pub fn render(&self, name: &str, data: &Value) -> Result<Vec<u8>, RenderFailure> {
+        self.hbs
+            .render(name, data)
+            .map(String::into_bytes)
+            .map_err(|e| RenderFailure::Render {
+                name: name.to_string(),
+                message: e.to_string(),
+            })
+    }
+}
+
+/// `{{default value fallback}}`: `fallback` when `value` is missing, null or "".
+struct DefaultHelper;
+
+impl HelperDef for DefaultHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let fallback = h
+            .param(1)
+            .ok_or(RenderErrorReason::ParamNotFoundForIndex("default", 1))?;
+        let value = h
+            .param(0)
+            .filter(|p| !p.is_value_missing())
+            .map(|p| p.value())
+            .filter(|v| !v.is_null() && v.as_str() != Some(""));
+        Ok(ScopedJson::Derived(
+            value.unwrap_or_else(|| fallback.value()).clone(),
+        ))
+    }
+}
+
+/// `{{#each (instances "webapp")}}`: the instances of a service, `[]` when it has none
+/// (so templates can name a service before its first instance registers, in strict mode).
+struct InstancesHelper;
+
+impl HelperDef for InstancesHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        ctx: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let name = h.param(0).and_then(|p| p.value().as_str()).ok_or(
+            RenderErrorReason::ParamTypeMismatchForName(
+                "instances",
+                "service".into(),
+                "string".into(),
+            ),
+        )?;
+        Ok(ScopedJson::Derived(
+            ctx.data()
+                .get("services")
+                .and_then(|s| s.get(name))
+                .cloned()
+                .unwrap_or_else(|| Value::Array(Vec::new())),
+        ))
+    }
+}
+
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+handlebars_helper!(join: |list: Json, sep: str| {
+    list.as_array()
+        .map(|items| items.iter().map(as_text).collect::<Vec<_>>().join(sep))
+        .unwrap_or_default()
+});
+
+handlebars_helper!(json: |v: Json| serde_json::to_string(v).unwrap_or_default());
+
+handlebars_helper!(by_tag: |list: Json, tag: str| {
+    Value::Array(list.as_array().map(|items| items.iter().filter(|i| {
+        i.get("tags").and_then(Value::as_array).is_some_and(|t| t.iter().any(|x| x.as_str() == Some(tag)))
+    }).cloned().collect()).unwrap_or_default())
+});
+
+handlebars_helper!(by_meta: |list: Json, key: str, value: str| {
+    Value::Array(list.as_array().map(|items| items.iter().filter(|i| {
+        i.get("meta").and_then(|m| m.get(key)).and_then(Value::as_str) == Some(value)
+    }).cloned().collect()).unwrap_or_default())
+});
+
+handlebars_helper!(sort_by: |list: Json, field: str| {
+    let mut items = list.as_array().cloned().unwrap_or_default();
+    items.sort_by(|a, b| {
+        let (x, y) = (a.get(field), b.get(field));
+        match (x.and_then(Value::as_f64), y.and_then(Value::as_f64)) {
+            (Some(x), Some(y)) => x.total_cmp(&y),
+            _ => x.map(as_text).cmp(&y.map(as_text)),
+        }
+    });
+    Value::Array(items)
+});
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn render(t: &str, data: Value) -> Result<String, RenderFailure> {
+        let mut r = Renderer::new();
+        r.add("t", t)?;
+        r.render("t", &data).map(|b| String::from_utf8(b).unwrap())
+    }
+
+    fn data() -> Value {
+        json!({
+            "services": {"web": [
+                {"id": "b", "address": "10.0.0.2", "port": 80, "tags": ["v2"], "meta": {"zone": "b"}, "weight": 50},
+                {"id": "a", "address": "10.0.0.1", "port": 80, "tags": ["v1", "canary"], "meta": {"zone": "a"}, "weight": 100}
+            ]},
+            "vars": {"port": "8080", "empty": ""},
+            "revision": 7
+        })
+    }
+
+    #[test]
+    fn no_html_escaping() {
+        assert_eq!(
+            render("{{vars.x}}", json!({"vars": {"x": "a&b<c>\"d'"}})).unwrap(),
+            "a&b<c>\"d'"
+        );
+    }
+
+    #[test]
+    fn strict_mode_rejects_typos() {
+        assert!(render("{{vars.prot}}", data()).is_err());
+        assert!(render("{{#each servics.web}}x{{/each}}", data()).is_err());
+    }
+
+    #[test]
+    fn helpers() {
+        let d = data();
+        assert_eq!(
+            render("{{default vars.nope \"80\"}}", d.clone()).unwrap(),
+            "80"
+        );
+        assert_eq!(
+            render("{{default vars.empty \"80\"}}", d.clone()).unwrap(),
+            "80"
+        );
+        assert_eq!(
+            render("{{default vars.port \"80\"}}", d.clone()).unwrap(),
+            "8080"
+        );
+        assert_eq!(
+            render("{{#each (instances \"web\")}}{{id}}{{/each}}", d.clone()).unwrap(),
+            "ba"
+        );
+        assert_eq!(
+            render(
+                "{{#each (instances \"none\")}}x{{else}}empty{{/each}}",
+                d.clone()
+            )
+            .unwrap(),
+            "empty"
+        );
+        assert_eq!(
+            render(
+                "{{#each (sort_by (instances \"web\") \"id\")}}{{id}}{{/each}}",
+                d.clone()
+            )
+            .unwrap(),
+            "ab"
+        );
+        assert_eq!(
+            render(
+                "{{#each (sort_by (instances \"web\") \"weight\")}}{{id}}{{/each}}",
+                d.clone()
+            )
+            .unwrap(),
+            "ba"
+        );
+        assert_eq!(
+            render(
+                "{{#each (by_tag (instances \"web\") \"canary\")}}{{id}}{{/each}}",
+                d.clone()
+            )
+            .unwrap(),
+            "a"
+        );
+        assert_eq!(
+            render(
+                "{{#each (by_meta (instances \"web\") \"zone\" \"b\")}}{{id}}{{/each}}",
+                d.clone()
+            )
+            .unwrap(),
+            "b"
+        );
+        assert_eq!(
+            render(
+                "{{#each (instances \"web\")}}{{join tags \",\"}};{{/each}}",
+                d.clone()
+            )
+            .unwrap(),
+            "v2;v1,canary;"
+        );
+        assert_eq!(
+            render("{{json vars}}", d.clone()).unwrap(),
+            r#"{"empty":"","port":"8080"}"#
+        );
+        assert_eq!(
+            render(
+                "{{#if (eq vars.port \"8080\")}}y{{else}}n{{/if}}",
+                d.clone()
+            )
+            .unwrap(),
+            "y"
+        );
+        assert_eq!(
+            render("{{#if (ne revision 7)}}y{{else}}n{{/if}}", d).unwrap(),
+            "n"
+        );
+    }
+
+    #[test]
+    fn rendering_is_deterministic() {
+        let t = "{{#each services}}{{@key}}:{{#each this}}{{id}}{{/each}}{{/each}}";
+        assert_eq!(render(t, data()).unwrap(), render(t, data()).unwrap());
+    }
+
+    #[test]
+    fn broken_template_is_a_compile_error() {
+        assert!(matches!(
+            render("{{#each x}}", json!({})),
+            Err(RenderFailure::Compile { .. })
+        ));
+    }
+}

@@ -1,0 +1,430 @@
+//! Following the registry in etcd: list the prefix (paginated, at one revision), then watch
+//! it from the next revision, and keep doing so through every failure.
+//!
+//! * stream error / disconnect / frozen member → re-watch from the last seen revision + 1,
+//!   with capped backoff; never gives up;
+//! * watch cancelled with `compact_revision` → full re-list, then watch again;
+//! * store replaced (cluster id changed, revision or raft term went backwards) → full re-list;
+//! * optional periodic re-list (`--resync`) as a safety net.
+//!
+//! Knows etcd, not templates: it only emits [`Update`]s.
+
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, WatchOptions};
+use registry::etcd::{error_chain, Backoff};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, instrument, warn};
+
+/// Keys per page of the initial listing (well under etcd's request size limit).
+const PAGE: i64 = 2000;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// One change to a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+/// What the watcher tells the model.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// The complete content of the prefix at `revision`.
+    Snapshot {
+        revision: i64,
+        kvs: Vec<(String, Vec<u8>)>,
+    },
+    /// Changes up to `revision`, in order.
+    Changes { revision: i64, changes: Vec<Change> },
+}
+
+/// Identity of the store a revision belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Store {
+    pub cluster_id: u64,
+    pub raft_term: u64,
+    pub revision: i64,
+}
+
+/// Watches `<prefix>/` and sends [`Update`]s.
+pub struct Watcher {
+    client: Client,
+    root: String,
+    request_timeout: Duration,
+    resync: Option<Duration>,
+    tx: mpsc::Sender<Update>,
+    /// true while a watch stream is established.
+    live: watch::Sender<bool>,
+}
+
+impl Watcher {
+    pub fn new(
+        client: Client,
+        prefix: &str,
+        request_timeout: Duration,
+        resync: Option<Duration>,
+        tx: mpsc::Sender<Update>,
+        live: watch::Sender<bool>,
+    ) -> Self {
+        Watcher {
+            client,
+            root: registry::key::root_prefix(prefix),
+            request_timeout,
+            resync,
+            tx,
+            live,
+        }
+    }
+
+    /// Runs until `stop` (or until the receiver is gone).
+    #[instrument(skip_all, fields(prefix = %self.root))]
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(MAX_BACKOFF);
+        let mut last: Option<Store> = None;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            // Resume from the last revision if the store is the one we know, else re-list.
+            let resume = match last {
+                Some(known) => match self.store_now().await {
+                    Ok(now) if replaced(known, now) => {
+                        warn!(?known, ?now, "etcd store replaced (cluster id changed or history went backwards); full resync");
+                        None
+                    }
+                    Ok(_) => Some(known.revision + 1),
+                    Err(e) => {
+                        self.failed("cannot reach etcd", &e, &mut backoff, &stop)
+                            .await;
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let start = match resume {
+                Some(rev) => rev,
+                None => match self.list().await {
+                    Ok((store, kvs)) => {
+                        info!(
+                            revision = store.revision,
+                            keys = kvs.len(),
+                            "listed registry"
+                        );
+                        if self
+                            .tx
+                            .send(Update::Snapshot {
+                                revision: store.revision,
+                                kvs,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        last = Some(store);
+                        store.revision + 1
+                    }
+                    Err(e) => {
+                        self.failed("cannot list the registry", &e, &mut backoff, &stop)
+                            .await;
+                        continue;
+                    }
+                },
+            };
+            match self.follow(start, &mut last, &mut backoff, &stop).await {
+                Follow::Stop => return,
+                Follow::Relist => last = None,
+                Follow::Reconnect => {
+                    let delay = backoff.next_delay();
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn failed(
+        &self,
+        what: &str,
+        e: &etcd_client::Error,
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) {
+        self.live.send_replace(false);
+        let delay = backoff.next_delay();
+        warn!(error = %error_chain(e), retry_in = ?delay, "{what}; keeping the last config");
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// Watches from `start` until something ends the stream.
+    async fn follow(
+        &mut self,
+        start: i64,
+        last: &mut Option<Store>,
+        backoff: &mut Backoff,
+        stop: &CancellationToken,
+    ) -> Follow {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start)
+            .with_prev_key()
+            .with_progress_notify();
+        let mut client = self.client.clone();
+        let mut stream = match self
+            .timed(client.watch(self.root.clone(), Some(opts)))
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.live.send_replace(false);
+                warn!(error = %error_chain(&e), "cannot start the watch; keeping the last config");
+                return Follow::Reconnect;
+            }
+        };
+        let mut resync = self.resync.map(|d| {
+            let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        });
+        loop {
+            let tick = async {
+                match resync.as_mut() {
+                    Some(i) => {
+                        i.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let msg = tokio::select! {
+                _ = stop.cancelled() => return Follow::Stop,
+                _ = tick => {
+                    debug!("periodic resync");
+                    return Follow::Relist;
+                }
+                m = stream.message() => m,
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    self.live.send_replace(false);
+                    warn!("watch stream closed by etcd; re-watching");
+                    return Follow::Reconnect;
+                }
+                Err(e) => {
+                    self.live.send_replace(false);
+                    warn!(error = %error_chain(&e), "watch stream failed; re-watching from the last revision");
+                    return Follow::Reconnect;
+                }
+            };
+            if resp.canceled() {
+                self.live.send_replace(false);
+                if resp.compact_revision() > 0 {
+                    warn!(
+                        compact_revision = resp.compact_revision(),
+                        "watch revision compacted; full resync"
+                    );
+                    return Follow::Relist;
+                }
+                warn!(
+                    reason = resp.cancel_reason(),
+                    "watch cancelled by etcd (no leader?); re-watching"
+                );
+                return Follow::Reconnect;
+            }
+            if resp.created() {
+                backoff.reset();
+                self.live.send_replace(true);
+            }
+            let header = resp
+                .header()
+                .map(|h| (h.cluster_id(), h.raft_term(), h.revision()));
+            let mut changes = Vec::with_capacity(resp.events().len());
+            let mut max_rev = 0;
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                max_rev = max_rev.max(kv.mod_revision());
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                // Raw event type: 0 put, 1 delete (event_type() panics on anything else).
+                match ev.0.r#type {
+                    0 => changes.push(Change::Put {
+                        key,
+                        value: kv.value().to_vec(),
+                    }),
+                    1 => changes.push(Change::Delete { key }),
+                    other => warn!(event_type = other, %key, "unknown watch event type; ignored"),
+                }
+            }
+            if let (Some(store), Some((cluster_id, raft_term, _))) = (last.as_mut(), header) {
+                store.cluster_id = cluster_id;
+                store.raft_term = store.raft_term.max(raft_term);
+                store.revision = store.revision.max(max_rev);
+            }
+            if !changes.is_empty() {
+                let revision = last.map_or(max_rev, |s| s.revision);
+                if self
+                    .tx
+                    .send(Update::Changes { revision, changes })
+                    .await
+                    .is_err()
+                {
+                    return Follow::Stop;
+                }
+            }
+        }
+    }
+
+    /// The current store identity (a count-only read).
+    async fn store_now(&self) -> Result<Store, etcd_client::Error> {
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .timed(kv.get(
+                self.root.clone(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            ))
+            .await?;
+        Ok(header_store(resp.header()))
+    }
+
+    /// Lists the whole prefix at one revision, page by page.
+    pub async fn list(&self) -> Result<(Store, Vec<(String, Vec<u8>)>), etcd_client::Error> {
+        let mut kv = self.client.kv_client();
+        let end = prefix_end(self.root.as_bytes());
+        let mut from = self.root.as_bytes().to_vec();
+        let mut store: Option<Store> = None;
+        let mut kvs = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if let Some(s) = store {
+                opts = opts.with_revision(s.revision);
+            }
+            let resp = self.timed(kv.get(from.clone(), Some(opts))).await?;
+            if store.is_none() {
+                store = Some(header_store(resp.header()));
+            }
+            for item in resp.kvs() {
+                kvs.push((
+                    String::from_utf8_lossy(item.key()).into_owned(),
+                    item.value().to_vec(),
+                ));
+            }
+            match (resp.more(), resp.kvs().last()) {
+                (true, Some(lastkv)) => {
+                    from = lastkv.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        Ok((
+            store.unwrap_or(Store {
+                cluster_id: 0,
+                raft_term: 0,
+                revision: 0,
+            }),
+            kvs,
+        ))
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, etcd_client::Error> {
+        match tokio::time::timeout(self.request_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("etcd did not answer within {:?}", self.request_timeout),
+            ))),
+        }
+    }
+}
+
+enum Follow {
+    Stop,
+    Relist,
+    Reconnect,
+}
+
+fn header_store(h: Option<&etcd_client::ResponseHeader>) -> Store {
+    Store {
+        cluster_id: h.map_or(0, |h| h.cluster_id()),
+        raft_term: h.map_or(0, |h| h.raft_term()),
+        revision: h.map_or(0, |h| h.revision()),
+    }
+}
+
+/// A store that is not the continuation of `known`: another cluster, or history that went
+/// backwards (an empty etcd started with the same name and URLs keeps the cluster id).
+fn replaced(known: Store, now: Store) -> bool {
+    now.cluster_id != known.cluster_id
+        || now.revision < known.revision
+        || now.raft_term < known.raft_term
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(prefix_end(b"/services/"), b"/services0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+
+    #[test]
+    fn replacement_detection() {
+        let known = Store {
+            cluster_id: 1,
+            raft_term: 5,
+            revision: 100,
+        };
+        assert!(!replaced(
+            known,
+            Store {
+                revision: 120,
+                ..known
+            }
+        ));
+        assert!(replaced(
+            known,
+            Store {
+                revision: 3,
+                ..known
+            }
+        ));
+        assert!(replaced(
+            known,
+            Store {
+                raft_term: 2,
+                revision: 200,
+                ..known
+            }
+        ));
+        assert!(replaced(
+            known,
+            Store {
+                cluster_id: 9,
+                ..known
+            }
+        ));
+    }
+}
