@@ -20,8 +20,7 @@ RUN_DIR=${RUN_DIR:-$(mktemp -d -t lb-demo-XXXX)}
 ENDPOINT="http://127.0.0.1:${ETCD_PORT}"
 
 echo "==> building (release)" >&2
-cargo build --release --locked -q -p registrar -p webapp -p renderer 2>/dev/null \
-  || cargo build --release --locked -p registrar -p webapp
+cargo build --release --locked -p registrar -p renderer -p webapp
 BIN=target/release
 
 pids=()
@@ -47,17 +46,15 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
-if [ -x "$BIN/renderer" ]; then
-  echo "==> HAProxy + renderer: traffic on 127.0.0.1:$HTTP_PORT, stats on http://127.0.0.1:$STATS_PORT/" >&2
-  mkdir -p "$RUN_DIR/haproxy"
-  "$BIN/renderer" --endpoints "$ENDPOINT" \
-    --template "templates/haproxy.cfg.hbs:$RUN_DIR/haproxy/haproxy.cfg" \
-    --var "http_port=$HTTP_PORT" --var "stats_port=$STATS_PORT" \
-    --var "bind_address=127.0.0.1" --var "runtime_dir=$RUN_DIR/haproxy" \
-    -- haproxy -W -db -f "$RUN_DIR/haproxy/haproxy.cfg" \
+echo "==> HAProxy + renderer: traffic on 127.0.0.1:$HTTP_PORT, stats on http://127.0.0.1:$STATS_PORT/" >&2
+mkdir -p "$RUN_DIR/haproxy"
+"$BIN/renderer" --endpoints "$ENDPOINT" \
+  --template "templates/haproxy.cfg.hbs:$RUN_DIR/haproxy/haproxy.cfg" \
+  --var "http_port=$HTTP_PORT" --var "stats_port=$STATS_PORT" \
+  --var "bind_address=127.0.0.1" --var "runtime_dir=$RUN_DIR/haproxy" \
+  -- haproxy -W -db -f "$RUN_DIR/haproxy/haproxy.cfg" \
     >"$RUN_DIR/renderer.log" 2>&1 &
-  pids+=($!)
-fi
+pids+=($!)
 
 for i in $(seq 1 "$WEBAPPS"); do
   port=$((APP_BASE_PORT + i - 1))
@@ -73,8 +70,8 @@ done
 sleep 2
 echo "==> registered instances (etcdctl get --prefix /services/):" >&2
 ETCDCTL_API=3 etcdctl --endpoints "$ENDPOINT" get --prefix /services/ --print-value-only
-if [ -x "$BIN/renderer" ]; then
-  echo "==> try:  curl -s http://127.0.0.1:$HTTP_PORT/   (repeat: round robin)" >&2
-fi
+echo "==> generated config: $RUN_DIR/haproxy/haproxy.cfg" >&2
+echo "==> try:  curl -s http://127.0.0.1:$HTTP_PORT/   (repeat: round robin)" >&2
+echo "==>       curl -s http://127.0.0.1:$STATS_PORT/   (HAProxy stats page)" >&2
 echo "==> running; logs in $RUN_DIR. Ctrl-C to stop." >&2
 wait

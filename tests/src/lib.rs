@@ -9,6 +9,8 @@
 
 pub mod etcd;
 pub mod http;
+pub mod lb;
+pub mod load;
 pub mod proc;
 
 use std::collections::HashSet;
@@ -38,12 +40,17 @@ pub fn free_port() -> u16 {
     }
 }
 
-/// A fresh temp dir, removed on drop.
+/// A fresh temp dir, removed on drop (kept, with every process log, when `E2E_KEEP=1`).
 pub fn temp_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
+    let mut dir = tempfile::Builder::new()
         .prefix("lb-e2e-")
         .tempdir()
-        .expect("temp dir")
+        .expect("temp dir");
+    if std::env::var_os("E2E_KEEP").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+        dir.disable_cleanup(true);
+    }
+    dir
 }
 
 /// Path of a workspace binary (`registrar`, `renderer`, `webapp`), built by

@@ -218,9 +218,7 @@ mod tests {
         std::fs::write(&dest, "old\n").unwrap();
         let t = FileTarget::new(
             dest.clone(),
-            Some(
-                "grep -q good {} || { echo \"[ALERT] parsing [{}:2] : bad\" >&2; exit 1; }".into(),
-            ),
+            Some("grep -q good {} || { echo [ALERT] parsing [{}:2] : bad >&2; exit 1; }".into()),
         );
         let err = t
             .stage_and_check(b"line one\nbad line\n")

@@ -1,0 +1,282 @@
+//! The load-balancer side: the renderer in exec mode running real HAProxy with the shipped
+//! template on free ports, real web-app backends, and helpers to read HAProxy's state.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::{bin, eventually, free_port, http, Etcd, Proc};
+
+/// The shipped template.
+pub fn template() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/haproxy.cfg.hbs")
+}
+
+/// renderer + HAProxy (exec mode).
+pub struct Lb {
+    pub http_port: u16,
+    pub stats_port: u16,
+    pub cfg: PathBuf,
+    pub master: PathBuf,
+    pub proc: Proc,
+}
+
+impl Lb {
+    /// Starts `renderer … -- haproxy -W -db -f <cfg>` with the shipped template. `extra`
+    /// flags go before `--`.
+    pub fn start(dir: &Path, etcd: &Etcd, extra: &[&str]) -> Lb {
+        Self::start_with_template(dir, etcd, &template(), extra)
+    }
+
+    pub fn start_with_template(dir: &Path, etcd: &Etcd, template: &Path, extra: &[&str]) -> Lb {
+        let http_port = free_port();
+        let stats_port = free_port();
+        let cfg = dir.join("haproxy.cfg");
+        let master = dir.join("master.sock");
+        let mut cmd = Command::new(bin("renderer"));
+        cmd.env("RUST_LOG", "info")
+            .arg("--endpoints")
+            .arg(etcd.endpoint())
+            .arg("--template")
+            .arg(format!("{}:{}", template.display(), cfg.display()))
+            .arg("--haproxy-master-socket")
+            .arg(&master)
+            .arg("--var")
+            .arg(format!("http_port={http_port}"))
+            .arg("--var")
+            .arg(format!("stats_port={stats_port}"))
+            .arg("--var")
+            .arg("bind_address=127.0.0.1")
+            .arg("--var")
+            .arg(format!("runtime_dir={}", dir.display()))
+            .args(extra)
+            .arg("--")
+            .arg("haproxy")
+            .arg("-W")
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg);
+        let proc = Proc::spawn("renderer", dir, cmd);
+        Lb {
+            http_port,
+            stats_port,
+            cfg,
+            master,
+            proc,
+        }
+    }
+
+    /// Waits until HAProxy answers on the traffic port.
+    pub async fn wait_serving(&self) {
+        let port = self.http_port;
+        eventually(Duration::from_secs(30), "HAProxy answers", || async move {
+            http::get(port, "/", None).await.ok()
+        })
+        .await;
+    }
+
+    /// The rendered config on disk.
+    pub fn config(&self) -> String {
+        std::fs::read_to_string(&self.cfg).unwrap_or_default()
+    }
+
+    /// One master CLI command.
+    pub async fn master_cli(&self, cmd: &str) -> String {
+        master_cli(&self.master, cmd).await
+    }
+
+    /// (reloads, failed reloads, current worker pid) from the master.
+    pub async fn proc_state(&self) -> (u32, u32, u32) {
+        let out = self.master_cli("show proc").await;
+        let mut reloads = (0, 0);
+        let mut worker = 0;
+        let mut in_workers = false;
+        for line in out.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if line.starts_with("# workers") {
+                in_workers = true;
+            } else if line.starts_with('#') {
+                in_workers = line.starts_with("# workers");
+            }
+            if f.len() >= 3 && f[1] == "master" {
+                let failed = line
+                    .split("[failed:")
+                    .nth(1)
+                    .and_then(|r| r.split(']').next())
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0);
+                reloads = (f[2].parse().unwrap_or(0), failed);
+            } else if in_workers && f.len() >= 3 && f[1] == "worker" && worker == 0 {
+                worker = f[0].parse().unwrap_or(0);
+            }
+        }
+        (reloads.0, reloads.1, worker)
+    }
+
+    /// Server names in the current worker's backend `nodes` (runtime state).
+    pub async fn running_servers(&self) -> Vec<String> {
+        let out = self.master_cli("@1 show servers state nodes").await;
+        let mut names: Vec<String> = out
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 4).then(|| f[3].to_string())
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Server names in the config file's `server` lines.
+    pub fn config_servers(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .config()
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("server ")
+                    .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Number of "apply" lines the renderer logged so far.
+    pub fn applies(&self) -> usize {
+        self.proc
+            .log()
+            .lines()
+            .filter(|l| l.contains(" apply ") || l.contains("apply revision"))
+            .count()
+    }
+}
+
+/// Sends one command to an HAProxy CLI socket and returns the answer.
+pub async fn master_cli(path: &Path, cmd: &str) -> String {
+    let fut = async {
+        let mut s = UnixStream::connect(path).await.ok()?;
+        s.write_all(format!("{cmd}\n").as_bytes()).await.ok()?;
+        s.shutdown().await.ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        Some(out)
+    };
+    tokio::time::timeout(Duration::from_secs(5), fut)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// A real web app backend on a free loopback port.
+pub struct Backend {
+    pub id: String,
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Backend {
+    pub fn start(dir: &Path, id: &str) -> Backend {
+        let port = free_port();
+        let mut cmd = Command::new(bin("webapp"));
+        cmd.args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--id",
+            id,
+        ]);
+        let proc = Proc::spawn(&format!("webapp-{id}"), dir, cmd);
+        Backend {
+            id: id.to_string(),
+            port,
+            proc,
+        }
+    }
+
+    /// Waits until the backend answers.
+    pub async fn wait_up(&self) {
+        let port = self.port;
+        eventually(Duration::from_secs(10), "backend answers", || async move {
+            http::get(port, "/health", None).await.ok()
+        })
+        .await;
+    }
+}
+
+/// Writes an instance record as a registrar would (without a lease).
+pub async fn put_instance(etcd: &Etcd, service: &str, id: &str, port: u16) {
+    let value = registry::Instance::new(service, id, "127.0.0.1", port).encode();
+    etcd.put(&registry::instance_key("/services", service, id), &value)
+        .await;
+}
+
+/// Which instance ids answered `n` requests through `port`.
+pub async fn served_ids(port: u16, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        if let Ok(r) = http::get(port, "/", None).await {
+            if let Some(id) = r.instance_id() {
+                *seen.entry(id).or_insert(0) += 1;
+            }
+        }
+    }
+    seen
+}
+
+/// Polls until exactly `ids` (and nothing else) answer through `port`.
+pub async fn wait_routed(port: u16, ids: &[&str], timeout: Duration) {
+    let want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    eventually(timeout, &format!("exactly {want:?} served"), || {
+        let want = want.clone();
+        async move {
+            let seen: Vec<String> = served_ids(port, want.len().max(1) * 4)
+                .await
+                .into_keys()
+                .collect();
+            (seen == want).then_some(())
+        }
+    })
+    .await;
+}
+
+impl Drop for Lb {
+    /// HAProxy is the renderer's child and would outlive a SIGKILLed renderer: ask the
+    /// renderer to stop it gracefully, then kill whatever the master reports by PID.
+    fn drop(&mut self) {
+        let pids = blocking_proc_pids(&self.master);
+        self.proc.signal(nix::sys::signal::Signal::SIGCONT);
+        self.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let _ = self.proc.wait_timeout(Duration::from_secs(5));
+        for pid in pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// Master and worker PIDs from `show proc`, without an async runtime.
+fn blocking_proc_pids(master: &Path) -> Vec<u32> {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(master) else {
+        return Vec::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.write_all(b"show proc\n");
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect()
+}

@@ -1,0 +1,413 @@
+//! renderer + real HAProxy + real backends + real etcd: routing follows the registry,
+//! bursts coalesce, bad input never reaches HAProxy, store failures are survived, and
+//! reloads under load drop nothing.
+
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::lb::{put_instance, served_ids, wait_routed, Backend, Lb};
+use e2e::load::Load;
+use e2e::{bin, eventually, http, stays, temp_dir, Etcd, Proc};
+use nix::sys::signal::Signal;
+
+const T: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_follows_registrations_from_etcdctl_and_the_registrar() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s1, s2, s3) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+        Backend::start(dir.path(), "s3"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+
+    // etcdctl-style put.
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+
+    // Through the registrar binary.
+    let reg = {
+        let mut cmd = Command::new(bin("registrar"));
+        cmd.args([
+            "--endpoints",
+            &etcd.endpoint(),
+            "--service",
+            "webapp",
+            "--id",
+            "s3",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &s3.port.to_string(),
+            "--ttl",
+            "5s",
+        ]);
+        Proc::spawn("registrar-s3", dir.path(), cmd)
+    };
+    wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
+
+    // The stats page lists the servers.
+    let stats = http::get(lb.stats_port, "/;csv", None)
+        .await
+        .expect("stats page");
+    for id in ["s1", "s2", "s3"] {
+        assert!(
+            stats.body.contains(&format!("nodes,{id},")),
+            "stats lists {id}"
+        );
+    }
+
+    // Deletion with etcdctl, then a graceful registrar stop.
+    etcd.delete("/services/webapp/s1").await;
+    wait_routed(lb.http_port, &["s2", "s3"], T).await;
+    reg.signal(Signal::SIGTERM);
+    wait_routed(lb.http_port, &["s2"], T).await;
+    assert_eq!(lb.config_servers(), vec!["s2"]);
+    assert!(
+        std::path::Path::new(&format!("{}.prev", lb.cfg.display())).exists(),
+        "previous config kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_500_changes_coalesces_into_few_reloads() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b = Backend::start(dir.path(), "keep");
+    put_instance(&etcd, "webapp", "keep", b.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    let (reloads_before, _, _) = lb.proc_state().await;
+
+    // 500 changes: 300 puts of 150 instances (each put twice with different ports), then
+    // 200 deletes, leaving 50 + "keep". Unreachable ports are fine: they only fail checks.
+    let mut c = etcd.client().await;
+    for round in 0..2u16 {
+        for i in 0..150u16 {
+            let v = registry::Instance::new(
+                "webapp",
+                &format!("n{i:03}"),
+                "127.0.0.1",
+                20000 + i + round,
+            )
+            .encode();
+            c.put(format!("/services/webapp/n{i:03}"), v, None)
+                .await
+                .unwrap();
+        }
+    }
+    for i in 0..100u16 {
+        c.delete(format!("/services/webapp/n{i:03}"), None)
+            .await
+            .unwrap();
+    }
+    for i in 0..100u16 {
+        // Deleting absent keys is not a change; delete the second half of the survivors'
+        // ports instead: re-put 100 with their final port (identical → no change).
+        let j = 100 + (i % 50);
+        let v = registry::Instance::new("webapp", &format!("n{j:03}"), "127.0.0.1", 20000 + j + 1)
+            .encode();
+        c.put(format!("/services/webapp/n{j:03}"), v, None)
+            .await
+            .unwrap();
+    }
+    let mut want: Vec<String> = (100..150).map(|i| format!("n{i:03}")).collect();
+    want.push("keep".into());
+    want.sort();
+    eventually(
+        T,
+        "final config has exactly the surviving instances",
+        || async { (lb.config_servers() == want).then_some(()) },
+    )
+    .await;
+    // Ports are the final ones.
+    assert!(
+        lb.config().contains("server n149 127.0.0.1:20150 "),
+        "final port of n149"
+    );
+    eventually(T, "HAProxy runs the final set", || async {
+        (lb.running_servers().await == want).then_some(())
+    })
+    .await;
+    let (reloads_after, failed, _) = lb.proc_state().await;
+    let reloads = reloads_after - reloads_before;
+    eprintln!("500 changes -> {reloads} reloads");
+    assert!(
+        (1..=10).contains(&reloads),
+        "{reloads} reloads for one burst"
+    );
+    assert_eq!(failed, 0);
+    assert!(served_ids(lb.http_port, 5).await.contains_key("keep"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_reput_and_unrelated_changes_do_not_reload() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b = Backend::start(dir.path(), "s1");
+    put_instance(&etcd, "webapp", "s1", b.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+    let before = lb.proc_state().await;
+    let applies = lb.applies();
+    let mtime = std::fs::metadata(&lb.cfg).unwrap().modified().unwrap();
+
+    // Same bytes again: not a model change at all.
+    put_instance(&etcd, "webapp", "s1", b.port).await;
+    // A change the template does not use (another service): the model changes and the
+    // renderer renders, but the bytes are identical, so nothing is written or reloaded.
+    put_instance(&etcd, "other", "x1", 9).await;
+    eventually(T, "renderer processed the unrelated change", || async {
+        (lb.applies() > applies).then_some(())
+    })
+    .await;
+    assert!(
+        lb.proc
+            .log()
+            .lines()
+            .last()
+            .unwrap_or("")
+            .contains("written=0"),
+        "{}",
+        lb.proc.log()
+    );
+    assert_eq!(lb.proc_state().await, before, "no reload");
+    assert_eq!(
+        std::fs::metadata(&lb.cfg).unwrap().modified().unwrap(),
+        mtime,
+        "file not rewritten"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_templates_and_failing_checks_never_replace_the_good_config() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+
+    // A template that does not compile: refuse to start, exit 64, clear message.
+    let bad = dir.path().join("bad.hbs");
+    std::fs::write(&bad, "global\n{{#each (instances \"webapp\")}}\n").unwrap();
+    let mut cmd = Command::new(bin("renderer"));
+    cmd.args([
+        "--endpoints",
+        &etcd.endpoint(),
+        "--template",
+        &format!("{}:{}/out.cfg", bad.display(), dir.path().display()),
+    ]);
+    let mut p = Proc::spawn("renderer-bad", dir.path(), cmd);
+    let status = p.exited(T).await.expect("exits");
+    assert_eq!(status.code(), Some(64));
+    assert!(p.log().contains("does not compile"), "{}", p.log());
+    assert!(!dir.path().join("out.cfg").exists());
+
+    // A check that fails at runtime (switched on by a marker file): the old config stays,
+    // HAProxy keeps serving it, and the next good change goes through.
+    let s1 = Backend::start(dir.path(), "s1");
+    let s2 = Backend::start(dir.path(), "s2");
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let marker = dir.path().join("fail-check");
+    let check = format!("test ! -e {} && haproxy -c -f {{}}", marker.display());
+    let lb = Lb::start(dir.path(), &etcd, &["--check-cmd", &check]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+    let good = lb.config();
+    std::fs::write(&marker, "").unwrap();
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    eventually(T, "check failure logged", || async {
+        lb.proc
+            .log()
+            .contains("rendered config rejected")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(lb.config(), good, "destination untouched");
+    stays(
+        Duration::from_millis(300),
+        "HAProxy serves the old config",
+        || async { served_ids(lb.http_port, 2).await.keys().eq(["s1"].iter()) },
+    )
+    .await;
+    std::fs::remove_file(&marker).unwrap();
+    let s3 = Backend::start(dir.path(), "s3");
+    put_instance(&etcd, "webapp", "s3", s3.port).await;
+    wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_records_are_skipped_and_never_reach_haproxy() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let s1 = Backend::start(dir.path(), "s1");
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+
+    let huge = "a".repeat(100_000);
+    let hostile: Vec<(&str, String)> = vec![
+        ("evil1", r#"{"id":"evil1","service":"webapp","address":"127.0.0.1\n    server evil 6.6.6.6:80","port":80}"#.into()),
+        ("evil2", r#"{"id":"evil2","service":"webapp","address":"127.0.0.1 backup","port":80}"#.into()),
+        ("evil3", r##"{"id":"evil3","service":"webapp","address":"127.0.0.1","port":80,"tags":["x\"y"],"meta":{"k":"# comment"}}"##.into()),
+        ("evil4", format!(r#"{{"id":"evil4","service":"webapp","address":"{huge}","port":80}}"#)),
+        ("evil5", "{not json".into()),
+        ("evil6", r#"{"id":"evil6","service":"webapp","address":"127.0.0.1","port":0}"#.into()),
+        ("evil7", r#"{"id":"evil7","service":"webapp","address":"127.0.0.1","port":70000}"#.into()),
+        ("evil8", r#"{"id":"other","service":"webapp","address":"127.0.0.1","port":80}"#.into()),
+        ("evil 9", r#"{"id":"evil 9","service":"webapp","address":"127.0.0.1","port":80}"#.into()),
+    ];
+    for (id, v) in &hostile {
+        etcd.put(&format!("/services/webapp/{id}"), v).await;
+    }
+    let s2 = Backend::start(dir.path(), "s2");
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+    let cfg = lb.config();
+    assert!(
+        !cfg.contains("evil"),
+        "no hostile value in the config:\n{cfg}"
+    );
+    assert!(!cfg.contains("6.6.6.6"));
+    assert_eq!(lb.config_servers(), vec!["s1", "s2"]);
+    let log = lb.proc.log();
+    for (id, _) in &hostile {
+        assert!(
+            log.contains(&format!("/services/webapp/{id}")),
+            "skip of {id} logged"
+        );
+    }
+    assert!(
+        lb.proc
+            .log()
+            .matches("skipping invalid registry record")
+            .count()
+            >= hostile.len()
+    );
+    let out = Command::new("haproxy")
+        .args(["-c", "-f"])
+        .arg(&lb.cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rendered config is valid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restart_outage_compaction_and_replacement_are_survived() {
+    let dir = temp_dir();
+    let mut etcd = Etcd::start(dir.path()).await;
+    let b: Vec<Backend> = (1..=4)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put_instance(&etcd, "webapp", "s1", b[0].port).await;
+    let mut lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+
+    // Restart: catch up with a change made after it.
+    etcd.restart().await;
+    put_instance(&etcd, "webapp", "s2", b[1].port).await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+
+    // Outage: HAProxy keeps serving the last config (not an empty one) while etcd is down.
+    etcd.stop().await;
+    stays(
+        Duration::from_secs(3),
+        "still serving s1 and s2 during the outage",
+        || async { served_ids(lb.http_port, 4).await.len() == 2 },
+    )
+    .await;
+    assert_eq!(lb.config_servers(), vec!["s1", "s2"]);
+    etcd.start_again().await;
+    put_instance(&etcd, "webapp", "s3", b[2].port).await;
+    wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
+
+    // Compaction while the renderer is disconnected: freeze it, restart etcd (its stream
+    // is now dead, with nothing new buffered), change and compact; on resume its next
+    // revision is gone → full resync.
+    lb.proc.signal(Signal::SIGSTOP);
+    etcd.restart().await;
+    etcd.delete("/services/webapp/s1").await;
+    put_instance(&etcd, "webapp", "s4", b[3].port).await;
+    let rev = {
+        let mut c = etcd.client().await;
+        let r = c.get("/services/webapp/s4", None).await.unwrap();
+        r.header().unwrap().revision()
+    };
+    etcd.client().await.compact(rev, None).await.unwrap();
+    lb.proc.signal(Signal::SIGCONT);
+    wait_routed(lb.http_port, &["s2", "s3", "s4"], T).await;
+    assert!(
+        lb.proc.log().contains("compacted; full resync"),
+        "{}",
+        lb.proc.log()
+    );
+
+    // Store replaced by an empty etcd: full resync; the new registrations win.
+    etcd.replace_with_empty().await;
+    put_instance(&etcd, "webapp", "s1", b[0].port).await;
+    wait_routed(lb.http_port, &["s1"], Duration::from_secs(30)).await;
+    assert_eq!(lb.config_servers(), vec!["s1"]);
+    lb.proc.kill();
+}
+
+async fn churn_under_load(close: bool) {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b: Vec<Backend> = (1..=4)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    for x in &b {
+        x.wait_up().await;
+    }
+    put_instance(&etcd, "webapp", "s1", b[0].port).await;
+    put_instance(&etcd, "webapp", "s2", b[1].port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+    let (reloads_before, _, _) = lb.proc_state().await;
+
+    let load = Load::start(lb.http_port, 6, 8, close);
+    // Join and leave every 200 ms for ~5 s while the load runs (s1 always stays).
+    for round in 0..25usize {
+        let x = &b[1 + round % 3];
+        if round % 2 == 0 {
+            put_instance(&etcd, "webapp", &x.id, x.port).await;
+        } else {
+            etcd.delete(&format!("/services/webapp/{}", x.id)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // pacing of the injected churn
+    }
+    let result = load.finish();
+    let (reloads_after, failed_reloads, _) = lb.proc_state().await;
+    eprintln!(
+        "close={close}: {} requests, {} failed, {} reloads\n{}",
+        result.requests,
+        result.failed(),
+        reloads_after - reloads_before,
+        result.raw
+    );
+    assert!(result.requests > 100, "load ran: {}", result.raw);
+    assert_eq!(
+        result.failed(),
+        0,
+        "failed requests under churn: {}",
+        result.raw
+    );
+    assert!(reloads_after > reloads_before, "churn caused reloads");
+    assert_eq!(failed_reloads, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_failed_requests_under_churn_keep_alive() {
+    churn_under_load(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_failed_requests_under_churn_connection_close() {
+    churn_under_load(true).await;
+}
