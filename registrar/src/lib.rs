@@ -187,7 +187,7 @@ async fn register(
     registered: watch::Sender<bool>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
-    let mut backoff = Backoff::new(std::time::Duration::from_secs(5));
+    let mut backoff = Backoff::new(std::time::Duration::from_secs(2));
     let client = loop {
         let attempt = tokio::select! {
             _ = stop.cancelled() => return Ok(()),

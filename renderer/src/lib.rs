@@ -260,7 +260,7 @@ async fn follow_registry(
 }
 
 async fn connect(config: &Config, stop: &CancellationToken) -> Result<Option<Client>, Error> {
-    let mut backoff = Backoff::new(std::time::Duration::from_secs(5));
+    let mut backoff = Backoff::new(std::time::Duration::from_secs(2));
     loop {
         let attempt = tokio::select! {
             _ = stop.cancelled() => return Ok(None),

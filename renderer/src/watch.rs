@@ -19,7 +19,7 @@ use tracing::{debug, info, instrument, warn};
 
 /// Keys per page of the initial listing (well under etcd's request size limit).
 const PAGE: i64 = 2000;
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// One change to a key.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -32,6 +32,35 @@ impl Lb {
         Self::start_with_template(dir, etcd, &template(), extra)
     }
 
+    /// Starts a load balancer from a shell command template (for measuring other tools the
+    /// same way): `{etcd}` endpoint, `{template}`, `{cfg}`, `{dir}`, `{http_port}`,
+    /// `{stats_port}`, `{master}` (the HAProxy master socket the command must create with
+    /// `-S`) are substituted.
+    pub fn start_shell(dir: &Path, etcd: &Etcd, template: &Path, command: &str) -> Lb {
+        let http_port = free_port();
+        let stats_port = free_port();
+        let cfg = dir.join("haproxy.cfg");
+        let master = dir.join("master.sock");
+        let line = command
+            .replace("{etcd}", &etcd.endpoint())
+            .replace("{template}", &template.display().to_string())
+            .replace("{cfg}", &cfg.display().to_string())
+            .replace("{dir}", &dir.display().to_string())
+            .replace("{http_port}", &http_port.to_string())
+            .replace("{stats_port}", &stats_port.to_string())
+            .replace("{master}", &master.display().to_string());
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!("exec {line}"));
+        let proc = Proc::spawn("lb", dir, cmd);
+        Lb {
+            http_port,
+            stats_port,
+            cfg,
+            master,
+            proc,
+        }
+    }
+
     pub fn start_with_template(dir: &Path, etcd: &Etcd, template: &Path, extra: &[&str]) -> Lb {
         let http_port = free_port();
         let stats_port = free_port();

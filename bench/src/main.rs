@@ -1,0 +1,111 @@
+//! `cargo run --release -p bench -- [--quick] [--json FILE] [--svg FILE] [SCENARIO...]`
+//!
+//! Starts its own etcd, HAProxy + renderer and real web apps on loopback (through the e2e
+//! harness), measures from the outside — the clock starts at the etcd write (or the signal)
+//! and stops when a real HTTP request through HAProxy is answered by the backend (or no
+//! longer is) — and prints a table. Load is bounded (wrk, fixed duration).
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used)]
+
+mod scenarios;
+mod stats;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "bench", about = "Measure convergence, reload safety, storms, scale and footprint.")]
+struct Args {
+    /// Smaller counts and shorter runs (under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Write the results as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+    /// Write the convergence latency CDF as SVG.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<std::path::PathBuf>,
+    /// Load-balancer command template for measuring another tool the same way; the default
+    /// is this project's renderer in exec mode. Placeholders: {etcd} {template} {cfg} {dir}
+    /// {http_port} {stats_port} {master} (HAProxy must be started with `-S {master}`).
+    #[arg(long, value_name = "CMD")]
+    lb_cmd: Option<String>,
+    /// Scenarios to run (default: all): convergence, deregister, crash, reload, storm,
+    /// scale, footprint, outage.
+    scenarios: Vec<String>,
+}
+
+fn main() {
+    let args = Args::parse();
+    // The harness spawns release binaries next to this one; make sure they are current.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "registrar", "-p", "renderer", "-p", "webapp"])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the binaries failed");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let all = ["convergence", "deregister", "crash", "reload", "storm", "scale", "footprint", "outage"];
+    let chosen: Vec<String> = if args.scenarios.is_empty() {
+        all.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.scenarios.clone()
+    };
+    let opts = scenarios::Opts {
+        quick: args.quick,
+        lb_cmd: args.lb_cmd.clone(),
+    };
+    let mut rows = Vec::new();
+    let mut latencies = Vec::new();
+    for name in &chosen {
+        eprintln!("== {name}");
+        let started = std::time::Instant::now();
+        let result = rt.block_on(scenarios::run(name, &opts, &mut latencies));
+        match result {
+            Some(mut r) => {
+                for row in &r {
+                    eprintln!("   {}", row.line());
+                }
+                rows.append(&mut r);
+            }
+            None => eprintln!("   unknown scenario {name:?}; known: {all:?}"),
+        }
+        eprintln!("   ({:.1}s)", started.elapsed().as_secs_f64());
+    }
+    println!("{}", stats::table(&rows, &machine()));
+    if let Some(path) = args.json {
+        let json = serde_json::json!({
+            "machine": machine(),
+            "quick": args.quick,
+            "results": rows.iter().map(stats::Row::json).collect::<Vec<_>>(),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).expect("write JSON");
+    }
+    if let Some(path) = args.svg {
+        std::fs::write(&path, stats::cdf_svg(&latencies)).expect("write SVG");
+    }
+}
+
+/// A one-line description of the machine the numbers come from.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .unwrap_or(0);
+    let haproxy = std::process::Command::new("haproxy").arg("-v").output().ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").split(" - ").next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    let etcd = std::process::Command::new("etcd").arg("--version").output().ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .unwrap_or_default();
+    format!("{cores} cores, {mem} GiB, {cpu}; {haproxy}; {etcd}")
+}
