@@ -13,7 +13,10 @@ mod stats;
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "bench", about = "Measure convergence, reload safety, storms, scale and footprint.")]
+#[command(
+    name = "bench",
+    about = "Measure convergence, reload safety, storms, scale and footprint."
+)]
 struct Args {
     /// Smaller counts and shorter runs (under a minute).
     #[arg(long)]
@@ -39,7 +42,16 @@ fn main() {
     // The harness spawns release binaries next to this one; make sure they are current.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args(["build", "--release", "-p", "registrar", "-p", "renderer", "-p", "webapp"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "registrar",
+            "-p",
+            "renderer",
+            "-p",
+            "webapp",
+        ])
         .status()
         .expect("run cargo build");
     assert!(status.success(), "building the binaries failed");
@@ -49,7 +61,16 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let all = ["convergence", "deregister", "crash", "reload", "storm", "scale", "footprint", "outage"];
+    let all = [
+        "convergence",
+        "deregister",
+        "crash",
+        "reload",
+        "storm",
+        "scale",
+        "footprint",
+        "outage",
+    ];
     let chosen: Vec<String> = if args.scenarios.is_empty() {
         all.iter().map(|s| s.to_string()).collect()
     } else {
@@ -94,18 +115,55 @@ fn main() {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0) / 1024 / 1024))
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024
+                    / 1024
+            })
+        })
         .unwrap_or(0);
-    let haproxy = std::process::Command::new("haproxy").arg("-v").output().ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").split(" - ").next().unwrap_or("").to_string())
+    let haproxy = std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .split(" - ")
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default();
-    let etcd = std::process::Command::new("etcd").arg("--version").output().ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+    let etcd = std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default();
     format!("{cores} cores, {mem} GiB, {cpu}; {haproxy}; {etcd}")
 }

@@ -42,7 +42,9 @@ struct Env {
 async fn env(o: &Opts, n: usize) -> Env {
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
-    let backends: Vec<Backend> = (0..n).map(|i| Backend::start(dir.path(), &format!("b{i}"))).collect();
+    let backends: Vec<Backend> = (0..n)
+        .map(|i| Backend::start(dir.path(), &format!("b{i}")))
+        .collect();
     for b in &backends {
         b.wait_up().await;
     }
@@ -51,7 +53,12 @@ async fn env(o: &Opts, n: usize) -> Env {
         None => Lb::start(dir.path(), &etcd, &[]),
     };
     lb.wait_serving().await;
-    Env { _dir: dir, etcd, lb, backends }
+    Env {
+        _dir: dir,
+        etcd,
+        lb,
+        backends,
+    }
 }
 
 /// Sends requests until one is answered by `id`; returns when.
@@ -69,7 +76,12 @@ async fn until_served(port: u16, id: &str, timeout: Duration) -> Option<Instant>
 
 /// Sends requests until `quiet` answers in a row come from others than `id`; returns the
 /// time of the first of them (when `id` left rotation) and the failures seen meanwhile.
-async fn until_gone(port: u16, id: &str, quiet: usize, timeout: Duration) -> (Option<Instant>, usize) {
+async fn until_gone(
+    port: u16,
+    id: &str,
+    quiet: usize,
+    timeout: Duration,
+) -> (Option<Instant>, usize) {
     let deadline = Instant::now() + timeout;
     let mut first_without: Option<Instant> = None;
     let mut streak = 0;
@@ -120,7 +132,8 @@ async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) -> Vec<Row>
         tokio::time::sleep(Duration::from_millis(100)).await;
         let t = Instant::now();
         e.etcd.delete(&format!("/services/webapp/{}", b.id)).await;
-        if let (Some(done), _) = until_gone(e.lb.http_port, &b.id, 8, Duration::from_secs(10)).await {
+        if let (Some(done), _) = until_gone(e.lb.http_port, &b.id, 8, Duration::from_secs(10)).await
+        {
             leave.push(ms(done.saturating_duration_since(t)));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -129,17 +142,59 @@ async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) -> Vec<Row>
     series.push(("put → first request served".into(), join.clone()));
     series.push(("delete → last request served".into(), leave.clone()));
     vec![
-        Row::new("convergence", format!("put → served, p50 (n={})", join.len()), percentile(&join, 50.0), "ms").at_most(20.0),
-        Row::new("convergence", "put → served, p99", percentile(&join, 99.0), "ms").at_most(100.0),
-        Row::new("convergence", format!("delete → gone, p50 (n={})", leave.len()), percentile(&leave, 50.0), "ms").at_most(20.0),
-        Row::new("convergence", "delete → gone, p99", percentile(&leave, 99.0), "ms").at_most(100.0),
-        Row::new("convergence", "reloads per change", f64::from(r1 - r0) / (2 * count) as f64, ""),
+        Row::new(
+            "convergence",
+            format!("put → served, p50 (n={})", join.len()),
+            percentile(&join, 50.0),
+            "ms",
+        )
+        .at_most(20.0),
+        Row::new(
+            "convergence",
+            "put → served, p99",
+            percentile(&join, 99.0),
+            "ms",
+        )
+        .at_most(100.0),
+        Row::new(
+            "convergence",
+            format!("delete → gone, p50 (n={})", leave.len()),
+            percentile(&leave, 50.0),
+            "ms",
+        )
+        .at_most(20.0),
+        Row::new(
+            "convergence",
+            "delete → gone, p99",
+            percentile(&leave, 99.0),
+            "ms",
+        )
+        .at_most(100.0),
+        Row::new(
+            "convergence",
+            "reloads per change",
+            f64::from(r1 - r0) / (2 * count) as f64,
+            "",
+        ),
     ]
 }
 
 fn registrar_cmd(etcd: &Etcd, id: &str, port: u16, ttl: &str, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("registrar"));
-    cmd.args(["--endpoints", &etcd.endpoint(), "--service", "webapp", "--id", id, "--address", "127.0.0.1", "--port", &port.to_string(), "--ttl", ttl]);
+    cmd.args([
+        "--endpoints",
+        &etcd.endpoint(),
+        "--service",
+        "webapp",
+        "--id",
+        id,
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--ttl",
+        ttl,
+    ]);
     cmd.args(extra);
     cmd
 }
@@ -154,7 +209,15 @@ async fn deregister(o: &Opts) -> Vec<Row> {
         let port = e2e::free_port();
         let id = format!("g{i}");
         let mut cmd = registrar_cmd(&e.etcd, &id, port, "10s", &["--drain", "1s", "--"]);
-        cmd.args([bin("webapp").display().to_string(), "--bind".into(), "127.0.0.1".into(), "--port".into(), port.to_string(), "--id".into(), id.clone()]);
+        cmd.args([
+            bin("webapp").display().to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--id".into(),
+            id.clone(),
+        ]);
         let mut reg = Proc::spawn(&format!("registrar-{id}"), dir.path(), cmd);
         until_served(e.lb.http_port, &id, Duration::from_secs(10)).await;
         let t = Instant::now();
@@ -167,9 +230,26 @@ async fn deregister(o: &Opts) -> Vec<Row> {
         let _ = reg.exited(Duration::from_secs(15)).await;
     }
     vec![
-        Row::new("deregister", format!("SIGTERM → out of rotation, p50 (n={})", times.len()), percentile(&times, 50.0), "ms").at_most(50.0),
-        Row::new("deregister", "SIGTERM → out of rotation, max", percentile(&times, 100.0), "ms"),
-        Row::new("deregister", "failed requests (drain 1s)", failures as f64, "").at_most(0.0),
+        Row::new(
+            "deregister",
+            format!("SIGTERM → out of rotation, p50 (n={})", times.len()),
+            percentile(&times, 50.0),
+            "ms",
+        )
+        .at_most(50.0),
+        Row::new(
+            "deregister",
+            "SIGTERM → out of rotation, max",
+            percentile(&times, 100.0),
+            "ms",
+        ),
+        Row::new(
+            "deregister",
+            "failed requests (drain 1s)",
+            failures as f64,
+            "",
+        )
+        .at_most(0.0),
     ]
 }
 
@@ -183,7 +263,11 @@ async fn crash(o: &Opts) -> Vec<Row> {
         let id = format!("k{i}");
         let mut app = Backend::start(dir.path(), &id);
         app.wait_up().await;
-        let mut reg = Proc::spawn(&format!("registrar-{id}"), dir.path(), registrar_cmd(&e.etcd, &id, app.port, "3s", &[]));
+        let mut reg = Proc::spawn(
+            &format!("registrar-{id}"),
+            dir.path(),
+            registrar_cmd(&e.etcd, &id, app.port, "3s", &[]),
+        );
         until_served(e.lb.http_port, &id, Duration::from_secs(10)).await;
         let t = Instant::now();
         reg.kill();
@@ -199,7 +283,13 @@ async fn crash(o: &Opts) -> Vec<Row> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    vec![Row::new("crash", format!("SIGKILL → out of HAProxy (ttl 3s), max (n={})", times.len()), percentile(&times, 100.0), "ms").at_most(3500.0)]
+    vec![Row::new(
+        "crash",
+        format!("SIGKILL → out of HAProxy (ttl 3s), max (n={})", times.len()),
+        percentile(&times, 100.0),
+        "ms",
+    )
+    .at_most(3500.0)]
 }
 
 async fn reload_safety(o: &Opts) -> Vec<Row> {
@@ -211,7 +301,8 @@ async fn reload_safety(o: &Opts) -> Vec<Row> {
         until_served(e.lb.http_port, "b1", Duration::from_secs(10)).await;
         let (r0, _, _) = e.lb.proc_state().await;
         let load = Load::start(e.lb.http_port, secs, 16, close);
-        let end = Instant::now() + Duration::from_secs(u64::from(secs)) - Duration::from_millis(500);
+        let end =
+            Instant::now() + Duration::from_secs(u64::from(secs)) - Duration::from_millis(500);
         let mut i = 0usize;
         while Instant::now() < end {
             let b = &e.backends[1 + i % 3];
@@ -225,12 +316,41 @@ async fn reload_safety(o: &Opts) -> Vec<Row> {
         }
         let res = load.finish();
         let (r1, failed_reloads, _) = e.lb.proc_state().await;
-        let old = e.lb.master_cli("show proc").await.split("# old workers").nth(1).map(|s| s.lines().filter(|l| l.contains("worker")).count()).unwrap_or(0);
+        let old =
+            e.lb.master_cli("show proc")
+                .await
+                .split("# old workers")
+                .nth(1)
+                .map(|s| s.lines().filter(|l| l.contains("worker")).count())
+                .unwrap_or(0);
         let mode = if close { "close" } else { "keep-alive" };
-        rows.push(Row::new("reload", format!("{mode}: requests ({secs}s, 16 conns, {i} changes)"), res.requests as f64, ""));
-        rows.push(Row::new("reload", format!("{mode}: failed requests"), res.failed() as f64, "").at_most(0.0));
-        rows.push(Row::new("reload", format!("{mode}: reloads (failed: {failed_reloads})"), f64::from(r1 - r0), ""));
-        rows.push(Row::new("reload", format!("{mode}: old workers left at the end"), old as f64, ""));
+        rows.push(Row::new(
+            "reload",
+            format!("{mode}: requests ({secs}s, 16 conns, {i} changes)"),
+            res.requests as f64,
+            "",
+        ));
+        rows.push(
+            Row::new(
+                "reload",
+                format!("{mode}: failed requests"),
+                res.failed() as f64,
+                "",
+            )
+            .at_most(0.0),
+        );
+        rows.push(Row::new(
+            "reload",
+            format!("{mode}: reloads (failed: {failed_reloads})"),
+            f64::from(r1 - r0),
+            "",
+        ));
+        rows.push(Row::new(
+            "reload",
+            format!("{mode}: old workers left at the end"),
+            old as f64,
+            "",
+        ));
     }
     rows
 }
@@ -256,8 +376,12 @@ async fn storm(o: &Opts) -> Vec<Row> {
     // 1000 changes: 200 instances, each put 5 times with a different port.
     for round in 0..5u16 {
         for i in 0..200u16 {
-            let v = registry::Instance::new("webapp", &format!("n{i:03}"), "127.0.0.1", 30000 + round).encode();
-            c.put(format!("/services/webapp/n{i:03}"), v, None).await.unwrap();
+            let v =
+                registry::Instance::new("webapp", &format!("n{i:03}"), "127.0.0.1", 30000 + round)
+                    .encode();
+            c.put(format!("/services/webapp/n{i:03}"), v, None)
+                .await
+                .unwrap();
         }
     }
     let written = t.elapsed();
@@ -271,15 +395,30 @@ async fn storm(o: &Opts) -> Vec<Row> {
     vec![
         Row::new("storm", "1000 changes written in", ms(written), "ms"),
         Row::new("storm", "reloads", f64::from(r1 - r0), "").at_most(5.0),
-        Row::new("storm", "last write → final set running", done.map_or(f64::NAN, |d| ms(d.saturating_duration_since(t + written))), "ms"),
-        Row::new("storm", "final config exact (1 = yes)", f64::from(u8::from(exact && done.is_some())), "").at_most(1.0),
+        Row::new(
+            "storm",
+            "last write → final set running",
+            done.map_or(f64::NAN, |d| ms(d.saturating_duration_since(t + written))),
+            "ms",
+        ),
+        Row::new(
+            "storm",
+            "final config exact (1 = yes)",
+            f64::from(u8::from(exact && done.is_some())),
+            "",
+        )
+        .at_most(1.0),
     ]
 }
 
 fn rss_kib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(f64::NAN)
 }
 
@@ -295,7 +434,11 @@ fn cpu_ticks(pid: u32) -> f64 {
 }
 
 async fn scale(o: &Opts) -> Vec<Row> {
-    let sizes: &[usize] = if o.quick { &[10, 1000] } else { &[10, 1000, 10_000] };
+    let sizes: &[usize] = if o.quick {
+        &[10, 1000]
+    } else {
+        &[10, 1000, 10_000]
+    };
     let mut rows = Vec::new();
     let template = std::fs::read_to_string(e2e::lb::template()).unwrap();
     for &n in sizes {
@@ -303,7 +446,8 @@ async fn scale(o: &Opts) -> Vec<Row> {
         let mut model = renderer::model::Model::new("/services");
         for i in 0..n {
             let port = 10000 + (i % 50000) as u16;
-            let v = registry::Instance::new("webapp", &format!("n{i:05}"), "127.0.0.1", port).encode();
+            let v =
+                registry::Instance::new("webapp", &format!("n{i:05}"), "127.0.0.1", port).encode();
             model.put(&format!("/services/webapp/n{i:05}"), v.as_bytes());
         }
         let mut r = renderer::render::Renderer::new();
@@ -321,11 +465,34 @@ async fn scale(o: &Opts) -> Vec<Row> {
         let f = dir.path().join("h.cfg");
         std::fs::write(&f, &out).unwrap();
         let t = Instant::now();
-        let ok = Command::new("haproxy").arg("-c").arg("-f").arg(&f).output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&f)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         let check = ms(t.elapsed());
-        let render_row = Row::new("scale", format!("{n} instances: render"), percentile(&times, 50.0), "ms");
-        rows.push(if n == 10_000 { render_row.at_most(20.0) } else { render_row });
-        rows.push(Row::new("scale", format!("{n} instances: haproxy -c{}", if ok { "" } else { " (FAILED)" }), check, "ms"));
+        let render_row = Row::new(
+            "scale",
+            format!("{n} instances: render"),
+            percentile(&times, 50.0),
+            "ms",
+        );
+        rows.push(if n == 10_000 {
+            render_row.at_most(20.0)
+        } else {
+            render_row
+        });
+        rows.push(Row::new(
+            "scale",
+            format!(
+                "{n} instances: haproxy -c{}",
+                if ok { "" } else { " (FAILED)" }
+            ),
+            check,
+            "ms",
+        ));
 
         // Whole apply through the real pipeline: with n instances in place, one more put →
         // first request served by it.
@@ -335,9 +502,12 @@ async fn scale(o: &Opts) -> Vec<Row> {
             let port = 10000 + (i % 50000) as u16;
             // Weight 0: in the config (and checked) but never sent traffic, so requests
             // only reach the live backend measured below.
-            let mut inst = registry::Instance::new("webapp", &format!("n{i:05}"), "127.0.0.1", port);
+            let mut inst =
+                registry::Instance::new("webapp", &format!("n{i:05}"), "127.0.0.1", port);
             inst.weight = 0;
-            c.put(format!("/services/webapp/n{i:05}"), inst.encode(), None).await.unwrap();
+            c.put(format!("/services/webapp/n{i:05}"), inst.encode(), None)
+                .await
+                .unwrap();
         }
         let lb = &e.lb;
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -349,9 +519,23 @@ async fn scale(o: &Opts) -> Vec<Row> {
         let t = Instant::now();
         put_instance(&e.etcd, "webapp", &b.id, b.port).await;
         let served = until_served(lb.http_port, &b.id, Duration::from_secs(60)).await;
-        let apply_row = Row::new("scale", format!("{n} instances: put → served (whole apply)"), served.map_or(f64::NAN, |s| ms(s - t)), "ms");
-        rows.push(if n == 10_000 { apply_row.at_most(1000.0) } else { apply_row });
-        rows.push(Row::new("scale", format!("{n} instances: renderer RSS"), rss_kib(lb.proc.pid()) / 1024.0, "MiB"));
+        let apply_row = Row::new(
+            "scale",
+            format!("{n} instances: put → served (whole apply)"),
+            served.map_or(f64::NAN, |s| ms(s - t)),
+            "ms",
+        );
+        rows.push(if n == 10_000 {
+            apply_row.at_most(1000.0)
+        } else {
+            apply_row
+        });
+        rows.push(Row::new(
+            "scale",
+            format!("{n} instances: renderer RSS"),
+            rss_kib(lb.proc.pid()) / 1024.0,
+            "MiB",
+        ));
     }
     rows
 }
@@ -360,25 +544,65 @@ async fn footprint(o: &Opts) -> Vec<Row> {
     let mut rows = Vec::new();
     let target = bin("registrar");
     for name in ["registrar", "renderer", "webapp"] {
-        let size = std::fs::metadata(target.with_file_name(name)).map(|m| m.len() as f64 / 1024.0 / 1024.0).unwrap_or(f64::NAN);
-        rows.push(Row::new("footprint", format!("{name} binary (stripped)"), size, "MiB"));
+        let size = std::fs::metadata(target.with_file_name(name))
+            .map(|m| m.len() as f64 / 1024.0 / 1024.0)
+            .unwrap_or(f64::NAN);
+        rows.push(Row::new(
+            "footprint",
+            format!("{name} binary (stripped)"),
+            size,
+            "MiB",
+        ));
     }
     let e = env(o, 1).await;
     let dir = temp_dir();
     let b = &e.backends[0];
-    let reg = Proc::spawn("registrar", dir.path(), registrar_cmd(&e.etcd, &b.id, b.port, "10s", &["--health-http", &format!("http://127.0.0.1:{}/health", b.port)]));
+    let reg = Proc::spawn(
+        "registrar",
+        dir.path(),
+        registrar_cmd(
+            &e.etcd,
+            &b.id,
+            b.port,
+            "10s",
+            &[
+                "--health-http",
+                &format!("http://127.0.0.1:{}/health", b.port),
+            ],
+        ),
+    );
     until_served(e.lb.http_port, &b.id, Duration::from_secs(10)).await;
     let idle = Duration::from_secs(if o.quick { 3 } else { 10 });
     let (c0, r0) = (cpu_ticks(reg.pid()), cpu_ticks(e.lb.proc.pid()));
     tokio::time::sleep(idle).await; // the idle period being measured
     let (c1, r1) = (cpu_ticks(reg.pid()), cpu_ticks(e.lb.proc.pid()));
     let pct = |a: f64, b: f64| (b - a) / 100.0 / idle.as_secs_f64() * 100.0;
-    rows.push(Row::new("footprint", "registrar RSS, registered, health checks on", rss_kib(reg.pid()) / 1024.0, "MiB").at_most(8.0));
-    rows.push(Row::new("footprint", "registrar CPU idle", pct(c0, c1), "%"));
-    rows.push(Row::new("footprint", "renderer RSS idle", rss_kib(e.lb.proc.pid()) / 1024.0, "MiB"));
+    rows.push(
+        Row::new(
+            "footprint",
+            "registrar RSS, registered, health checks on",
+            rss_kib(reg.pid()) / 1024.0,
+            "MiB",
+        )
+        .at_most(8.0),
+    );
+    rows.push(Row::new(
+        "footprint",
+        "registrar CPU idle",
+        pct(c0, c1),
+        "%",
+    ));
+    rows.push(Row::new(
+        "footprint",
+        "renderer RSS idle",
+        rss_kib(e.lb.proc.pid()) / 1024.0,
+        "MiB",
+    ));
     rows.push(Row::new("footprint", "renderer CPU idle", pct(r0, r1), "%"));
     // Under churn: a change every 50 ms.
-    let others: Vec<Backend> = (0..3).map(|i| Backend::start(dir.path(), &format!("c{i}"))).collect();
+    let others: Vec<Backend> = (0..3)
+        .map(|i| Backend::start(dir.path(), &format!("c{i}")))
+        .collect();
     let r0 = cpu_ticks(e.lb.proc.pid());
     let t = Instant::now();
     let mut i = 0;
@@ -393,8 +617,18 @@ async fn footprint(o: &Opts) -> Vec<Row> {
         tokio::time::sleep(Duration::from_millis(50)).await; // churn pacing
     }
     let r1 = cpu_ticks(e.lb.proc.pid());
-    rows.push(Row::new("footprint", format!("renderer CPU under churn (20 changes/s, {i} total)"), (r1 - r0) / 100.0 / t.elapsed().as_secs_f64() * 100.0, "%"));
-    rows.push(Row::new("footprint", "renderer RSS after churn", rss_kib(e.lb.proc.pid()) / 1024.0, "MiB"));
+    rows.push(Row::new(
+        "footprint",
+        format!("renderer CPU under churn (20 changes/s, {i} total)"),
+        (r1 - r0) / 100.0 / t.elapsed().as_secs_f64() * 100.0,
+        "%",
+    ));
+    rows.push(Row::new(
+        "footprint",
+        "renderer RSS after churn",
+        rss_kib(e.lb.proc.pid()) / 1024.0,
+        "MiB",
+    ));
     rows
 }
 
@@ -410,5 +644,11 @@ async fn outage(o: &Opts) -> Vec<Row> {
     let b = &e.backends[1];
     put_instance(&e.etcd, "webapp", &b.id, b.port).await;
     let served = until_served(e.lb.http_port, &b.id, Duration::from_secs(30)).await;
-    vec![Row::new("outage", format!("etcd down {}s: healthy → change served", down.as_secs()), served.map_or(f64::NAN, |s| ms(s - t)), "ms").at_most(1000.0)]
+    vec![Row::new(
+        "outage",
+        format!("etcd down {}s: healthy → change served", down.as_secs()),
+        served.map_or(f64::NAN, |s| ms(s - t)),
+        "ms",
+    )
+    .at_most(1000.0)]
 }

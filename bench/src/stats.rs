@@ -16,8 +16,20 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(scenario: &'static str, metric: impl Into<String>, value: f64, unit: &'static str) -> Row {
-        Row { scenario, metric: metric.into(), value, unit, goal: String::new(), met: None }
+    pub fn new(
+        scenario: &'static str,
+        metric: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+    ) -> Row {
+        Row {
+            scenario,
+            metric: metric.into(),
+            value,
+            unit,
+            goal: String::new(),
+            met: None,
+        }
     }
 
     /// Adds a goal "≤ limit".
@@ -28,8 +40,19 @@ impl Row {
     }
 
     pub fn line(&self) -> String {
-        format!("{:<12} {:<48} {:>12} {:<5} {:<10} {}", self.scenario, self.metric, fmt(self.value), self.unit, self.goal,
-            match self.met { Some(true) => "met", Some(false) => "MISSED", None => "" })
+        format!(
+            "{:<12} {:<48} {:>12} {:<5} {:<10} {}",
+            self.scenario,
+            self.metric,
+            fmt(self.value),
+            self.unit,
+            self.goal,
+            match self.met {
+                Some(true) => "met",
+                Some(false) => "MISSED",
+                None => "",
+            }
+        )
     }
 
     pub fn json(&self) -> serde_json::Value {
@@ -38,7 +61,11 @@ impl Row {
 }
 
 fn fmt(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e12 { format!("{v:.0}") } else if v.abs() >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") }
+    if v.fract() == 0.0 || v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 /// Milliseconds.
@@ -61,8 +88,19 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
 pub fn table(rows: &[Row], machine: &str) -> String {
     let mut out = format!("Machine: {machine}\n\n| scenario | metric | value | unit | goal | |\n|---|---|---:|---|---|---|\n");
     for r in rows {
-        out.push_str(&format!("| {} | {} | {} | {} | {} | {} |\n", r.scenario, r.metric, fmt(r.value), r.unit, r.goal,
-            match r.met { Some(true) => "met", Some(false) => "**missed**", None => "" }));
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.metric,
+            fmt(r.value),
+            r.unit,
+            r.goal,
+            match r.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "",
+            }
+        ));
     }
     out
 }
@@ -70,7 +108,11 @@ pub fn table(rows: &[Row], machine: &str) -> String {
 /// An SVG of the empirical CDF of each named latency series (ms, log x axis).
 pub fn cdf_svg(series: &[(String, Vec<f64>)]) -> String {
     let (w, h, left, bottom) = (720.0, 420.0, 60.0, 50.0);
-    let all: Vec<f64> = series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|x| *x > 0.0).collect();
+    let all: Vec<f64> = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|x| *x > 0.0)
+        .collect();
     let min = all.iter().copied().fold(f64::INFINITY, f64::min).max(0.01);
     let max = all.iter().copied().fold(0.0, f64::max).max(min * 10.0);
     let (lmin, lmax) = (min.log10().floor(), max.log10().ceil());
@@ -91,10 +133,22 @@ pub fn cdf_svg(series: &[(String, Vec<f64>)]) -> String {
         let mut v = values.clone();
         v.sort_by(f64::total_cmp);
         let n = v.len().max(1) as f64;
-        let pts: Vec<String> = v.iter().enumerate().map(|(k, val)| format!("{:.1},{:.1}", x(*val), y((k + 1) as f64 / n))).collect();
+        let pts: Vec<String> = v
+            .iter()
+            .enumerate()
+            .map(|(k, val)| format!("{:.1},{:.1}", x(*val), y((k + 1) as f64 / n)))
+            .collect();
         let c = colors[i % colors.len()];
-        svg.push_str(&format!("<polyline fill='none' stroke='{c}' stroke-width='2' points='{}'/>\n", pts.join(" ")));
-        svg.push_str(&format!("<text x='{:.1}' y='{:.1}' fill='{c}'>{name} (n={})</text>\n", left + 10.0, 36.0 + 16.0 * i as f64, v.len()));
+        svg.push_str(&format!(
+            "<polyline fill='none' stroke='{c}' stroke-width='2' points='{}'/>\n",
+            pts.join(" ")
+        ));
+        svg.push_str(&format!(
+            "<text x='{:.1}' y='{:.1}' fill='{c}'>{name} (n={})</text>\n",
+            left + 10.0,
+            36.0 + 16.0 * i as f64,
+            v.len()
+        ));
     }
     svg.push_str(&format!("<text x='{:.1}' y='{:.1}' text-anchor='middle'>latency, log scale (fraction of changes ≤ x)</text>\n</svg>\n", w / 2.0, h - 8.0));
     svg

@@ -118,6 +118,15 @@ pub struct Args {
     #[arg(long, env = "RENDERER_RELOAD_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub reload_timeout: Duration,
 
+    /// Apply every change with a reload, never through HAProxy's runtime API.
+    #[arg(long, env = "RENDERER_NO_RUNTIME_API")]
+    pub no_runtime_api: bool,
+
+    /// Runtime API: how long a leaving server may finish in-flight requests (drain state)
+    /// before it is deleted.
+    #[arg(long, env = "RENDERER_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// Exec mode: time HAProxy gets to finish in-flight requests on shutdown.
     #[arg(long, env = "RENDERER_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
@@ -176,6 +185,8 @@ pub struct Config {
     pub once: bool,
     pub dry_run: bool,
     pub reload: ReloadMode,
+    pub runtime_api: bool,
+    pub drain_timeout: Duration,
     pub stop_timeout: Duration,
 }
 
@@ -255,6 +266,8 @@ impl Config {
             once: args.once || args.dry_run,
             dry_run: args.dry_run,
             reload,
+            runtime_api: !args.no_runtime_api,
+            drain_timeout: args.drain_timeout,
             stop_timeout: args.stop_timeout,
         })
     }

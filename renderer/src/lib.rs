@@ -92,7 +92,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
             timeout: *timeout,
         },
     };
-    let mut applier = Applier { targets, reloader };
+    let mut applier = Applier {
+        targets,
+        reloader,
+        runtime_api: config.runtime_api,
+        drain_timeout: config.drain_timeout,
+    };
 
     // Exec mode with a config already in place (a previous run's last good one): serve it
     // now rather than wait for etcd.
@@ -330,7 +335,12 @@ async fn run_once(config: &Config, renderer: Renderer, targets: Vec<Target>) -> 
         },
         _ => Reloader::None,
     };
-    let mut applier = Applier { targets, reloader };
+    let mut applier = Applier {
+        targets,
+        reloader,
+        runtime_api: config.runtime_api,
+        drain_timeout: config.drain_timeout,
+    };
     let report = applier.apply(&renderer, &data).await;
     info!(
         revision = store.revision,

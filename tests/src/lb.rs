@@ -118,8 +118,20 @@ impl Lb {
         master_cli(&self.master, cmd).await
     }
 
-    /// (reloads, failed reloads, current worker pid) from the master.
+    /// (reloads, failed reloads, current worker pid) from the master (retried until the
+    /// master answers with a worker).
     pub async fn proc_state(&self) -> (u32, u32, u32) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = self.proc_state_once().await;
+            if state.2 != 0 || std::time::Instant::now() > deadline {
+                return state;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn proc_state_once(&self) -> (u32, u32, u32) {
         let out = self.master_cli("show proc").await;
         let mut reloads = (0, 0);
         let mut worker = 0;

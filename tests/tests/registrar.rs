@@ -1,6 +1,8 @@
 //! registrar against a real etcd: registration, graceful and crash deregistration,
 //! store restarts and freezes, health checks, bad input, duplicate ids.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 

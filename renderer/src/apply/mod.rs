@@ -1,14 +1,16 @@
 //! Bringing the outside world to a rendered config: [`file`] stages, checks and writes
 //! files atomically; [`haproxy`] talks to HAProxy (master CLI, exec-mode child) and
-//! reloads it, confirming that the reload took.
+//! reloads it, confirming that the reload took; [`runtime`] applies membership-only
+//! changes through HAProxy's runtime API without a reload.
 
 pub mod file;
 pub mod haproxy;
+pub mod runtime;
 
 use std::time::Duration;
 
 use serde_json::Value;
-use tracing::{error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::render::Renderer;
 use file::FileTarget;
@@ -27,6 +29,15 @@ pub enum Reloader {
 }
 
 impl Reloader {
+    /// The master CLI of a running HAProxy, when there is one to send runtime commands to.
+    pub fn cli(&self) -> Option<&MasterCli> {
+        match self {
+            Reloader::Exec(Some(child)) => Some(&child.cli),
+            Reloader::Master(cli) => Some(cli),
+            _ => None,
+        }
+    }
+
     /// Reloads; returns how, for the log.
     pub async fn reload(&mut self) -> Result<&'static str, HaproxyError> {
         match self {
@@ -61,6 +72,10 @@ pub struct Report {
     pub unchanged: usize,
     /// How HAProxy was brought along, if it was.
     pub reload: Option<&'static str>,
+    /// Servers added, removed or changed through the runtime API.
+    pub runtime_changes: usize,
+    /// Runtime API attempts that fell back to a reload.
+    pub runtime_fallbacks: usize,
     /// Failures (render, check, write, reload), already logged.
     pub errors: Vec<String>,
 }
@@ -69,11 +84,16 @@ pub struct Report {
 pub struct Applier {
     pub targets: Vec<Target>,
     pub reloader: Reloader,
+    /// Apply membership-only changes through the runtime API (no reload).
+    pub runtime_api: bool,
+    /// How long a leaving server may keep its in-flight requests.
+    pub drain_timeout: Duration,
 }
 
 impl Applier {
     pub async fn apply(&mut self, renderer: &Renderer, data: &Value) -> Report {
         let mut report = Report::default();
+        let mut need_reload = false;
         for t in &mut self.targets {
             let bytes = match renderer.render(&t.name, data) {
                 Ok(b) => b,
@@ -87,11 +107,46 @@ impl Applier {
                 report.unchanged += 1;
                 continue;
             }
+            // Membership-only change and a running HAProxy: apply it live first. HAProxy
+            // validates every command itself; the rest of the file is the one already
+            // checked. The file is still checked and written below, and a failure there
+            // reloads HAProxy from the last good file, so the two can never drift.
+            let mut live = false;
+            if let (true, Some(cli), Some(old)) =
+                (self.runtime_api, self.reloader.cli(), t.last.as_deref())
+            {
+                let old = String::from_utf8_lossy(old);
+                let new = String::from_utf8_lossy(&bytes);
+                match runtime::plan(&old, &new) {
+                    Some(plan) => {
+                        let applied = match runtime::execute(cli, &plan, self.drain_timeout).await {
+                            Ok(()) => runtime::verify(cli, &new, &plan.backends()).await,
+                            Err(e) => Err(e),
+                        };
+                        match applied {
+                            Ok(()) => {
+                                live = true;
+                                report.runtime_changes +=
+                                    plan.add.len() + plan.remove.len() + plan.update.len();
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "runtime API change not applied cleanly; falling back to a reload");
+                                report.runtime_fallbacks += 1;
+                            }
+                        }
+                    }
+                    None => {
+                        debug!(dest = %t.file.dest.display(), "more than server lines changed; reload")
+                    }
+                }
+            }
             let staged = match t.file.stage_and_check(&bytes).await {
                 Ok(s) => s,
                 Err(e) => {
                     error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected; keeping the last good config");
                     report.errors.push(e.to_string());
+                    // Undo a live change: HAProxy goes back to the file on disk.
+                    need_reload |= live;
                     continue;
                 }
             };
@@ -99,12 +154,14 @@ impl Applier {
                 t.file.discard(&staged);
                 error!(error = %e, "cannot write the config; keeping the last good config");
                 report.errors.push(e.to_string());
+                need_reload |= live;
                 continue;
             }
             t.last = Some(bytes);
             report.written += 1;
+            need_reload |= !live;
         }
-        if report.written > 0 {
+        if need_reload {
             match self.reloader.reload().await {
                 Ok(how) => report.reload = Some(how),
                 Err(e) => {
@@ -112,6 +169,8 @@ impl Applier {
                     report.errors.push(e.to_string());
                 }
             }
+        } else if report.runtime_changes > 0 {
+            report.reload = Some("runtime API");
         }
         report
     }

@@ -1,0 +1,255 @@
+//! Hitless membership: joins and leaves through HAProxy's runtime API, reloads only when
+//! more than server lines change, fallbacks, drains, sticky sessions, and a restart from
+//! the file serving the same set.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::lb::{put_instance, template, wait_routed, Backend, Lb};
+use e2e::load::Load;
+use e2e::{eventually, http, temp_dir, Etcd, Proc};
+use nix::sys::signal::Signal;
+
+const T: Duration = Duration::from_secs(15);
+
+/// The shipped template plus `extra` appended.
+fn template_with(dir: &std::path::Path, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let t = edit(std::fs::read_to_string(template()).unwrap());
+    let path = dir.join(name);
+    std::fs::write(&path, t).unwrap();
+    path
+}
+
+async fn churn(close: bool) {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b: Vec<Backend> = (0..5)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    for x in &b {
+        x.wait_up().await;
+    }
+    put_instance(&etcd, "webapp", "s0", b[0].port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s0"], T).await;
+    let before = lb.proc_state().await;
+
+    let load = Load::start(lb.http_port, 8, 8, close);
+    // 100 joins/leaves, paced so the load sees each state (~7 s).
+    for i in 0..100usize {
+        let x = &b[1 + i % 4];
+        if (i / 4) % 2 == 0 {
+            put_instance(&etcd, "webapp", &x.id, x.port).await;
+        } else {
+            etcd.delete(&format!("/services/webapp/{}", x.id)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(70)).await; // pacing of the injected churn
+    }
+    let result = load.finish();
+    eprintln!(
+        "close={close}: {} requests, {} failed",
+        result.requests,
+        result.failed()
+    );
+    assert!(result.requests > 100, "{}", result.raw);
+    assert_eq!(result.failed(), 0, "{}", result.raw);
+    // i = 96..99 are puts of s1..s4 (round 24, even) → all five registered at the end.
+    let want = ["s0", "s1", "s2", "s3", "s4"];
+    wait_routed(lb.http_port, &want, T).await;
+    let after = lb.proc_state().await;
+    assert_eq!(
+        after, before,
+        "no reload, same worker (reloads, failed, worker pid)"
+    );
+    eventually(T, "file and running state agree", || async {
+        let running = lb.running_servers().await;
+        (running == want && lb.config_servers() == want).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_joins_and_leaves_under_keep_alive_load_without_a_reload() {
+    churn(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_joins_and_leaves_under_connection_close_load_without_a_reload() {
+    churn(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_backend_reloads_exactly_once_and_refused_keywords_fall_back() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    // One backend per extra service, and per-server cookies (refused on dynamic servers).
+    let t = template_with(dir.path(), "t.hbs", |t| {
+        t.replace("check inter 2s weight {{weight}}", "check inter 2s weight {{weight}} cookie {{id}}")
+            .replace("cookie NODESESSID insert indirect nocache dynamic", "cookie NODESESSID insert indirect nocache")
+            + "{{#each services}}{{#if (ne @key \"webapp\")}}\nbackend svc_{{@key}}\n{{#each this}}    server {{id}} {{address}}:{{port}}\n{{/each}}{{/if}}{{/each}}\n"
+    });
+    let (s1, s2) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let lb = Lb::start_with_template(dir.path(), &etcd, &t, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+
+    // A join whose line carries `cookie`: the runtime API refuses it → one reload, correct.
+    let (r0, _, _) = lb.proc_state().await;
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+    wait_apply_of(&lb, "webapp/s2").await;
+    assert_eq!(lb.proc_state().await.0, r0 + 1, "one fallback reload");
+    assert!(lb.proc.log().contains("falling back to a reload"));
+
+    // A new backend (a new service): more than server lines change → exactly one reload.
+    put_instance(&etcd, "api", "a1", 9999).await;
+    wait_apply_of(&lb, "api/a1").await;
+    assert!(lb.config().contains("backend svc_api"));
+    let (r2, failed, _) = lb.proc_state().await;
+    assert_eq!(r2, r0 + 2, "exactly one more reload");
+    assert_eq!(failed, 0);
+}
+
+/// Waits for the renderer's log line of the apply that added `instance`.
+async fn wait_apply_of(lb: &Lb, instance: &str) {
+    let needle = format!("added=[\"{instance}\"]");
+    eventually(T, &format!("apply of {instance} logged"), || async {
+        lb.proc
+            .log()
+            .lines()
+            .any(|l| l.contains(" apply ") && l.contains(&needle))
+            .then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_lets_the_in_flight_request_finish() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s1, s2) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+    let port = lb.http_port;
+    let slow = tokio::spawn(async move { http::get(port, "/slow?ms=2000", None).await });
+    eventually(T, "slow request in flight on s1", || async {
+        let stat = lb.master_cli("@1 show stat -1 4 -1").await;
+        stat.lines()
+            .any(|l| l.starts_with("nodes,s1,") && l.split(',').nth(4) == Some("1"))
+            .then_some(())
+    })
+    .await;
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    etcd.delete("/services/webapp/s1").await;
+    let resp = slow.await.unwrap().expect("in-flight request completes");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.instance_id().as_deref(), Some("s1"));
+    wait_routed(lb.http_port, &["s2"], T).await;
+    eventually(T, "s1 deleted from HAProxy", || async {
+        (lb.running_servers().await == ["s2"]).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_sessions_hold_for_servers_added_at_runtime() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put_instance(&etcd, "webapp", "s1", b[0].port).await;
+    let lb = Lb::start(dir.path(), &etcd, &["--var", "cookie_key=test-secret"]);
+    lb.wait_serving().await;
+    put_instance(&etcd, "webapp", "s2", b[1].port).await;
+    put_instance(&etcd, "webapp", "s3", b[2].port).await;
+    wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
+    let (reloads, _, _) = lb.proc_state().await;
+    assert_eq!(reloads, 0, "joins went through the runtime API");
+    let mut pinned = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let first = http::get(lb.http_port, "/", None).await.unwrap();
+        let id = first.instance_id().unwrap();
+        let cookie = first
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "set-cookie")
+            .filter_map(|(_, v)| v.split(';').next())
+            .filter(|c| c.starts_with("NODESESSID="))
+            .map(str::to_string)
+            .next()
+            .unwrap_or_else(|| panic!("no NODESESSID cookie from {id}: {:?}", first.headers));
+        for _ in 0..5 {
+            let again = http::get(lb.http_port, "/", Some(&cookie)).await.unwrap();
+            assert_eq!(
+                again.instance_id().as_deref(),
+                Some(id.as_str()),
+                "sticky with {cookie}"
+            );
+        }
+        pinned.insert(id);
+    }
+    assert!(
+        pinned.len() >= 2,
+        "cookies pin different servers: {pinned:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_restarted_from_the_file_serves_the_same_set() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b: Vec<Backend> = (0..4)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put_instance(&etcd, "webapp", "s0", b[0].port).await;
+    let mut lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    for i in 0..30usize {
+        let x = &b[1 + i % 3];
+        if i % 2 == 0 {
+            put_instance(&etcd, "webapp", &x.id, x.port).await;
+        } else {
+            etcd.delete(&format!("/services/webapp/{}", x.id)).await;
+        }
+    }
+    // Registry after the churn: s0 plus whoever was put last.
+    let mut want: Vec<String> = etcd
+        .get_prefix("/services/webapp/")
+        .await
+        .iter()
+        .map(|kv| kv.key.rsplit('/').next().unwrap().to_string())
+        .collect();
+    want.sort();
+    let want_refs: Vec<&str> = want.iter().map(String::as_str).collect();
+    eventually(T, "running set and file equal the registry", || async {
+        (lb.running_servers().await == want && lb.config_servers() == want).then_some(())
+    })
+    .await;
+    assert_eq!(
+        lb.proc_state().await.0,
+        0,
+        "no reload during membership churn"
+    );
+
+    // Stop the renderer (HAProxy stops with it) and start a plain HAProxy from the file.
+    lb.proc.signal(Signal::SIGTERM);
+    assert!(lb.proc.exited(T).await.is_some());
+    let mut cmd = Command::new("haproxy");
+    cmd.arg("-db").arg("-f").arg(&lb.cfg);
+    let _plain = Proc::spawn("haproxy-from-file", dir.path(), cmd);
+    wait_routed(lb.http_port, &want_refs, T).await;
+}
