@@ -39,22 +39,31 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    // The harness spawns release binaries next to this one; make sure they are current.
+    // The harness spawns the release binaries; build them into a target dir of their own so
+    // this build and `cargo run -p bench` (different feature sets) do not keep rebuilding
+    // each other's artifacts.
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = root.join("target").join("bench-bins");
     let status = std::process::Command::new(cargo)
+        .current_dir(&root)
         .args([
             "build",
             "--release",
+            "--locked",
             "-p",
             "registrar",
             "-p",
             "renderer",
             "-p",
             "webapp",
+            "--target-dir",
         ])
+        .arg(&target)
         .status()
         .expect("run cargo build");
     assert!(status.success(), "building the binaries failed");
+    e2e::set_bin_dir(target.join("release"));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -220,6 +220,8 @@ async fn deregister(o: &Opts) -> Vec<Row> {
         ]);
         let mut reg = Proc::spawn(&format!("registrar-{id}"), dir.path(), cmd);
         until_served(e.lb.http_port, &id, Duration::from_secs(10)).await;
+        // An instance that has been up a moment (its join fully applied), not a join/leave race.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let t = Instant::now();
         reg.signal(Signal::SIGTERM);
         let (gone, f) = until_gone(e.lb.http_port, &id, 8, Duration::from_secs(10)).await;
@@ -434,14 +436,15 @@ fn cpu_ticks(pid: u32) -> f64 {
 }
 
 async fn scale(o: &Opts) -> Vec<Row> {
-    let sizes: &[usize] = if o.quick {
-        &[10, 1000]
-    } else {
-        &[10, 1000, 10_000]
+    // BENCH_SCALE_SIZES=10,1000 overrides the sizes (e.g. to rerun one).
+    let sizes: Vec<usize> = match std::env::var("BENCH_SCALE_SIZES") {
+        Ok(v) => v.split(',').filter_map(|n| n.trim().parse().ok()).collect(),
+        Err(_) if o.quick => vec![10, 1000],
+        Err(_) => vec![10, 1000, 10_000],
     };
     let mut rows = Vec::new();
     let template = std::fs::read_to_string(e2e::lb::template()).unwrap();
-    for &n in sizes {
+    for &n in &sizes {
         // Render, in process: the pure function the renderer runs.
         let mut model = renderer::model::Model::new("/services");
         for i in 0..n {

@@ -53,15 +53,29 @@ pub fn temp_dir() -> tempfile::TempDir {
     dir
 }
 
+static BIN_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes [`bin`] look in `dir` instead of next to the running executable (the bench builds
+/// the binaries into a target dir of their own).
+pub fn set_bin_dir(dir: PathBuf) {
+    let _ = BIN_DIR.set(dir);
+}
+
 /// Path of a workspace binary (`registrar`, `renderer`, `webapp`), built by
 /// `cargo build --workspace` before the tests run (the README's test command does it).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test-binary> or target/<profile>/<bench> -> target/<profile>/<name>
-    let mut dir = exe.parent().expect("target dir");
-    if dir.file_name().is_some_and(|n| n == "deps") {
-        dir = dir.parent().expect("target dir");
-    }
+    let dir = match BIN_DIR.get() {
+        Some(d) => d.clone(),
+        None => {
+            let exe = std::env::current_exe().expect("current exe");
+            // target/<profile>/deps/<test-binary> -> target/<profile>/<name>
+            let mut dir = exe.parent().expect("target dir").to_path_buf();
+            if dir.file_name().is_some_and(|n| n == "deps") {
+                dir = dir.parent().expect("target dir").to_path_buf();
+            }
+            dir
+        }
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),

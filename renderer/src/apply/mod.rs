@@ -118,6 +118,12 @@ impl Applier {
                 let old = String::from_utf8_lossy(old);
                 let new = String::from_utf8_lossy(&bytes);
                 match runtime::plan(&old, &new) {
+                    Some(plan) if plan.too_big().is_some() => {
+                        info!(
+                            reason = plan.too_big().unwrap_or_default(),
+                            "using a reload instead of the runtime API"
+                        );
+                    }
                     Some(plan) => {
                         let applied = match runtime::execute(cli, &plan, self.drain_timeout).await {
                             Ok(()) => runtime::verify(cli, &new, &plan.backends()).await,

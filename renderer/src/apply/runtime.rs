@@ -56,11 +56,40 @@ pub struct Plan {
     pub remove: Vec<Server>,
     /// (old, new) with only address, port or weight changed.
     pub update: Vec<(Server, Server)>,
+    /// Backends with `cookie … dynamic`, and their server count in the new config.
+    pub dynamic_cookie_backends: BTreeMap<String, usize>,
 }
+
+/// Above this many changes in one apply, a reload is cheaper than that many CLI round trips.
+pub const MAX_RUNTIME_CHANGES: usize = 200;
+/// HAProxy 2.6 recomputes every server's dynamic cookie, checking each against all others,
+/// on `enable dynamic-cookie backend`: quadratic. Measured here, ~5 000 servers stall the
+/// worker past its watchdog and it aborts. Larger backends with dynamic cookies reload.
+pub const MAX_DYNAMIC_COOKIE_SERVERS: usize = 1000;
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.add.is_empty() && self.remove.is_empty() && self.update.is_empty()
+    }
+
+    /// Number of server changes.
+    pub fn len(&self) -> usize {
+        self.add.len() + self.remove.len() + self.update.len()
+    }
+
+    /// Why this plan should go through a reload instead, if it should.
+    pub fn too_big(&self) -> Option<String> {
+        if self.len() > MAX_RUNTIME_CHANGES {
+            return Some(format!(
+                "{} server changes at once (bulk: reload)",
+                self.len()
+            ));
+        }
+        let touched = self.backends();
+        self.dynamic_cookie_backends
+            .iter()
+            .find(|(be, n)| **n > MAX_DYNAMIC_COOKIE_SERVERS && touched.contains(be))
+            .map(|(be, n)| format!("backend {be} has {n} servers with dynamic cookies (runtime cookie update is quadratic in 2.6)"))
     }
 
     /// Backends this plan touches.
@@ -81,8 +110,17 @@ impl Plan {
 /// Splits a config into its skeleton (every line but backend `server` lines) and the
 /// servers by backend.
 fn split(config: &str) -> (Vec<&str>, BTreeMap<(String, String), Server>) {
+    let (skeleton, servers, _) = split_with_cookies(config);
+    (skeleton, servers)
+}
+
+/// [`split`], plus the backends that use dynamic cookies.
+fn split_with_cookies(
+    config: &str,
+) -> (Vec<&str>, BTreeMap<(String, String), Server>, Vec<String>) {
     let mut skeleton = Vec::new();
     let mut servers = BTreeMap::new();
+    let mut dynamic = Vec::new();
     let mut section: Option<(String, String)> = None;
     for line in config.lines() {
         let trimmed = line.trim();
@@ -96,6 +134,12 @@ fn split(config: &str) -> (Vec<&str>, BTreeMap<(String, String), Server>) {
             section = Some((kind, name));
         }
         let in_backend = matches!(&section, Some((k, _)) if k == "backend" || k == "listen");
+        if in_backend
+            && trimmed.starts_with("cookie ")
+            && trimmed.split_whitespace().any(|w| w == "dynamic")
+        {
+            dynamic.push(section.as_ref().map(|(_, n)| n.clone()).unwrap_or_default());
+        }
         if in_backend && trimmed.starts_with("server ") {
             let words: Vec<&str> = trimmed.split_whitespace().collect();
             if let (Some(name), Some(target)) = (words.get(1), words.get(2)) {
@@ -115,18 +159,22 @@ fn split(config: &str) -> (Vec<&str>, BTreeMap<(String, String), Server>) {
         }
         skeleton.push(line);
     }
-    (skeleton, servers)
+    (skeleton, servers, dynamic)
 }
 
 /// The runtime plan from `old` to `new`, or `None` when anything besides backend `server`
 /// lines differs (that needs a reload).
 pub fn plan(old: &str, new: &str) -> Option<Plan> {
     let (old_skel, old_servers) = split(old);
-    let (new_skel, new_servers) = split(new);
+    let (new_skel, new_servers, dynamic) = split_with_cookies(new);
     if old_skel != new_skel {
         return None;
     }
     let mut plan = Plan::default();
+    for be in dynamic {
+        let n = new_servers.values().filter(|s| s.backend == be).count();
+        plan.dynamic_cookie_backends.insert(be, n);
+    }
     for (key, n) in &new_servers {
         match old_servers.get(key) {
             None => plan.add.push(n.clone()),
@@ -225,7 +273,7 @@ pub async fn execute(
             send(cli, &format!("set server {id} weight {w}"), quiet).await?;
         }
     }
-    let mut cookies = Vec::new();
+    let mut cookies: Vec<String> = Vec::new();
     for s in &plan.add {
         let id = format!("{}/{}", s.backend, s.name);
         let cmd = format!(
@@ -417,6 +465,32 @@ mod tests {
         assert_eq!((p.add.len(), p.remove.len()), (1, 1));
         assert!(plan(&old, &old.replace("maxconn 10", "maxconn 20")).is_none());
         assert!(plan(&old, &format!("{old}backend other\n")).is_none());
+    }
+
+    #[test]
+    fn bulk_and_large_dynamic_cookie_plans_reload() {
+        let old = cfg(&[]);
+        let many: Vec<String> = (0..=MAX_RUNTIME_CHANGES)
+            .map(|i| format!("server n{i} 10.0.0.1:{} check", 1000 + i))
+            .collect();
+        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(plan(&old, &cfg(&refs)).unwrap().too_big().is_some());
+        assert!(plan(&old, &cfg(&refs[..3])).unwrap().too_big().is_none());
+        let big: Vec<String> = (0..=MAX_DYNAMIC_COOKIE_SERVERS)
+            .map(|i| format!("server n{i} 10.0.0.1:{} check", 1000 + i))
+            .collect();
+        let refs: Vec<&str> = big.iter().map(String::as_str).collect();
+        let with_cookie = |c: String| {
+            c.replace(
+                "balance roundrobin",
+                "balance roundrobin\n    cookie S insert dynamic",
+            )
+        };
+        let old = with_cookie(cfg(&refs[1..]));
+        let new = with_cookie(cfg(&refs));
+        let p = plan(&old, &new).unwrap();
+        assert_eq!(p.len(), 1);
+        assert!(p.too_big().unwrap().contains("dynamic cookies"));
     }
 
     #[test]
