@@ -107,9 +107,12 @@ impl Plan {
     }
 }
 
+/// Servers by (backend, name).
+type Servers = BTreeMap<(String, String), Server>;
+
 /// Splits a config into its skeleton (every line but backend `server` lines) and the
 /// servers by backend.
-fn split(config: &str) -> (Vec<&str>, BTreeMap<(String, String), Server>) {
+fn split(config: &str) -> (Vec<&str>, Servers) {
     let (skeleton, servers, _) = split_with_cookies(config);
     (skeleton, servers)
 }
