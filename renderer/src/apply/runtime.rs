@@ -118,9 +118,7 @@ fn split(config: &str) -> (Vec<&str>, Servers) {
 }
 
 /// [`split`], plus the backends that use dynamic cookies.
-fn split_with_cookies(
-    config: &str,
-) -> (Vec<&str>, BTreeMap<(String, String), Server>, Vec<String>) {
+fn split_with_cookies(config: &str) -> (Vec<&str>, Servers, Vec<String>) {
     let mut skeleton = Vec::new();
     let mut servers = BTreeMap::new();
     let mut dynamic = Vec::new();
