@@ -19,6 +19,6 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   # use their own ports, so leave it be.
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "error: cargo not found; install a Rust toolchain (1.80 or newer, e.g. with rustup)" >&2
+  echo "error: cargo not found; install a Rust toolchain (1.85 or newer, e.g. with rustup)" >&2
   exit 1
 fi

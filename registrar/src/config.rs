@@ -133,6 +133,10 @@ pub struct Args {
     #[arg(long, env = "REGISTRAR_KILL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub kill_timeout: Duration,
 
+    /// Serve /metrics, /healthz and /readyz (ready = registered) on HOST:PORT.
+    #[arg(long, env = "REGISTRAR_METRICS_ADDR", value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -162,6 +166,7 @@ pub struct Config {
     pub health_rises: u32,
     pub drain: Duration,
     pub kill_timeout: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub command: Vec<String>,
 }
 
@@ -237,6 +242,7 @@ impl Config {
             health_rises: args.health_rises,
             drain: args.drain,
             kill_timeout: args.kill_timeout,
+            metrics_addr: args.metrics_addr,
             command: args.command,
         })
     }

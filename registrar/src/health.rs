@@ -179,6 +179,7 @@ pub async fn run_checks(
     mut state: Hysteresis,
     tx: watch::Sender<bool>,
     stop: CancellationToken,
+    metrics: crate::metrics::Metrics,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -188,6 +189,13 @@ pub async fn run_checks(
             _ = ticker.tick() => {}
         }
         let result = check.probe(timeout).await;
+        let label = if result.is_ok() { "pass" } else { "fail" };
+        metrics
+            .health_checks
+            .get_or_create(&crate::metrics::ResultLabel {
+                result: label.into(),
+            })
+            .inc();
         let was = *tx.borrow();
         let now = state.observe(result.is_ok());
         match (&result, was, now) {

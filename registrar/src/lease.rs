@@ -55,6 +55,7 @@ pub struct Registration {
     previous_lease: Option<i64>,
     /// Published: whether the key is currently in etcd under our lease.
     registered: watch::Sender<bool>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Registration {
@@ -77,7 +78,14 @@ impl Registration {
             health,
             previous_lease: None,
             registered,
+            metrics: crate::metrics::Metrics::unregistered(),
         }
+    }
+
+    /// Records into `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Keeps the instance registered until `stop`, then revokes the lease.
@@ -149,6 +157,7 @@ impl Registration {
             })
             .await?;
         let lease = grant.id();
+        self.metrics.lease_grants.inc();
         match self.put_if_ours(lease).await {
             Ok(()) => Ok(lease),
             Err(e) => {
@@ -272,6 +281,7 @@ impl Registration {
                 Err(e) if is_lease_not_found(&e) => return SessionEnd::LeaseLost,
                 Err(e) => {
                     stream = None;
+                    self.metrics.keepalive_failures.inc();
                     if Instant::now() >= expires {
                         warn!(error = %error_chain(&e), "keep-alive failing for longer than the TTL");
                         return SessionEnd::LeaseLost;
@@ -356,7 +366,12 @@ impl Registration {
         &self,
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, etcd_client::Error> {
-        match tokio::time::timeout(self.request_timeout, fut).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.request_timeout, fut).await;
+        self.metrics
+            .etcd_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(r) => r,
             Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,

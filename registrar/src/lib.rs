@@ -9,6 +9,7 @@ pub mod child;
 pub mod config;
 pub mod health;
 pub mod lease;
+pub mod metrics;
 pub mod signal;
 
 use nix::sys::signal::Signal;
@@ -82,8 +83,45 @@ pub async fn run(
         )
     };
 
-    // Health verdict: always true without a check.
     let tasks = CancellationToken::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    let (registered_tx, registered_rx) = watch::channel(false);
+    if let Some(addr) = config.metrics_addr {
+        let ready = registered_rx.clone();
+        let endpoint = observe::Endpoint {
+            registry: std::sync::Arc::new(registry),
+            ready: std::sync::Arc::new(move || {
+                if *ready.borrow() {
+                    Ok(())
+                } else {
+                    Err("not registered".into())
+                }
+            }),
+            status: None,
+        };
+        if let Err(e) = observe::serve(addr, endpoint, tasks.clone()).await {
+            warn!(%addr, error = %e, "cannot serve metrics; continuing without them");
+        }
+    }
+    {
+        let (mut rx, gauge, stop) = (
+            registered_rx.clone(),
+            metrics.registered.clone(),
+            tasks.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                gauge.set(i64::from(*rx.borrow_and_update()));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
+
+    // Health verdict: always true without a check.
     let (health_tx, health_rx) = watch::channel(config.health.is_none());
     if let Some(check) = config.health.clone() {
         tokio::spawn(health::run_checks(
@@ -93,6 +131,7 @@ pub async fn run(
             health::Hysteresis::new(config.health_fails, config.health_rises),
             health_tx,
             tasks.clone(),
+            metrics.clone(),
         ));
     } else {
         // Keep the sender alive so the verdict never reads as "checker gone".
@@ -105,13 +144,13 @@ pub async fn run(
         });
     }
 
-    let (registered_tx, registered_rx) = watch::channel(false);
     let mut registration = tokio::spawn(register(
         config.clone(),
         key,
         value,
         health_rx,
         registered_tx,
+        metrics.clone(),
         tasks.clone(),
     ));
 
@@ -185,6 +224,7 @@ async fn register(
     value: String,
     health: watch::Receiver<bool>,
     registered: watch::Sender<bool>,
+    metrics: metrics::Metrics,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     let mut backoff = Backoff::new(std::time::Duration::from_secs(2));
@@ -218,6 +258,7 @@ async fn register(
         health,
         registered,
     )
+    .with_metrics(metrics)
     .run(stop)
     .await;
     Ok(())

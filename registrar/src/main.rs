@@ -18,7 +18,7 @@ fn main() {
             std::process::exit(code);
         }
     };
-    init_logging(args.log_format);
+    observe::init_logging(args.log_format == LogFormat::Json);
     let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -63,17 +63,4 @@ fn main() {
         }
     });
     std::process::exit(code);
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }

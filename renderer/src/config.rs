@@ -131,6 +131,14 @@ pub struct Args {
     #[arg(long, env = "RENDERER_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
 
+    /// Serve /metrics, /healthz, /readyz and /status on this address ("off" to disable).
+    #[arg(long, env = "RENDERER_METRICS_ADDR", default_value = "127.0.0.1:9105")]
+    pub metrics_addr: String,
+
+    /// /readyz turns not ready once the etcd watch has been down this long.
+    #[arg(long, env = "RENDERER_READY_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub ready_grace: Duration,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -188,6 +196,8 @@ pub struct Config {
     pub runtime_api: bool,
     pub drain_timeout: Duration,
     pub stop_timeout: Duration,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub ready_grace: Duration,
 }
 
 /// Why the flags do not make a usable configuration.
@@ -199,6 +209,8 @@ pub enum ConfigError {
     Prefix(String),
     #[error("{0}")]
     Conflict(&'static str),
+    #[error("--metrics-addr {0:?}: expected HOST:PORT or \"off\"")]
+    MetricsAddr(String),
 }
 
 impl Config {
@@ -269,6 +281,14 @@ impl Config {
             runtime_api: !args.no_runtime_api,
             drain_timeout: args.drain_timeout,
             stop_timeout: args.stop_timeout,
+            metrics_addr: match args.metrics_addr.as_str() {
+                "off" | "" => None,
+                a => Some(
+                    a.parse()
+                        .map_err(|_| ConfigError::MetricsAddr(a.to_string()))?,
+                ),
+            },
+            ready_grace: args.ready_grace,
         })
     }
 }

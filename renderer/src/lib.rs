@@ -8,9 +8,11 @@
 pub mod apply;
 pub mod coalesce;
 pub mod config;
+pub mod metrics;
 pub mod model;
 pub mod render;
 pub mod signal;
+pub mod status;
 pub mod watch;
 
 use std::collections::BTreeSet;
@@ -92,11 +94,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
             timeout: *timeout,
         },
     };
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    let state = metrics::State::new(config.ready_grace);
+    let tasks = CancellationToken::new();
+    if let Some(addr) = config.metrics_addr {
+        let ready_state = state.clone();
+        let status_state = state.clone();
+        let endpoint = observe::Endpoint {
+            registry: std::sync::Arc::new(registry),
+            ready: std::sync::Arc::new(move || ready_state.ready()),
+            status: Some(std::sync::Arc::new(move || {
+                status_state
+                    .status
+                    .lock()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            })),
+        };
+        if let Err(e) = observe::serve(addr, endpoint, tasks.clone()).await {
+            // The load balancer matters more than its metrics: report loudly, keep going.
+            error!(%addr, error = %e, "cannot serve metrics; continuing without them");
+        }
+    }
     let mut applier = Applier {
         targets,
         reloader,
         runtime_api: config.runtime_api,
         drain_timeout: config.drain_timeout,
+        metrics: metrics.clone(),
     };
 
     // Exec mode with a config already in place (a previous run's last good one): serve it
@@ -107,10 +133,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
         }
     }
 
-    let tasks = CancellationToken::new();
     let (tx, mut rx) = mpsc::channel::<Update>(256);
-    let (live_tx, _live_rx) = tokio::sync::watch::channel(false);
-    let mut source = tokio::spawn(follow_registry(config.clone(), tx, live_tx, tasks.clone()));
+    let (live_tx, mut live_rx) = tokio::sync::watch::channel(false);
+    {
+        // Mirror the watch's liveness into readiness and the gauge.
+        let (state, metrics, stop) = (state.clone(), metrics.clone(), tasks.clone());
+        tokio::spawn(async move {
+            loop {
+                let live = *live_rx.borrow_and_update();
+                state.set_live(live);
+                metrics.watch_live.set(i64::from(live));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = live_rx.changed() => if r.is_err() { return },
+                }
+            }
+        });
+    }
+    let mut source = tokio::spawn(follow_registry(
+        config.clone(),
+        tx,
+        live_tx,
+        metrics.clone(),
+        tasks.clone(),
+    ));
 
     let mut model = Model::new(&config.prefix);
     let mut coalescer = coalesce::Coalescer::new(config.wait_min, config.wait_max);
@@ -145,7 +191,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {
                 // Take everything already queued into this apply.
                 while let Ok(u) = rx.try_recv() {
-                    if apply_update(&mut model, u, &mut synced) {
+                    if apply_update(&mut model, u, &mut synced, &metrics) {
                         coalescer.changed(Instant::now());
                     }
                 }
@@ -159,6 +205,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
                 if report.errors.is_empty() {
                     applied_set = now_set;
                 }
+                record_apply(&metrics, &state, &model, &applier, &report, started.elapsed());
                 info!(
                     revision = model.revision,
                     instances = model.len(),
@@ -178,7 +225,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
             }
             u = rx.recv() => match u {
                 Some(u) => {
-                    if apply_update(&mut model, u, &mut synced) {
+                    if apply_update(&mut model, u, &mut synced, &metrics) {
                         coalescer.changed(Instant::now());
                     }
                 }
@@ -199,7 +246,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
 
 /// Feeds an update to the model; true if something was admitted or removed (or this is
 /// the first full listing, which must always be applied).
-fn apply_update(model: &mut Model, update: Update, synced: &mut bool) -> bool {
+fn apply_update(
+    model: &mut Model,
+    update: Update,
+    synced: &mut bool,
+    m: &metrics::Metrics,
+) -> bool {
+    let changed = apply_update_inner(model, update, synced);
+    for reason in model.take_new_skips() {
+        m.records_skipped
+            .get_or_create(&metrics::ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+    changed
+}
+
+fn apply_update_inner(model: &mut Model, update: Update, synced: &mut bool) -> bool {
     match update {
         Update::Snapshot { revision, kvs } => {
             let changed = model.reset(
@@ -246,6 +310,7 @@ async fn follow_registry(
     config: Config,
     tx: mpsc::Sender<Update>,
     live: tokio::sync::watch::Sender<bool>,
+    metrics: metrics::Metrics,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     let Some(client) = connect(&config, &stop).await? else {
@@ -259,9 +324,88 @@ async fn follow_registry(
         tx,
         live,
     )
+    .with_metrics(metrics)
     .run(stop)
     .await;
     Ok(())
+}
+
+/// Updates metrics, readiness and the `/status` document after an apply.
+fn record_apply(
+    m: &metrics::Metrics,
+    state: &metrics::State,
+    model: &Model,
+    applier: &Applier,
+    report: &apply::Report,
+    took: std::time::Duration,
+) {
+    let ok = report.errors.is_empty();
+    let result = if ok { "ok" } else { "error" };
+    m.applies
+        .get_or_create(&metrics::ResultLabel {
+            result: result.into(),
+        })
+        .inc();
+    m.revision.set(model.revision);
+    m.instances.clear();
+    for (service, ids) in model.services() {
+        m.instances
+            .get_or_create(&metrics::ServiceLabel {
+                service: service.clone(),
+            })
+            .set(ids.len() as i64);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    if ok {
+        state
+            .applied
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        m.last_apply.set(now);
+        if let Some(bytes) = applier.targets.first().and_then(|t| t.last.as_deref()) {
+            m.config_hash.set(metrics::hash53(bytes));
+        }
+    }
+    let skipped: serde_json::Map<String, serde_json::Value> = model
+        .skipped()
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                serde_json::json!({"reason": s.reason, "error": s.message}),
+            )
+        })
+        .collect();
+    let services: serde_json::Map<String, serde_json::Value> = model
+        .services()
+        .iter()
+        .map(|(name, ids)| {
+            let list: Vec<String> = ids
+                .values()
+                .map(|i| format!("{} {}:{}", i.id, i.address, i.port))
+                .collect();
+            (name.clone(), serde_json::json!(list))
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "revision": model.revision,
+        "services": services,
+        "skipped": skipped,
+        "last_apply": {
+            "unix_time": now,
+            "ok": ok,
+            "how": report.reload.unwrap_or("unchanged"),
+            "written": report.written,
+            "runtime_changes": report.runtime_changes,
+            "took_ms": took.as_secs_f64() * 1000.0,
+            "errors": report.errors,
+        },
+    });
+    if let Ok(mut s) = state.status.lock() {
+        *s = doc;
+    }
 }
 
 async fn connect(config: &Config, stop: &CancellationToken) -> Result<Option<Client>, Error> {
@@ -340,6 +484,7 @@ async fn run_once(config: &Config, renderer: Renderer, targets: Vec<Target>) -> 
         reloader,
         runtime_api: config.runtime_api,
         drain_timeout: config.drain_timeout,
+        metrics: metrics::Metrics::new(&mut prometheus_client::registry::Registry::default()),
     };
     let report = applier.apply(&renderer, &data).await;
     info!(

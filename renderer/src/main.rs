@@ -10,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 const EX_USAGE: i32 = 64;
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("status") {
+        std::process::exit(status());
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
@@ -18,7 +21,7 @@ fn main() {
             std::process::exit(code);
         }
     };
-    init_logging(args.log_format);
+    observe::init_logging(args.log_format == LogFormat::Json);
     let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -54,15 +57,31 @@ fn main() {
     std::process::exit(code);
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+/// `renderer status [flags]`: prints the report; 0, or 1 when etcd cannot be read.
+fn status() -> i32 {
+    let argv = std::iter::once("renderer status".to_string()).chain(std::env::args().skip(2));
+    let args = match renderer::status::StatusArgs::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return 1;
+    };
+    match rt.block_on(renderer::status::report(&args)) {
+        Ok(text) => {
+            print!("{text}");
+            0
+        }
+        Err(e) => {
+            eprintln!("renderer status: cannot read the registry: {e}");
+            1
+        }
     }
 }

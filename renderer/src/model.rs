@@ -23,6 +23,8 @@ pub struct Model {
     prefix: String,
     services: BTreeMap<String, BTreeMap<String, Instance>>,
     skipped: BTreeMap<String, Skipped>,
+    /// Reasons of records newly skipped since the last [`Model::take_new_skips`].
+    new_skips: Vec<&'static str>,
     /// The etcd revision the model reflects.
     pub revision: i64,
 }
@@ -108,11 +110,17 @@ impl Model {
             }
             Err(skip) => {
                 if previous != Some(&skip) {
+                    self.new_skips.push(skip.reason);
                     warn!(key = %truncate_key(key), reason = skip.reason, error = %skip.message, "skipping invalid registry record");
                 }
                 self.skipped.insert(key.to_string(), skip);
             }
         }
+    }
+
+    /// Reasons of the records skipped since the last call (each distinct problem once).
+    pub fn take_new_skips(&mut self) -> Vec<&'static str> {
+        std::mem::take(&mut self.new_skips)
     }
 
     /// Records skipped, by key.

@@ -57,6 +57,7 @@ pub struct Watcher {
     tx: mpsc::Sender<Update>,
     /// true while a watch stream is established.
     live: watch::Sender<bool>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl Watcher {
@@ -75,6 +76,23 @@ impl Watcher {
             resync,
             tx,
             live,
+            metrics: None,
+        }
+    }
+
+    /// Counts reconnects and resyncs in `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count_resync(&self, reason: &str) {
+        if let Some(m) = &self.metrics {
+            m.resyncs
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: reason.to_string(),
+                })
+                .inc();
         }
     }
 
@@ -83,6 +101,7 @@ impl Watcher {
     pub async fn run(mut self, stop: CancellationToken) {
         let mut backoff = Backoff::new(MAX_BACKOFF);
         let mut last: Option<Store> = None;
+        let mut relist_reason = "initial";
         loop {
             if stop.is_cancelled() {
                 return;
@@ -92,6 +111,7 @@ impl Watcher {
                 Some(known) => match self.store_now().await {
                     Ok(now) if replaced(known, now) => {
                         warn!(?known, ?now, "etcd store replaced (cluster id changed or history went backwards); full resync");
+                        relist_reason = "store_replaced";
                         None
                     }
                     Ok(_) => Some(known.revision + 1),
@@ -110,8 +130,10 @@ impl Watcher {
                         info!(
                             revision = store.revision,
                             keys = kvs.len(),
+                            reason = relist_reason,
                             "listed registry"
                         );
+                        self.count_resync(relist_reason);
                         if self
                             .tx
                             .send(Update::Snapshot {
@@ -135,8 +157,14 @@ impl Watcher {
             };
             match self.follow(start, &mut last, &mut backoff, &stop).await {
                 Follow::Stop => return,
-                Follow::Relist => last = None,
+                Follow::Relist(reason) => {
+                    last = None;
+                    relist_reason = reason;
+                }
                 Follow::Reconnect => {
+                    if let Some(m) = &self.metrics {
+                        m.watch_reconnects.inc();
+                    }
                     let delay = backoff.next_delay();
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -206,7 +234,7 @@ impl Watcher {
                 _ = stop.cancelled() => return Follow::Stop,
                 _ = tick => {
                     debug!("periodic resync");
-                    return Follow::Relist;
+                    return Follow::Relist("periodic");
                 }
                 m = stream.message() => m,
             };
@@ -230,7 +258,7 @@ impl Watcher {
                         compact_revision = resp.compact_revision(),
                         "watch revision compacted; full resync"
                     );
-                    return Follow::Relist;
+                    return Follow::Relist("compaction");
                 }
                 warn!(
                     reason = resp.cancel_reason(),
@@ -348,7 +376,8 @@ impl Watcher {
 
 enum Follow {
     Stop,
-    Relist,
+    /// Re-list, for this reason.
+    Relist(&'static str),
     Reconnect,
 }
 

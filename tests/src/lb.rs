@@ -20,6 +20,8 @@ pub fn template() -> PathBuf {
 pub struct Lb {
     pub http_port: u16,
     pub stats_port: u16,
+    /// The renderer's /metrics, /readyz, /status port (0 for a custom command).
+    pub metrics_port: u16,
     pub cfg: PathBuf,
     pub master: PathBuf,
     pub proc: Proc,
@@ -55,6 +57,7 @@ impl Lb {
         Lb {
             http_port,
             stats_port,
+            metrics_port: 0,
             cfg,
             master,
             proc,
@@ -64,6 +67,7 @@ impl Lb {
     pub fn start_with_template(dir: &Path, etcd: &Etcd, template: &Path, extra: &[&str]) -> Lb {
         let http_port = free_port();
         let stats_port = free_port();
+        let metrics_port = free_port();
         let cfg = dir.join("haproxy.cfg");
         let master = dir.join("master.sock");
         let mut cmd = Command::new(bin("renderer"));
@@ -74,6 +78,8 @@ impl Lb {
             .arg(format!("{}:{}", template.display(), cfg.display()))
             .arg("--haproxy-master-socket")
             .arg(&master)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--var")
             .arg(format!("http_port={http_port}"))
             .arg("--var")
@@ -93,6 +99,7 @@ impl Lb {
         Lb {
             http_port,
             stats_port,
+            metrics_port,
             cfg,
             master,
             proc,

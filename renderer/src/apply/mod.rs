@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tracing::{debug, error, info, warn};
 
+use crate::metrics::{Metrics, ResultLabel};
 use crate::render::Renderer;
 use file::FileTarget;
 use haproxy::{HaproxyChild, HaproxyError, MasterCli};
@@ -88,16 +89,36 @@ pub struct Applier {
     pub runtime_api: bool,
     /// How long a leaving server may keep its in-flight requests.
     pub drain_timeout: Duration,
+    pub metrics: Metrics,
 }
 
 impl Applier {
     pub async fn apply(&mut self, renderer: &Renderer, data: &Value) -> Report {
         let mut report = Report::default();
         let mut need_reload = false;
+        let m = self.metrics.clone();
+        let count = |family: &prometheus_client::metrics::family::Family<
+            ResultLabel,
+            prometheus_client::metrics::counter::Counter,
+        >,
+                     result: &str| {
+            family
+                .get_or_create(&ResultLabel {
+                    result: result.to_string(),
+                })
+                .inc();
+        };
         for t in &mut self.targets {
-            let bytes = match renderer.render(&t.name, data) {
-                Ok(b) => b,
+            let started = std::time::Instant::now();
+            let rendered = renderer.render(&t.name, data);
+            m.render_seconds.observe(started.elapsed().as_secs_f64());
+            let bytes = match rendered {
+                Ok(b) => {
+                    count(&m.renders, "ok");
+                    b
+                }
                 Err(e) => {
+                    count(&m.renders, "error");
                     error!(template = %t.name, error = %e, "render failed; keeping the last good config");
                     report.errors.push(e.to_string());
                     continue;
@@ -125,17 +146,20 @@ impl Applier {
                         );
                     }
                     Some(plan) => {
+                        let started = std::time::Instant::now();
                         let applied = match runtime::execute(cli, &plan, self.drain_timeout).await {
                             Ok(()) => runtime::verify(cli, &new, &plan.backends()).await,
                             Err(e) => Err(e),
                         };
+                        m.runtime_seconds.observe(started.elapsed().as_secs_f64());
                         match applied {
                             Ok(()) => {
                                 live = true;
-                                report.runtime_changes +=
-                                    plan.add.len() + plan.remove.len() + plan.update.len();
+                                count(&m.runtime_applies, "ok");
+                                report.runtime_changes += plan.len();
                             }
                             Err(e) => {
+                                count(&m.runtime_applies, "fallback");
                                 warn!(error = %e, "runtime API change not applied cleanly; falling back to a reload");
                                 report.runtime_fallbacks += 1;
                             }
@@ -146,7 +170,10 @@ impl Applier {
                     }
                 }
             }
-            let staged = match t.file.stage_and_check(&bytes).await {
+            let started = std::time::Instant::now();
+            let checked = t.file.stage_and_check(&bytes).await;
+            m.check_seconds.observe(started.elapsed().as_secs_f64());
+            let staged = match checked {
                 Ok(s) => s,
                 Err(e) => {
                     error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected; keeping the last good config");
@@ -156,7 +183,10 @@ impl Applier {
                     continue;
                 }
             };
-            if let Err(e) = t.file.commit(&staged) {
+            let started = std::time::Instant::now();
+            let committed = t.file.commit(&staged);
+            m.write_seconds.observe(started.elapsed().as_secs_f64());
+            if let Err(e) = committed {
                 t.file.discard(&staged);
                 error!(error = %e, "cannot write the config; keeping the last good config");
                 report.errors.push(e.to_string());
@@ -168,9 +198,16 @@ impl Applier {
             need_reload |= !live;
         }
         if need_reload {
-            match self.reloader.reload().await {
-                Ok(how) => report.reload = Some(how),
+            let started = std::time::Instant::now();
+            let reloaded = self.reloader.reload().await;
+            m.reload_seconds.observe(started.elapsed().as_secs_f64());
+            match reloaded {
+                Ok(how) => {
+                    count(&m.reloads, "ok");
+                    report.reload = Some(how);
+                }
                 Err(e) => {
+                    count(&m.reloads, "error");
                     error!(error = %e, "reload failed; HAProxy keeps its previous config");
                     report.errors.push(e.to_string());
                 }

@@ -1,0 +1,238 @@
+//! The renderer's Prometheus metrics and the state behind `/readyz` and `/status`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: String,
+}
+
+fn seconds() -> Histogram {
+    // 0.5 ms … ~16 s
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric the renderer exports. Cheap to clone (shared atomics).
+#[derive(Clone)]
+pub struct Metrics {
+    pub revision: Gauge,
+    pub instances: Family<ServiceLabel, Gauge>,
+    pub watch_live: Gauge,
+    pub watch_reconnects: Counter,
+    pub resyncs: Family<ReasonLabel, Counter>,
+    pub records_skipped: Family<ReasonLabel, Counter>,
+    pub renders: Family<ResultLabel, Counter>,
+    pub applies: Family<ResultLabel, Counter>,
+    pub reloads: Family<ResultLabel, Counter>,
+    pub runtime_applies: Family<ResultLabel, Counter>,
+    pub render_seconds: Histogram,
+    pub check_seconds: Histogram,
+    pub write_seconds: Histogram,
+    pub reload_seconds: Histogram,
+    pub runtime_seconds: Histogram,
+    pub last_apply: Gauge<f64, AtomicU64>,
+    pub config_hash: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Metrics {
+        let m = Metrics {
+            revision: Gauge::default(),
+            instances: Family::default(),
+            watch_live: Gauge::default(),
+            watch_reconnects: Counter::default(),
+            resyncs: Family::default(),
+            records_skipped: Family::default(),
+            renders: Family::default(),
+            applies: Family::default(),
+            reloads: Family::default(),
+            runtime_applies: Family::default(),
+            render_seconds: seconds(),
+            check_seconds: seconds(),
+            write_seconds: seconds(),
+            reload_seconds: seconds(),
+            runtime_seconds: seconds(),
+            last_apply: Gauge::default(),
+            config_hash: Gauge::default(),
+        };
+        let build = Family::<VersionLabel, Gauge>::default();
+        build
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            })
+            .set(1);
+        let r = registry;
+        r.register("renderer_build_info", "Build information", build);
+        r.register(
+            "renderer_registry_revision",
+            "etcd revision the model reflects",
+            m.revision.clone(),
+        );
+        r.register(
+            "renderer_instances",
+            "Admitted instances per service",
+            m.instances.clone(),
+        );
+        r.register(
+            "renderer_watch_live",
+            "1 while the etcd watch is established",
+            m.watch_live.clone(),
+        );
+        r.register(
+            "renderer_watch_reconnects",
+            "Watch streams re-established after a failure",
+            m.watch_reconnects.clone(),
+        );
+        r.register("renderer_resyncs", "Full re-lists of the registry by reason (initial, compaction, store_replaced, periodic)", m.resyncs.clone());
+        r.register(
+            "renderer_records_skipped",
+            "Registry records skipped as invalid, by reason",
+            m.records_skipped.clone(),
+        );
+        r.register(
+            "renderer_renders",
+            "Template renders by result",
+            m.renders.clone(),
+        );
+        r.register(
+            "renderer_applies",
+            "Applies by result (ok, error)",
+            m.applies.clone(),
+        );
+        r.register(
+            "renderer_reloads",
+            "HAProxy reloads by result",
+            m.reloads.clone(),
+        );
+        r.register(
+            "renderer_runtime_applies",
+            "Membership changes applied through the runtime API, by result (ok, fallback)",
+            m.runtime_applies.clone(),
+        );
+        r.register_with_unit(
+            "renderer_render_duration",
+            "Time to render all templates",
+            Unit::Seconds,
+            m.render_seconds.clone(),
+        );
+        r.register_with_unit(
+            "renderer_check_duration",
+            "Time to run the check command",
+            Unit::Seconds,
+            m.check_seconds.clone(),
+        );
+        r.register_with_unit(
+            "renderer_write_duration",
+            "Time to write a checked file into place",
+            Unit::Seconds,
+            m.write_seconds.clone(),
+        );
+        r.register_with_unit(
+            "renderer_reload_duration",
+            "Time for a confirmed reload",
+            Unit::Seconds,
+            m.reload_seconds.clone(),
+        );
+        r.register_with_unit(
+            "renderer_runtime_duration",
+            "Time to apply and verify runtime API changes",
+            Unit::Seconds,
+            m.runtime_seconds.clone(),
+        );
+        r.register(
+            "renderer_last_apply_timestamp_seconds",
+            "Unix time of the last successful apply",
+            m.last_apply.clone(),
+        );
+        r.register(
+            "renderer_config_hash",
+            "Hash of the config last applied (53 bits)",
+            m.config_hash.clone(),
+        );
+        m
+    }
+}
+
+/// What `/readyz` and `/status` read.
+pub struct State {
+    /// A config was applied without error at least once.
+    pub applied: AtomicBool,
+    /// When the watch went down (None while live).
+    pub down_since: Mutex<Option<Instant>>,
+    /// How long the watch may be down before the renderer reports not ready.
+    pub grace: Duration,
+    /// The `/status` document.
+    pub status: Mutex<serde_json::Value>,
+}
+
+impl State {
+    pub fn new(grace: Duration) -> Arc<State> {
+        Arc::new(State {
+            applied: AtomicBool::new(false),
+            down_since: Mutex::new(Some(Instant::now())),
+            grace,
+            status: Mutex::new(serde_json::json!({})),
+        })
+    }
+
+    /// Readiness: a valid config applied, and the watch live (or down less than `grace`).
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.applied.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("no config applied yet".into());
+        }
+        let down = self.down_since.lock().map(|d| *d).unwrap_or(None);
+        match down {
+            Some(since) if since.elapsed() > self.grace => Err(format!(
+                "etcd watch down for {:.1}s (grace {:?})",
+                since.elapsed().as_secs_f64(),
+                self.grace
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn set_live(&self, live: bool) {
+        if let Ok(mut d) = self.down_since.lock() {
+            match (live, d.is_some()) {
+                (true, _) => *d = None,
+                (false, false) => *d = Some(Instant::now()),
+                (false, true) => {}
+            }
+        }
+    }
+}
+
+/// FNV-1a, truncated to 53 bits so it survives a float gauge.
+pub fn hash53(bytes: &[u8]) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h & ((1 << 53) - 1)) as i64
+}

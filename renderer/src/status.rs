@@ -1,0 +1,134 @@
+//! `renderer status`: the first thing to run when HAProxy does not route where you expect.
+//! Reads the registry from etcd (what is admitted, what is skipped and why) and the running
+//! renderer's `/status` (what it last applied, and when).
+
+use std::time::Duration;
+
+use clap::Parser;
+use registry::etcd::EtcdArgs;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::model::Model;
+use crate::watch::Watcher;
+
+/// Flags of `renderer status`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "renderer status",
+    about = "Show the services and instances in the registry, skipped records and why, and what the running renderer last applied."
+)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Key prefix.
+    #[arg(long, env = "RENDERER_PREFIX", default_value = registry::DEFAULT_PREFIX)]
+    pub prefix: String,
+    /// The running renderer's metrics address (its --metrics-addr).
+    #[arg(long, env = "RENDERER_METRICS_ADDR", default_value = "127.0.0.1:9105")]
+    pub renderer: String,
+}
+
+/// Builds the report. Errors only when etcd cannot be read.
+pub async fn report(args: &StatusArgs) -> Result<String, String> {
+    let client = args.etcd.connect().await.map_err(|e| e.to_string())?;
+    let (tx, _rx) = mpsc::channel(1);
+    let (live, _) = watch::channel(false);
+    let watcher = Watcher::new(client, &args.prefix, args.etcd.dial_timeout, None, tx, live);
+    let (store, kvs) = watcher
+        .list()
+        .await
+        .map_err(|e| registry::etcd::error_chain(&e))?;
+    let mut model = Model::new(&args.prefix);
+    model.reset(
+        kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+        store.revision,
+    );
+    let _ = model.take_new_skips();
+
+    let mut out = format!(
+        "registry {} at revision {}: {} instance(s) in {} service(s)\n",
+        args.etcd.endpoints_display(),
+        store.revision,
+        model.len(),
+        model.services().len()
+    );
+    for (service, ids) in model.services() {
+        out.push_str(&format!("  {service}\n"));
+        for i in ids.values() {
+            out.push_str(&format!(
+                "    {:<20} {}:{} weight {}{}\n",
+                i.id,
+                i.address,
+                i.port,
+                i.weight,
+                if i.tags.is_empty() {
+                    String::new()
+                } else {
+                    format!(" tags {}", i.tags.join(","))
+                }
+            ));
+        }
+    }
+    if model.skipped().is_empty() {
+        out.push_str("skipped records: none\n");
+    } else {
+        out.push_str(&format!("skipped records: {}\n", model.skipped().len()));
+        for (key, s) in model.skipped() {
+            out.push_str(&format!("  {key}: {} ({})\n", s.reason, s.message));
+        }
+    }
+    match get_status(&args.renderer).await {
+        Ok(doc) => {
+            let rev = doc["revision"].as_i64().unwrap_or(0);
+            let last = &doc["last_apply"];
+            let age = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+                - last["unix_time"].as_f64().unwrap_or(0.0);
+            out.push_str(&format!(
+                "renderer {}: model at revision {rev} ({}), last apply {:.0}s ago: {} via {}, {:.1} ms{}\n",
+                args.renderer,
+                if rev >= store.revision { "up to date".to_string() } else { format!("{} behind", store.revision - rev) },
+                age,
+                if last["ok"].as_bool() == Some(true) { "ok" } else { "FAILED" },
+                last["how"].as_str().unwrap_or("?"),
+                last["took_ms"].as_f64().unwrap_or(0.0),
+                match last["errors"].as_array() {
+                    Some(e) if !e.is_empty() => format!("\n  errors: {}", e.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join("\n          ")),
+                    _ => String::new(),
+                }
+            ));
+        }
+        Err(e) => out.push_str(&format!(
+            "renderer {}: not reachable ({e})\n",
+            args.renderer
+        )),
+    }
+    Ok(out)
+}
+
+async fn get_status(addr: &str) -> Result<serde_json::Value, String> {
+    let addr = addr
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: renderer\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        serde_json::from_str(body).map_err(|e| format!("bad /status answer: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| "timeout".to_string())?
+}
