@@ -8,6 +8,7 @@ command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}" >&2
   SUDO=""

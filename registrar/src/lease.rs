@@ -88,15 +88,17 @@ impl Registration {
         self
     }
 
-    /// Keeps the instance registered until `stop`, then revokes the lease.
+    /// Keeps the instance registered until `stop`, then revokes the lease. Ends early only
+    /// when etcd refuses these credentials (permission denied, authentication failed):
+    /// retrying cannot fix that.
     #[instrument(skip_all, fields(key = %self.key))]
-    pub async fn run(mut self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), String> {
         let mut backoff = Backoff::new(MAX_BACKOFF);
         loop {
             // Register only while healthy.
             tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.health.wait_for(|h| *h) => if r.is_err() { return },
+                _ = stop.cancelled() => return Ok(()),
+                r = self.health.wait_for(|h| *h) => if r.is_err() { return Ok(()) },
             }
             let started = Instant::now();
             let lease = match self.register().await {
@@ -109,15 +111,20 @@ impl Registration {
                          Give each instance a unique --id. Retrying until the other lease ends."
                     );
                     if sleep_or_stop(Duration::from_secs(self.ttl as u64), &stop).await {
-                        return;
+                        return Ok(());
                     }
                     continue;
+                }
+                Err(RegisterError::Etcd(e)) if refused(&e) => {
+                    let msg = format!("etcd refused the registration: {}", error_chain(&e));
+                    error!(error = %msg, "check --user and its role: it needs write access to the key");
+                    return Err(msg);
                 }
                 Err(RegisterError::Etcd(e)) => {
                     let delay = backoff.next_delay();
                     warn!(error = %error_chain(&e), retry_in = ?delay, "registration failed; etcd unreachable?");
                     if sleep_or_stop(delay, &stop).await {
-                        return;
+                        return Ok(());
                     }
                     continue;
                 }
@@ -136,7 +143,7 @@ impl Registration {
             match end {
                 SessionEnd::Shutdown => {
                     self.revoke(lease).await;
-                    return;
+                    return Ok(());
                 }
                 SessionEnd::LeaseLost => {
                     warn!(
@@ -379,6 +386,12 @@ impl Registration {
             ))),
         }
     }
+}
+
+/// Errors that retrying cannot fix.
+fn refused(e: &etcd_client::Error) -> bool {
+    let msg = error_chain(e);
+    msg.contains("permission denied") || msg.contains("authentication failed")
 }
 
 /// Sleeps `d` unless `stop` fires first; returns true when stopped.

@@ -260,6 +260,6 @@ async fn register(
     )
     .with_metrics(metrics)
     .run(stop)
-    .await;
-    Ok(())
+    .await
+    .map_err(Error::EtcdSetup)
 }

@@ -131,6 +131,20 @@ pub struct Args {
     #[arg(long, env = "RENDERER_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
 
+    /// Guard rail: refuse to apply a render that leaves SERVICE with fewer than N instances
+    /// (keeps the last good config and logs loudly). Repeatable, SERVICE=N.
+    #[arg(long = "min-instances", env = "RENDERER_MIN_INSTANCES", value_delimiter = ',', value_parser = parse_min)]
+    pub min_instances: Vec<(String, usize)>,
+
+    /// At most this many instances per service reach the templates (lowest ids first), so a
+    /// flood of registrations cannot produce a config HAProxy rejects or exhaust memory.
+    #[arg(
+        long,
+        env = "RENDERER_MAX_INSTANCES_PER_SERVICE",
+        default_value_t = 10_000
+    )]
+    pub max_instances_per_service: usize,
+
     /// Serve /metrics, /healthz, /readyz and /status on this address ("off" to disable).
     #[arg(long, env = "RENDERER_METRICS_ADDR", default_value = "127.0.0.1:9105")]
     pub metrics_addr: String,
@@ -147,6 +161,17 @@ pub struct Args {
     /// `haproxy -W -db -f /etc/haproxy/haproxy.cfg`.
     #[arg(last = true, value_name = "HAPROXY")]
     pub command: Vec<String>,
+}
+
+fn parse_min(s: &str) -> Result<(String, usize), String> {
+    let (svc, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not SERVICE=N"))?;
+    let n = n
+        .parse()
+        .map_err(|_| format!("{s:?}: N must be a number"))?;
+    registry::validate::name("service", svc).map_err(|e| e.to_string())?;
+    Ok((svc.to_string(), n))
 }
 
 fn parse_var(s: &str) -> Result<(String, String), String> {
@@ -198,6 +223,8 @@ pub struct Config {
     pub stop_timeout: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub ready_grace: Duration,
+    pub min_instances: Vec<(String, usize)>,
+    pub max_instances_per_service: usize,
 }
 
 /// Why the flags do not make a usable configuration.
@@ -289,6 +316,8 @@ impl Config {
                 ),
             },
             ready_grace: args.ready_grace,
+            min_instances: args.min_instances,
+            max_instances_per_service: args.max_instances_per_service.max(1),
         })
     }
 }

@@ -162,6 +162,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
     let mut coalescer = coalesce::Coalescer::new(config.wait_min, config.wait_max);
     let mut synced = false;
     let mut applied_set: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut quarantine = Quarantine::default();
     let far = || Instant::now() + std::time::Duration::from_secs(86_400);
 
     let result = loop {
@@ -196,16 +197,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
                     }
                 }
                 let started = Instant::now();
-                let data = model.template_data(&config.vars);
-                let report = applier.apply(&renderer, &data).await;
+                let report = apply_guarded(&config, &model, &mut quarantine, &mut applier, &renderer).await;
                 coalescer.applied(Instant::now());
-                let now_set = instance_set(&model);
+                let mut now_set = instance_set(&model);
+                now_set.retain(|(s, i)| !quarantine.entries.contains_key(&registry::instance_key(&config.prefix, s, i)));
                 let added: Vec<_> = now_set.difference(&applied_set).map(|(s, i)| format!("{s}/{i}")).collect();
                 let removed: Vec<_> = applied_set.difference(&now_set).map(|(s, i)| format!("{s}/{i}")).collect();
                 if report.errors.is_empty() {
                     applied_set = now_set;
                 }
-                record_apply(&metrics, &state, &model, &applier, &report, started.elapsed());
+                record_apply(&metrics, &state, &model, &quarantine, &applier, &report, started.elapsed());
                 info!(
                     revision = model.revision,
                     instances = model.len(),
@@ -242,6 +243,81 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
         }
     }
     result
+}
+
+/// Records left out of the config because the check pinned a failure on them: key →
+/// (the record as it was, HAProxy's message). A record comes back as soon as it changes.
+#[derive(Debug, Default)]
+pub struct Quarantine {
+    entries: std::collections::BTreeMap<String, (registry::Instance, String)>,
+}
+
+impl Quarantine {
+    /// Releases entries whose record changed or went away.
+    fn refresh(&mut self, model: &Model) {
+        self.entries.retain(|key, (inst, _)| {
+            let keep = model.get(key) == Some(inst);
+            if !keep {
+                info!(%key, "quarantined record changed; trying it again");
+            }
+            keep
+        });
+    }
+
+    fn keys(&self) -> BTreeSet<String> {
+        self.entries.keys().cloned().collect()
+    }
+}
+
+/// The guarded apply: `--min-instances` refuses renders that would drop a service too low;
+/// a check failure pinned on one record quarantines it and renders again without it (up to
+/// three records per apply); `--max-instances-per-service` caps each service.
+async fn apply_guarded(
+    config: &Config,
+    model: &Model,
+    quarantine: &mut Quarantine,
+    applier: &mut Applier,
+    renderer: &Renderer,
+) -> apply::Report {
+    quarantine.refresh(model);
+    for round in 0..=3 {
+        let excluded = quarantine.keys();
+        let (data, cut) =
+            model.template_data_with(&config.vars, &excluded, config.max_instances_per_service);
+        if cut > 0 {
+            warn!(
+                cut,
+                max = config.max_instances_per_service,
+                "instances over --max-instances-per-service left out"
+            );
+        }
+        for (service, min) in &config.min_instances {
+            let have = data["services"][service].as_array().map_or(0, Vec::len);
+            if have < *min {
+                let msg = format!(
+                    "refusing to apply: service {service} would have {have} instance(s), below --min-instances {service}={min}; keeping the last good config"
+                );
+                error!("{msg}");
+                return apply::Report {
+                    errors: vec![msg],
+                    ..Default::default()
+                };
+            }
+        }
+        let report = applier.apply(renderer, &data).await;
+        let Some(line) = report.rejected_lines.first() else {
+            return report;
+        };
+        let Some(key) = model.culprit(line, &excluded).filter(|_| round < 3) else {
+            return report;
+        };
+        let message = report.errors.first().cloned().unwrap_or_default();
+        warn!(%key, error = %message, "quarantined registry record: the config check fails because of it; applying without it");
+        if let Some(inst) = model.get(&key) {
+            quarantine.entries.insert(key, (inst.clone(), message));
+        }
+    }
+    apply::Report::default()
 }
 
 /// Feeds an update to the model; true if something was admitted or removed (or this is
@@ -335,6 +411,7 @@ fn record_apply(
     m: &metrics::Metrics,
     state: &metrics::State,
     model: &Model,
+    quarantine: &Quarantine,
     applier: &Applier,
     report: &apply::Report,
     took: std::time::Duration,
@@ -393,6 +470,11 @@ fn record_apply(
         "revision": model.revision,
         "services": services,
         "skipped": skipped,
+        "quarantined": quarantine
+            .entries
+            .iter()
+            .map(|(k, (_, msg))| (k.clone(), serde_json::json!(msg)))
+            .collect::<serde_json::Map<_, _>>(),
         "last_apply": {
             "unix_time": now,
             "ok": ok,

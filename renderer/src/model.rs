@@ -2,7 +2,7 @@
 //! derived from it (template data, rendered bytes) is deterministic. Records that fail
 //! the contract are kept aside in `skipped` with the reason, never in the model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use registry::{parse_key, Instance};
 use serde_json::{json, Value};
@@ -147,28 +147,100 @@ impl Model {
     /// `{services: {name: [instance…]}, instances: [instance…], vars: {…}, revision}`;
     /// instances sorted by id within a service, services by name.
     pub fn template_data(&self, vars: &BTreeMap<String, String>) -> Value {
-        let services: serde_json::Map<String, Value> = self
-            .services
+        self.template_data_with(vars, &BTreeSet::new(), usize::MAX)
+            .0
+    }
+
+    /// [`template_data`](Self::template_data) without the instances whose keys are in
+    /// `exclude` (quarantined) and with at most `max_per_service` instances per service
+    /// (the lowest ids). Also returns how many instances the cap left out.
+    pub fn template_data_with(
+        &self,
+        vars: &BTreeMap<String, String>,
+        exclude: &BTreeSet<String>,
+        max_per_service: usize,
+    ) -> (Value, usize) {
+        let mut cut = 0;
+        let mut kept: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        for (name, instances) in &self.services {
+            let list: Vec<&Instance> = instances
+                .values()
+                .filter(|i| exclude.is_empty() || !exclude.contains(&self.key_of(i)))
+                .collect();
+            cut += list.len().saturating_sub(max_per_service);
+            let list: Vec<&Instance> = list.into_iter().take(max_per_service).collect();
+            if !list.is_empty() {
+                kept.insert(name.as_str(), list);
+            }
+        }
+        let services: serde_json::Map<String, Value> = kept
             .iter()
-            .map(|(name, instances)| {
+            .map(|(name, list)| {
                 (
-                    name.clone(),
-                    Value::Array(instances.values().map(instance_json).collect()),
+                    name.to_string(),
+                    Value::Array(list.iter().map(|i| instance_json(i)).collect()),
                 )
             })
             .collect();
-        let instances: Vec<Value> = self
-            .services
-            .values()
-            .flat_map(BTreeMap::values)
-            .map(instance_json)
-            .collect();
+        let instances: Vec<Value> = kept.values().flatten().map(|i| instance_json(i)).collect();
+        (self.wrap(services, instances, vars), cut)
+    }
+
+    fn wrap(
+        &self,
+        services: serde_json::Map<String, Value>,
+        instances: Vec<Value>,
+        vars: &BTreeMap<String, String>,
+    ) -> Value {
         json!({
             "services": services,
             "instances": instances,
             "vars": vars,
             "revision": self.revision,
         })
+    }
+}
+
+impl Model {
+    /// The key an instance is stored under.
+    pub fn key_of(&self, i: &Instance) -> String {
+        registry::instance_key(&self.prefix, &i.service, &i.id)
+    }
+
+    /// The admitted instance stored under `key`.
+    pub fn get(&self, key: &str) -> Option<&Instance> {
+        self.lookup(key)
+    }
+
+    /// Which instance (not in `exclude`) most likely produced `line` of a rendered config:
+    /// a `server <id>` line naming it, else a line with its address:port, else one holding
+    /// one of its tags or meta values as a word.
+    pub fn culprit(&self, line: &str, exclude: &BTreeSet<String>) -> Option<String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let all = || {
+            self.services
+                .values()
+                .flat_map(BTreeMap::values)
+                .filter(|i| !exclude.contains(&self.key_of(i)))
+        };
+        let by_name = all()
+            .find(|i| words.first() == Some(&"server") && words.get(1) == Some(&i.id.as_str()));
+        let by_addr = || {
+            let target = |i: &Instance| format!("{}:{}", i.address, i.port);
+            all().find(|i| words.contains(&target(i).as_str()))
+        };
+        let by_value = || {
+            all().find(|i| {
+                i.tags
+                    .iter()
+                    .chain(i.meta.values())
+                    .any(|v| !v.is_empty() && words.contains(&v.as_str()))
+            })
+        };
+        by_name
+            .or_else(by_addr)
+            .or_else(by_value)
+            .map(|i| self.key_of(i))
     }
 }
 

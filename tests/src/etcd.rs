@@ -16,6 +16,8 @@ pub struct Etcd {
     data_dir: PathBuf,
     log_dir: PathBuf,
     starts: u32,
+    /// Certificates dir (deploy/etcd-secure.sh layout) when etcd serves TLS.
+    tls: Option<PathBuf>,
     pub proc: Option<Proc>,
 }
 
@@ -30,12 +32,24 @@ pub struct Kv {
 impl Etcd {
     /// Starts etcd in `dir` and waits until it answers.
     pub async fn start(dir: &Path) -> Etcd {
+        Self::start_with(dir, None).await
+    }
+
+    /// Starts etcd serving TLS with client-certificate authentication, using the
+    /// certificates `deploy/etcd-secure.sh certs` made in `certs`. The test's own client
+    /// authenticates as `root` by certificate.
+    pub async fn start_tls(dir: &Path, certs: &Path) -> Etcd {
+        Self::start_with(dir, Some(certs.to_path_buf())).await
+    }
+
+    async fn start_with(dir: &Path, tls: Option<PathBuf>) -> Etcd {
         let mut e = Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             data_dir: dir.join("etcd-data"),
             log_dir: dir.to_path_buf(),
             starts: 0,
+            tls,
             proc: None,
         };
         e.launch().await;
@@ -43,7 +57,20 @@ impl Etcd {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        let certs = self.tls.as_ref()?;
+        let read = |n: &str| std::fs::read(certs.join(n)).expect("read certificate");
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read("ca.crt")))
+            .identity(etcd_client::Identity::from_pem(
+                read("root.crt"),
+                read("root.key"),
+            ));
+        Some(etcd_client::ConnectOptions::new().with_tls(tls))
     }
 
     async fn launch(&mut self) {
@@ -67,14 +94,24 @@ impl Etcd {
             .arg("zap")
             .arg("--log-level")
             .arg("warn");
+        if let Some(certs) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(certs.join("server.crt"))
+                .arg("--key-file")
+                .arg(certs.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(certs.join("ca.crt"))
+                .arg("--client-cert-auth");
+        }
         self.starts += 1;
         let name = format!("etcd-{}", self.starts);
         self.proc = Some(Proc::spawn(&name, &self.log_dir, cmd));
         let ep = self.endpoint();
+        let opts = self.connect_options();
         eventually(Duration::from_secs(20), "etcd answers", || {
-            let ep = ep.clone();
+            let (ep, opts) = (ep.clone(), opts.clone());
             async move {
-                let mut c = Client::connect([ep], None).await.ok()?;
+                let mut c = Client::connect([ep], opts).await.ok()?;
                 tokio::time::timeout(Duration::from_secs(1), c.status())
                     .await
                     .ok()?
@@ -86,7 +123,7 @@ impl Etcd {
 
     /// A client for the test's own reads and writes.
     pub async fn client(&self) -> Client {
-        Client::connect([self.endpoint()], None)
+        Client::connect([self.endpoint()], self.connect_options())
             .await
             .expect("connect to etcd")
     }
@@ -158,7 +195,9 @@ impl Etcd {
 
     /// The value under `key`, if any.
     pub async fn get(&self, key: &str) -> Option<Kv> {
-        let mut c = Client::connect([self.endpoint()], None).await.ok()?;
+        let mut c = Client::connect([self.endpoint()], self.connect_options())
+            .await
+            .ok()?;
         let resp = tokio::time::timeout(Duration::from_secs(2), c.get(key, None))
             .await
             .ok()?
@@ -212,13 +251,19 @@ impl Etcd {
 
     /// Runs `etcdctl` against this etcd and returns stdout.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let out = Command::new("etcdctl")
-            .env("ETCDCTL_API", "3")
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
             .arg("--endpoints")
-            .arg(self.endpoint())
-            .args(args)
-            .output()
-            .expect("run etcdctl");
+            .arg(self.endpoint());
+        if let Some(certs) = &self.tls {
+            cmd.arg("--cacert")
+                .arg(certs.join("ca.crt"))
+                .arg("--cert")
+                .arg(certs.join("root.crt"))
+                .arg("--key")
+                .arg(certs.join("root.key"));
+        }
+        let out = cmd.args(args).output().expect("run etcdctl");
         assert!(
             out.status.success(),
             "etcdctl {args:?}: {}",

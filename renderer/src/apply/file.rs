@@ -24,6 +24,8 @@ pub enum FileError {
         /// ` (line N: text)` when the check output names a line of the staged file.
         line: String,
         output: String,
+        /// The text of that line.
+        offending: Option<String>,
     },
     #[error("check `{command}` could not run: {message}")]
     CheckRun { command: String, message: String },
@@ -183,12 +185,15 @@ async fn run_check(cmd: &str, staged: &Path, bytes: &[u8]) -> Result<(), FileErr
     } else {
         alerts.join(" | ").chars().take(2000).collect()
     };
+    let offending = offending_line(&text, &staged_str, bytes);
     Err(FileError::Check {
         command: line,
-        line: offending_line(&text, &staged_str, bytes)
+        line: offending
+            .as_ref()
             .map(|(n, l)| format!(" (line {n}: {l:?})"))
             .unwrap_or_default(),
         output: format!("{} ({})", summary, out.status),
+        offending: offending.map(|(_, l)| l),
     })
 }
 

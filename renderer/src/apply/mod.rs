@@ -79,6 +79,8 @@ pub struct Report {
     pub runtime_fallbacks: usize,
     /// Failures (render, check, write, reload), already logged.
     pub errors: Vec<String>,
+    /// Lines of rendered configs a check rejected (for quarantine).
+    pub rejected_lines: Vec<String>,
 }
 
 /// Renders every target, writes those whose bytes changed, reloads once if any did.
@@ -133,6 +135,9 @@ impl Applier {
             // checked. The file is still checked and written below, and a failure there
             // reloads HAProxy from the last good file, so the two can never drift.
             let mut live = false;
+            // A runtime attempt that failed part-way leaves HAProxy between two states: a
+            // reload (to the new file, or back to the old one) is then mandatory.
+            let mut touched = false;
             if let (true, Some(cli), Some(old)) =
                 (self.runtime_api, self.reloader.cli(), t.last.as_deref())
             {
@@ -159,6 +164,7 @@ impl Applier {
                                 report.runtime_changes += plan.len();
                             }
                             Err(e) => {
+                                touched = true;
                                 count(&m.runtime_applies, "fallback");
                                 warn!(error = %e, "runtime API change not applied cleanly; falling back to a reload");
                                 report.runtime_fallbacks += 1;
@@ -179,7 +185,14 @@ impl Applier {
                     error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected; keeping the last good config");
                     report.errors.push(e.to_string());
                     // Undo a live change: HAProxy goes back to the file on disk.
-                    need_reload |= live;
+                    need_reload |= live || touched;
+                    if let file::FileError::Check {
+                        offending: Some(line),
+                        ..
+                    } = &e
+                    {
+                        report.rejected_lines.push(line.clone());
+                    }
                     continue;
                 }
             };
@@ -190,7 +203,7 @@ impl Applier {
                 t.file.discard(&staged);
                 error!(error = %e, "cannot write the config; keeping the last good config");
                 report.errors.push(e.to_string());
-                need_reload |= live;
+                need_reload |= live || touched;
                 continue;
             }
             t.last = Some(bytes);

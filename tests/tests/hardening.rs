@@ -1,0 +1,264 @@
+//! Failure behaviour with real processes: quarantine of a record HAProxy rejects, the
+//! --min-instances guard, a frozen registrar, HAProxy dying under the renderer, a renderer
+//! restarted under a running HAProxy, and etcd killed during a burst.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::lb::{master_cli, put_instance, template, wait_routed, Backend, Lb};
+use e2e::load::Load;
+use e2e::{bin, eventually, free_port, http, temp_dir, Etcd, Proc};
+use nix::sys::signal::Signal;
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_haproxy_rejects_is_quarantined_not_fleet_freezing() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    // A template that turns meta values into server keywords.
+    let t = dir.path().join("t.hbs");
+    let text = std::fs::read_to_string(template()).unwrap().replace(
+        "check inter 2s weight {{weight}}",
+        "check inter 2s weight {{weight}}{{#each meta}} {{this}}{{/each}}",
+    );
+    std::fs::write(&t, text).unwrap();
+    let b: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put_instance(&etcd, "webapp", "s1", b[0].port).await;
+    let lb = Lb::start_with_template(dir.path(), &etcd, &t, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+
+    let bad = format!(
+        r#"{{"id":"s2","service":"webapp","address":"127.0.0.1","port":{},"meta":{{"opt":"bogus"}}}}"#,
+        b[1].port
+    );
+    etcd.put("/services/webapp/s2", &bad).await;
+    put_instance(&etcd, "webapp", "s3", b[2].port).await;
+    // The other change keeps flowing; the bad record is out, and reported.
+    wait_routed(lb.http_port, &["s1", "s3"], T).await;
+    eventually(T, "quarantine logged", || async {
+        lb.proc
+            .log()
+            .contains("quarantined registry record")
+            .then_some(())
+    })
+    .await;
+    assert!(lb.proc.log().contains("/services/webapp/s2"));
+    eventually(T, "/status lists the quarantined record", || async {
+        let status = http::get(lb.metrics_port, "/status", None).await.ok()?.body;
+        let doc: serde_json::Value = serde_json::from_str(&status).ok()?;
+        doc["quarantined"].get("/services/webapp/s2").map(|_| ())
+    })
+    .await;
+    assert!(!lb.config().contains("bogus"));
+
+    // Fixed record → back in rotation.
+    put_instance(&etcd, "webapp", "s2", b[1].port).await;
+    wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_instances_guard_keeps_the_last_good_config() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put_instance(&etcd, "webapp", "s1", b[0].port).await;
+    put_instance(&etcd, "webapp", "s2", b[1].port).await;
+    let lb = Lb::start(dir.path(), &etcd, &["--min-instances", "webapp=2"]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+    etcd.delete("/services/webapp/s2").await;
+    eventually(T, "guard refuses", || async {
+        lb.proc
+            .log()
+            .contains("refusing to apply: service webapp would have 1 instance")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(lb.config_servers(), ["s1", "s2"], "last good config kept");
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+    put_instance(&etcd, "webapp", "s3", b[2].port).await;
+    wait_routed(lb.http_port, &["s1", "s3"], T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_registrar_leaves_rotation_and_comes_back() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s0, s1) = (
+        Backend::start(dir.path(), "s0"),
+        Backend::start(dir.path(), "s1"),
+    );
+    put_instance(&etcd, "webapp", "s0", s0.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    let mut cmd = Command::new(bin("registrar"));
+    cmd.args([
+        "--endpoints",
+        &etcd.endpoint(),
+        "--service",
+        "webapp",
+        "--id",
+        "s1",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &s1.port.to_string(),
+        "--ttl",
+        "2s",
+    ]);
+    let reg = Proc::spawn("registrar", dir.path(), cmd);
+    wait_routed(lb.http_port, &["s0", "s1"], T).await;
+    // A partition as the registrar sees it: it cannot keep its lease for longer than the TTL.
+    reg.signal(Signal::SIGSTOP);
+    wait_routed(lb.http_port, &["s0"], T).await;
+    reg.signal(Signal::SIGCONT);
+    let t = std::time::Instant::now();
+    wait_routed(lb.http_port, &["s0", "s1"], T).await;
+    eprintln!("SIGCONT -> back in rotation: {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "re-registered after {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renderer_exits_promptly_when_haproxy_dies() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let s1 = Backend::start(dir.path(), "s1");
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let mut lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    let master: i32 = eventually(T, "master pid", || async {
+        let out = lb.master_cli("show proc").await;
+        out.lines()
+            .find(|l| l.contains("master"))
+            .and_then(|l| l.split_whitespace().next()?.parse().ok())
+    })
+    .await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(master), Signal::SIGKILL).unwrap();
+    let status = lb
+        .proc
+        .exited(Duration::from_secs(10))
+        .await
+        .expect("renderer exits promptly");
+    assert_ne!(status.code(), Some(0));
+    assert!(lb.proc.log().contains("HAProxy exited"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renderer_restarted_under_a_running_haproxy_loses_no_traffic() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s1, s2) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let (http_port, stats_port) = (free_port(), free_port());
+    let cfg = dir.path().join("haproxy.cfg");
+    let master = dir.path().join("master.sock");
+    let renderer = |name: &str, extra: &[&str]| {
+        let mut cmd = Command::new(bin("renderer"));
+        cmd.args([
+            "--endpoints",
+            &etcd.endpoint(),
+            "--metrics-addr",
+            "off",
+            "--template",
+        ])
+        .arg(format!("{}:{}", template().display(), cfg.display()))
+        .args([
+            "--var",
+            &format!("http_port={http_port}"),
+            "--var",
+            &format!("stats_port={stats_port}"),
+            "--var",
+            "bind_address=127.0.0.1",
+            "--var",
+            &format!("runtime_dir={}", dir.path().display()),
+        ])
+        .args(extra);
+        Proc::spawn(name, dir.path(), cmd)
+    };
+    // Write the first config once, then run HAProxy on its own (as a system service would).
+    let mut once = renderer("renderer-once", &["--once"]);
+    assert_eq!(
+        once.exited(T).await.unwrap().code(),
+        Some(0),
+        "{}",
+        once.log()
+    );
+    let mut hp = Command::new("haproxy");
+    hp.args(["-W", "-db", "-S"])
+        .arg(&master)
+        .arg("-f")
+        .arg(&cfg);
+    let _haproxy = Proc::spawn("haproxy", dir.path(), hp);
+    wait_routed(http_port, &["s1"], T).await;
+
+    let master_arg = master.display().to_string();
+    let mut first = renderer("renderer-1", &["--haproxy-master-socket", &master_arg]);
+    let load = Load::start(http_port, 5, 8, false);
+    first.kill(); // crash
+    wait_routed(http_port, &["s1"], T).await;
+    let _second = renderer("renderer-2", &["--haproxy-master-socket", &master_arg]);
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    wait_routed(http_port, &["s1", "s2"], T).await;
+    let result = load.finish();
+    assert_eq!(result.failed(), 0, "{}", result.raw);
+    let proc_out = master_cli(&master, "show proc").await;
+    assert!(
+        proc_out.contains("0 [failed: 0]"),
+        "the new renderer applied s2 without a reload: {proc_out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_killed_during_a_burst_is_caught_up_exactly() {
+    let dir = temp_dir();
+    let mut etcd = Etcd::start(dir.path()).await;
+    let s0 = Backend::start(dir.path(), "s0");
+    put_instance(&etcd, "webapp", "s0", s0.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    let mut c = etcd.client().await;
+    for i in 0..60u16 {
+        let v =
+            registry::Instance::new("webapp", &format!("n{i:02}"), "127.0.0.1", 20000 + i).encode();
+        c.put(format!("/services/webapp/n{i:02}"), v, None)
+            .await
+            .unwrap();
+    }
+    etcd.kill();
+    // HAProxy keeps serving during the outage.
+    assert!(http::get(lb.http_port, "/", None).await.is_ok());
+    etcd.start_again().await;
+    let mut c = etcd.client().await;
+    for i in 0..30u16 {
+        c.delete(format!("/services/webapp/n{i:02}"), None)
+            .await
+            .unwrap();
+    }
+    let mut want: Vec<String> = etcd
+        .get_prefix("/services/webapp/")
+        .await
+        .iter()
+        .map(|kv| kv.key.rsplit('/').next().unwrap().to_string())
+        .collect();
+    want.sort();
+    assert_eq!(want.len(), 31);
+    eventually(T, "config and HAProxy equal the registry", || async {
+        (lb.config_servers() == want && lb.running_servers().await == want).then_some(())
+    })
+    .await;
+}
