@@ -114,7 +114,7 @@ async fn register_all(etcd: &Etcd, backends: &[Backend]) {
 }
 
 async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) -> Vec<Row> {
-    let count = if o.quick { 30 } else { 200 };
+    let count = if o.quick { 20 } else { 200 };
     let e = env(o, 4).await;
     register_all(&e.etcd, &e.backends[..1]).await;
     until_served(e.lb.http_port, "b0", Duration::from_secs(10)).await;
@@ -295,7 +295,7 @@ async fn crash(o: &Opts) -> Vec<Row> {
 }
 
 async fn reload_safety(o: &Opts) -> Vec<Row> {
-    let secs = if o.quick { 8 } else { 60 };
+    let secs = if o.quick { 4 } else { 60 };
     let mut rows = Vec::new();
     for close in [false, true] {
         let e = env(o, 4).await;
@@ -575,7 +575,7 @@ async fn footprint(o: &Opts) -> Vec<Row> {
         ),
     );
     until_served(e.lb.http_port, &b.id, Duration::from_secs(10)).await;
-    let idle = Duration::from_secs(if o.quick { 3 } else { 10 });
+    let idle = Duration::from_secs(if o.quick { 2 } else { 10 });
     let (c0, r0) = (cpu_ticks(reg.pid()), cpu_ticks(e.lb.proc.pid()));
     tokio::time::sleep(idle).await; // the idle period being measured
     let (c1, r1) = (cpu_ticks(reg.pid()), cpu_ticks(e.lb.proc.pid()));
