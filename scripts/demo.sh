@@ -17,6 +17,7 @@ HTTP_PORT=${HTTP_PORT:-8080}
 STATS_PORT=${STATS_PORT:-1936}
 APP_BASE_PORT=${APP_BASE_PORT:-3001}
 RUN_DIR=${RUN_DIR:-$(mktemp -d -t lb-demo-XXXX)}
+mkdir -p "$RUN_DIR"
 ENDPOINT="http://127.0.0.1:${ETCD_PORT}"
 
 echo "==> building (release)" >&2

@@ -29,6 +29,9 @@ impl Proc {
             .unwrap();
         let err = out.try_clone().unwrap();
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // Its own process group, so dropping it also stops what it started (HAProxy under
+        // the renderer) even when it cannot clean up itself.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
@@ -99,10 +102,12 @@ impl Proc {
         &self.log
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL (the whole process group) and reap.
     pub fn kill(&mut self) {
+        let group = Pid::from_raw(-(self.child.id() as i32));
+        let _ = kill(group, Signal::SIGCONT);
+        let _ = kill(group, Signal::SIGKILL);
         if self.try_wait().is_none() {
-            self.signal(Signal::SIGCONT);
             let _ = self.child.kill();
             self.status = self.child.wait().ok();
         }
