@@ -65,6 +65,11 @@ impl Lb {
     }
 
     pub fn start_with_template(dir: &Path, etcd: &Etcd, template: &Path, extra: &[&str]) -> Lb {
+        Self::start_on(dir, &etcd.endpoint(), template, extra)
+    }
+
+    /// Like [`Lb::start`] against any `--endpoints` value (e.g. every member of a cluster).
+    pub fn start_on(dir: &Path, endpoints: &str, template: &Path, extra: &[&str]) -> Lb {
         let http_port = free_port();
         let stats_port = free_port();
         let metrics_port = free_port();
@@ -73,7 +78,7 @@ impl Lb {
         let mut cmd = Command::new(bin("renderer"));
         cmd.env("RUST_LOG", "info")
             .arg("--endpoints")
-            .arg(etcd.endpoint())
+            .arg(endpoints)
             .arg("--template")
             .arg(format!("{}:{}", template.display(), cfg.display()))
             .arg("--haproxy-master-socket")

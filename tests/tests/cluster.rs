@@ -1,0 +1,222 @@
+//! Against a three-member etcd cluster: the leader killed during registrar churn, the
+//! member under the renderer's watch frozen, and two renderers converging byte for byte.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::cluster::Cluster;
+use e2e::lb::{template, wait_routed, Backend, Lb};
+use e2e::load::Load;
+use e2e::{bin, eventually, temp_dir, Proc};
+use etcd_client::Client;
+
+const T: Duration = Duration::from_secs(30);
+
+async fn put(c: &Cluster, id: &str, port: u16) {
+    let v = registry::Instance::new("webapp", id, "127.0.0.1", port).encode();
+    let key = format!("/services/webapp/{id}");
+    // A write may fail while the cluster elects a leader: retry, bounded.
+    eventually(T, "put accepted", || {
+        let (key, v) = (key.clone(), v.clone());
+        async move {
+            let mut client = c.client().await;
+            tokio::time::timeout(Duration::from_secs(2), client.put(key, v, None))
+                .await
+                .ok()?
+                .ok()
+        }
+    })
+    .await;
+}
+
+async fn lease_of(c: &Cluster, id: &str) -> Option<i64> {
+    let mut client = c.client().await;
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        client.get(format!("/services/webapp/{id}"), None),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    r.kvs().first().map(|kv| kv.lease())
+}
+
+fn registrar(dir: &std::path::Path, c: &Cluster, b: &Backend) -> Proc {
+    let mut cmd = Command::new(bin("registrar"));
+    cmd.args([
+        "--endpoints",
+        &c.endpoints(),
+        "--service",
+        "webapp",
+        "--id",
+        &b.id,
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &b.port.to_string(),
+        "--ttl",
+        "3s",
+    ]);
+    Proc::spawn(&format!("registrar-{}", b.id), dir, cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_during_registrar_churn_loses_nothing() {
+    let dir = temp_dir();
+    let mut cluster = Cluster::start(dir.path(), 3).await;
+    let b: Vec<Backend> = (0..4)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    let mut regs: Vec<Proc> = b[..3]
+        .iter()
+        .map(|x| registrar(dir.path(), &cluster, x))
+        .collect();
+    let lbdir = dir.path().join("lb");
+    std::fs::create_dir_all(&lbdir).unwrap();
+    let lb = Lb::start_on(&lbdir, &cluster.endpoints(), &template(), &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s0", "s1", "s2"], T).await;
+    let mut leases = Vec::new();
+    for id in ["s0", "s1", "s2"] {
+        leases.push(lease_of(&cluster, id).await.unwrap());
+    }
+
+    let load = Load::start(lb.http_port, 12, 8, false);
+    let leader = cluster.leader().await;
+    cluster.kill(leader);
+    let killed_at = Instant::now();
+    // Registrar churn while the cluster elects a new leader: s3 joins and leaves.
+    for _ in 0..3 {
+        let mut r = registrar(dir.path(), &cluster, &b[3]);
+        wait_routed(lb.http_port, &["s0", "s1", "s2", "s3"], T).await;
+        r.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(r.exited(T).await.is_some());
+        wait_routed(lb.http_port, &["s0", "s1", "s2"], T).await;
+    }
+    eprintln!(
+        "3 join/leave rounds after killing the leader took {:?}",
+        killed_at.elapsed()
+    );
+    let result = load.finish();
+    assert_eq!(result.failed(), 0, "{}", result.raw);
+    // The live registrations kept their leases through the election.
+    for (i, id) in ["s0", "s1", "s2"].iter().enumerate() {
+        assert_eq!(
+            lease_of(&cluster, id).await,
+            Some(leases[i]),
+            "{id} kept its lease"
+        );
+    }
+    // And a dead one still expires.
+    cluster.restart(leader).await;
+    regs[2].kill();
+    let t = Instant::now();
+    wait_routed(lb.http_port, &["s0", "s1"], T).await;
+    eprintln!(
+        "SIGKILLed registrar out of rotation after {:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_member_under_the_watch_is_left_for_another() {
+    let dir = temp_dir();
+    let cluster = Cluster::start(dir.path(), 3).await;
+    let b: Vec<Backend> = (0..4)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put(&cluster, "s0", b[0].port).await;
+    let lbdir = dir.path().join("lb");
+    std::fs::create_dir_all(&lbdir).unwrap();
+    let lb = Lb::start_on(&lbdir, &cluster.endpoints(), &template(), &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s0"], T).await;
+    // Freeze each member in turn (one of them carries the renderer's watch); a change made
+    // meanwhile through the others must reach HAProxy within seconds.
+    let mut want = vec!["s0".to_string()];
+    for i in 0..3 {
+        cluster.freeze(i);
+        let id = format!("s{}", i + 1);
+        let t = Instant::now();
+        put(&cluster, &id, b[i + 1].port).await;
+        want.push(id.clone());
+        let refs: Vec<&str> = want.iter().map(String::as_str).collect();
+        wait_routed(lb.http_port, &refs, T).await;
+        eprintln!("member {i} frozen: change applied after {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "took {:?}",
+            t.elapsed()
+        );
+        cluster.thaw(i);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_renderers_under_churn_end_with_identical_configs() {
+    let dir = temp_dir();
+    let cluster = Cluster::start(dir.path(), 3).await;
+    let b: Vec<Backend> = (0..4)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put(&cluster, "s0", b[0].port).await;
+    let lbs: Vec<Lb> = (0..2)
+        .map(|i| {
+            let d = dir.path().join(format!("lb{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            Lb::start_on(&d, &cluster.endpoints(), &template(), &[])
+        })
+        .collect();
+    for lb in &lbs {
+        lb.wait_serving().await;
+    }
+    let mut client: Client = cluster.client().await;
+    for i in 0..40usize {
+        let x = &b[1 + i % 3];
+        let key = format!("/services/webapp/{}", x.id);
+        if (i / 3) % 2 == 0 {
+            let v = registry::Instance::new("webapp", &x.id, "127.0.0.1", x.port).encode();
+            client.put(key, v, None).await.unwrap();
+        } else {
+            client.delete(key, None).await.unwrap();
+        }
+    }
+    let mut want: Vec<String> = client
+        .get(
+            "/services/webapp/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .map(|kv| {
+            String::from_utf8_lossy(kv.key())
+                .rsplit('/')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    want.sort();
+    eventually(T, "both renderers applied the final set", || async {
+        lbs.iter()
+            .all(|lb| lb.config_servers() == want)
+            .then_some(())
+    })
+    .await;
+    let (a, b) = (lbs[0].config(), lbs[1].config());
+    // The files differ only in the per-LB variables (ports, runtime dir) given on the
+    // command line; normalise those and compare the rest byte for byte.
+    let norm = |cfg: &str, lb: &Lb, dir: &str| {
+        cfg.replace(&lb.http_port.to_string(), "HTTP")
+            .replace(&lb.stats_port.to_string(), "STATS")
+            .replace(dir, "DIR")
+    };
+    let da = dir.path().join("lb0").display().to_string();
+    let db = dir.path().join("lb1").display().to_string();
+    assert_eq!(norm(&a, &lbs[0], &da), norm(&b, &lbs[1], &db));
+}
