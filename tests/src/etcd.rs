@@ -18,6 +18,8 @@ pub struct Etcd {
     starts: u32,
     /// Certificates dir (deploy/etcd-secure.sh layout) when etcd serves TLS.
     tls: Option<PathBuf>,
+    /// Extra addresses (besides 127.0.0.1) the client port listens on.
+    extra_listen: Vec<String>,
     pub proc: Option<Proc>,
 }
 
@@ -42,6 +44,23 @@ impl Etcd {
         Self::start_with(dir, Some(certs.to_path_buf())).await
     }
 
+    /// Starts etcd listening on 127.0.0.1 and on `addresses` (e.g. the host side of a veth
+    /// link to a test network namespace).
+    pub async fn start_listening(dir: &Path, addresses: &[&str]) -> Etcd {
+        let mut e = Etcd {
+            client_port: free_port(),
+            peer_port: free_port(),
+            data_dir: dir.join("etcd-data"),
+            log_dir: dir.to_path_buf(),
+            starts: 0,
+            tls: None,
+            extra_listen: addresses.iter().map(|a| a.to_string()).collect(),
+            proc: None,
+        };
+        e.launch().await;
+        e
+    }
+
     async fn start_with(dir: &Path, tls: Option<PathBuf>) -> Etcd {
         let mut e = Etcd {
             client_port: free_port(),
@@ -50,6 +69,7 @@ impl Etcd {
             log_dir: dir.to_path_buf(),
             starts: 0,
             tls,
+            extra_listen: Vec::new(),
             proc: None,
         };
         e.launch().await;
@@ -81,7 +101,16 @@ impl Etcd {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen-client-urls")
-            .arg(self.endpoint())
+            .arg(
+                std::iter::once(self.endpoint())
+                    .chain(
+                        self.extra_listen
+                            .iter()
+                            .map(|a| format!("http://{a}:{}", self.client_port)),
+                    )
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
             .arg("--advertise-client-urls")
             .arg(self.endpoint())
             .arg("--listen-peer-urls")

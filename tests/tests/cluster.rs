@@ -220,3 +220,87 @@ async fn two_renderers_under_churn_end_with_identical_configs() {
     let db = dir.path().join("lb1").display().to_string();
     assert_eq!(norm(&a, &lbs[0], &da), norm(&b, &lbs[1], &db));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_loses_its_leader_cancels_the_watch_instead_of_going_silent() {
+    let dir = temp_dir();
+    let cluster = Cluster::start(dir.path(), 3).await;
+    let b: Vec<Backend> = (0..3)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put(&cluster, "s0", b[0].port).await;
+    // The renderer talks to member 0 only, so its watch is there.
+    let lbdir = dir.path().join("lb");
+    std::fs::create_dir_all(&lbdir).unwrap();
+    let lb = Lb::start_on(&lbdir, &cluster.endpoint(0), &template(), &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s0"], T).await;
+    // Members 1 and 2 stop answering: member 0 is alive but has no quorum, hence no leader.
+    cluster.freeze(1);
+    cluster.freeze(2);
+    let t = Instant::now();
+    eventually(T, "watch cancelled for lack of a leader", || async {
+        let log = lb.proc.log();
+        (log.contains("no leader") || log.contains("cancelled by etcd")).then_some(())
+    })
+    .await;
+    eprintln!("leader lost -> watch cancelled after {:?}", t.elapsed());
+    cluster.thaw(1);
+    cluster.thaw(2);
+    // Back to a quorum: the watch resumes from its revision and nothing is missed.
+    put(&cluster, "s1", b[1].port).await;
+    wait_routed(lb.http_port, &["s0", "s1"], T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_instances_across_a_hundred_services_list_in_pages() {
+    let dir = temp_dir();
+    let cluster = Cluster::start(dir.path(), 3).await;
+    // 10 000 records, written by 8 concurrent writers.
+    let mut writers = Vec::new();
+    for w in 0..8u32 {
+        let mut client = cluster.client().await;
+        writers.push(tokio::spawn(async move {
+            for n in (w..10_000).step_by(8) {
+                let (svc, id) = (format!("svc{:02}", n / 100), format!("i{n:05}"));
+                let v = registry::Instance::new(&svc, &id, "10.0.0.1", 1000 + (n % 60_000) as u16)
+                    .encode();
+                client
+                    .put(format!("/services/{svc}/{id}"), v, None)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let t = dir.path().join("count.hbs");
+    std::fs::write(&t, "{{#each services}}{{@key}} {{len this}}\n{{/each}}").unwrap();
+    let started = Instant::now();
+    let out = Command::new(bin("renderer"))
+        .args([
+            "--endpoints",
+            &cluster.endpoints(),
+            "--dry-run",
+            "--template",
+        ])
+        .arg(format!("{}:/dev/null", t.display()))
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 100, "100 services");
+    assert!(
+        lines.iter().all(|l| l.ends_with(" 100")),
+        "100 instances each: {text}"
+    );
+    eprintln!("list + render of 10 000 instances (process start included): {took:?}");
+    assert!(took < Duration::from_secs(10), "generous bound: {took:?}");
+}

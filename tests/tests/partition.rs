@@ -1,0 +1,222 @@
+//! Faults that need more than processes on loopback: a web-app host cut off from etcd by a
+//! real network partition (a network namespace joined by a veth pair, created and removed by
+//! the test), and a full disk under the renderer's destination (a tiny tmpfs).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::lb::{put_instance, template, wait_routed, Backend, Lb};
+use e2e::{bin, eventually, free_port, temp_dir, Etcd, Proc};
+
+const T: Duration = Duration::from_secs(30);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace with one veth link to the host: host 10.231.0.1, namespace
+/// 10.231.0.2 (a /30 that exists only on this link). Removed on drop.
+struct Netns {
+    name: String,
+    host_if: String,
+}
+
+impl Netns {
+    fn create() -> Netns {
+        let tag = std::process::id() % 100_000;
+        let n = Netns {
+            name: format!("lbp{tag}"),
+            host_if: format!("lbh{tag}"),
+        };
+        let peer = format!("lbn{tag}");
+        ip(&["netns", "add", &n.name]);
+        ip(&[
+            "link", "add", &n.host_if, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", &n.name]);
+        ip(&["addr", "add", "10.231.0.1/30", "dev", &n.host_if]);
+        ip(&["link", "set", &n.host_if, "up"]);
+        ip(&["-n", &n.name, "addr", "add", "10.231.0.2/30", "dev", &peer]);
+        ip(&["-n", &n.name, "link", "set", &peer, "up"]);
+        ip(&["-n", &n.name, "link", "set", "lo", "up"]);
+        n
+    }
+
+    /// A command run inside the namespace.
+    fn command(&self, program: &std::path::Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(program);
+        c
+    }
+
+    fn cut(&self, down: bool) {
+        ip(&[
+            "link",
+            "set",
+            &self.host_if,
+            if down { "down" } else { "up" },
+        ]);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_web_app_host_leaves_rotation_and_returns() {
+    let dir = temp_dir();
+    let ns = Netns::create();
+    // etcd reachable from the host (loopback) and from the namespace (veth).
+    let etcd = Etcd::start_listening(dir.path(), &["10.231.0.1"]).await;
+    let s0 = Backend::start(dir.path(), "s0");
+    put_instance(&etcd, "webapp", "s0", s0.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+
+    // The web app and its registrar live on the "other host".
+    let port = free_port();
+    let mut app = ns.command(&bin("webapp"));
+    app.args([
+        "--bind",
+        "10.231.0.2",
+        "--port",
+        &port.to_string(),
+        "--id",
+        "far",
+    ]);
+    let _app = Proc::spawn("webapp-far", dir.path(), app);
+    let mut reg = ns.command(&bin("registrar"));
+    reg.args([
+        "--endpoints",
+        &format!("http://10.231.0.1:{}", etcd.client_port),
+        "--service",
+        "webapp",
+        "--id",
+        "far",
+        "--address",
+        "10.231.0.2",
+        "--port",
+        &port.to_string(),
+        "--ttl",
+        "3s",
+    ]);
+    let _reg = Proc::spawn("registrar-far", dir.path(), reg);
+    wait_routed(lb.http_port, &["far", "s0"], T).await;
+
+    ns.cut(true);
+    let t = Instant::now();
+    eventually(T, "lease of the cut-off instance expires", || async {
+        etcd.get("/services/webapp/far")
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eprintln!("partition -> key gone after {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(8));
+    wait_routed(lb.http_port, &["s0"], T).await;
+
+    ns.cut(false);
+    let t = Instant::now();
+    wait_routed(lb.http_port, &["far", "s0"], T).await;
+    eprintln!("healed -> back in rotation after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "re-registered after {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_keeps_the_old_config_and_retries() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s1, s2, s3) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+        Backend::start(dir.path(), "s3"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    // The destination lives on a 256 KiB tmpfs the test fills up.
+    let fs = dir.path().join("cfgfs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&fs)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs (tests run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(fs.clone());
+    let (http_port, stats_port) = (free_port(), free_port());
+    let cfg = fs.join("haproxy.cfg");
+    let mut cmd = Command::new(bin("renderer"));
+    cmd.args([
+        "--endpoints",
+        &etcd.endpoint(),
+        "--metrics-addr",
+        "off",
+        "--no-runtime-api",
+        "--template",
+    ])
+    .arg(format!("{}:{}", template().display(), cfg.display()))
+    .args([
+        "--var",
+        &format!("http_port={http_port}"),
+        "--var",
+        &format!("stats_port={stats_port}"),
+        "--var",
+        "bind_address=127.0.0.1",
+        "--var",
+        &format!("runtime_dir={}", dir.path().display()),
+        "--haproxy-master-socket",
+    ])
+    .arg(dir.path().join("master.sock"))
+    .args(["--", "haproxy", "-W", "-db", "-f"])
+    .arg(&cfg);
+    let renderer = Proc::spawn("renderer", dir.path(), cmd);
+    wait_routed(http_port, &["s1"], T).await;
+    let good = std::fs::read_to_string(&cfg).unwrap();
+
+    // Fill the disk, then change the registry: the write fails, the old config stays.
+    let filler = fs.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 512 * 1024]);
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    eventually(T, "write failure reported", || async {
+        renderer
+            .log()
+            .contains("No space left on device")
+            .then_some(())
+    })
+    .await;
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), good);
+    wait_routed(http_port, &["s1"], T).await;
+
+    // Space back: the next change goes through (and carries the one that failed).
+    std::fs::remove_file(&filler).unwrap();
+    put_instance(&etcd, "webapp", "s3", s3.port).await;
+    wait_routed(http_port, &["s1", "s2", "s3"], T).await;
+}
