@@ -313,6 +313,39 @@ mod tests {
     }
 
     #[test]
+    fn data_excludes_quarantined_and_caps_per_service() {
+        let mut m = Model::new("/services");
+        for id in ["a", "b", "c", "d"] {
+            m.put(
+                &format!("/services/web/{id}"),
+                rec("web", id, 80).as_bytes(),
+            );
+        }
+        m.put("/services/api/x", rec("api", "x", 80).as_bytes());
+        let exclude: BTreeSet<String> = ["/services/web/b".to_string()].into();
+        let (data, cut) = m.template_data_with(&BTreeMap::new(), &exclude, 2);
+        let ids: Vec<_> = data["services"]["web"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].clone())
+            .collect();
+        assert_eq!(
+            ids,
+            vec!["a", "c"],
+            "b quarantined, d over the cap (lowest ids kept)"
+        );
+        assert_eq!(cut, 1);
+        assert_eq!(data["instances"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            m.culprit("server c 10.0.0.1:80 check bogus", &BTreeSet::new())
+                .as_deref(),
+            Some("/services/web/c")
+        );
+        assert_eq!(m.culprit("unrelated line", &BTreeSet::new()), None);
+    }
+
+    #[test]
     fn reset_reports_changes_only_when_content_differs() {
         let mut m = Model::new("/services");
         let a = rec("web", "a", 80);
