@@ -12,6 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+pub mod cli;
+
 pub use prometheus_client;
 
 /// Sets up `tracing`: filter from `RUST_LOG` (default `info`), JSON or human text on stderr.

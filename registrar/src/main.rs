@@ -3,21 +3,12 @@
 //! exec mode).
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use observe::cli::EX_USAGE;
 use registrar::config::{Args, Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 
-const EX_USAGE: i32 = 64;
-
 fn main() {
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
-            let _ = e.print();
-            std::process::exit(code);
-        }
-    };
+    let args: Args = observe::cli::parse_or_exit();
     observe::init_logging(args.log_format == LogFormat::Json);
     let config = match Config::from_args(args) {
         Ok(c) => c,
@@ -26,18 +17,7 @@ fn main() {
             std::process::exit(EX_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("registrar: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let code = runtime.block_on(async {
+    observe::cli::run_and_exit("registrar", 1, async {
         let shutdown = CancellationToken::new();
         let (forward, stop_signal) = match registrar::signal::install(shutdown.clone()) {
             Ok(s) => s,
@@ -61,6 +41,5 @@ fn main() {
                 1
             }
         }
-    });
-    std::process::exit(code);
+    })
 }

@@ -4,23 +4,15 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
+use observe::cli::EX_USAGE;
 use renderer::config::{Args, Config, LogFormat};
 use tokio_util::sync::CancellationToken;
-
-const EX_USAGE: i32 = 64;
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("status") {
         std::process::exit(status());
     }
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
-            let _ = e.print();
-            std::process::exit(code);
-        }
-    };
+    let args: Args = observe::cli::parse_or_exit();
     observe::init_logging(args.log_format == LogFormat::Json);
     let config = match Config::from_args(args) {
         Ok(c) => c,
@@ -29,18 +21,7 @@ fn main() {
             std::process::exit(EX_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("renderer: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    let code = runtime.block_on(async {
+    observe::cli::run_and_exit("renderer", 2, async {
         let shutdown = CancellationToken::new();
         if let Err(e) = renderer::signal::install(shutdown.clone()) {
             eprintln!("renderer: cannot install signal handlers: {e}");
@@ -53,8 +34,7 @@ fn main() {
                 e.exit_code()
             }
         }
-    });
-    std::process::exit(code);
+    })
 }
 
 /// `renderer status [flags]`: prints the report; 0, or 1 when etcd cannot be read.
