@@ -12,6 +12,10 @@ use crate::{eventually, free_port, Proc};
 
 struct Member {
     name: String,
+    /// Address the member listens on (client and peer).
+    addr: String,
+    /// Network namespace it runs in, if any.
+    netns: Option<String>,
     client_port: u16,
     peer_port: u16,
     data_dir: PathBuf,
@@ -28,9 +32,19 @@ pub struct Cluster {
 impl Cluster {
     /// Starts `n` members and waits until every one answers.
     pub async fn start(dir: &Path, n: usize) -> Cluster {
+        let placement: Vec<(&str, Option<&str>)> = (0..n).map(|_| ("127.0.0.1", None)).collect();
+        Self::start_placed(dir, &placement).await
+    }
+
+    /// Starts one member per `(address, network namespace)`; a member in a namespace is run
+    /// with `ip netns exec`.
+    pub async fn start_placed(dir: &Path, placement: &[(&str, Option<&str>)]) -> Cluster {
+        let n = placement.len();
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
+                addr: placement[i].0.to_string(),
+                netns: placement[i].1.map(str::to_string),
                 client_port: free_port(),
                 peer_port: free_port(),
                 data_dir: dir.join(format!("etcd-m{i}")),
@@ -54,7 +68,7 @@ impl Cluster {
     fn initial_cluster(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{}:{}", m.name, m.addr, m.peer_port))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -62,9 +76,16 @@ impl Cluster {
     fn launch(&mut self, i: usize, state: &str) {
         let initial = self.initial_cluster();
         let m = &mut self.members[i];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let mut cmd = Command::new("etcd");
+        let client = format!("http://{}:{}", m.addr, m.client_port);
+        let peer = format!("http://{}:{}", m.addr, m.peer_port);
+        let mut cmd = match &m.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "etcd"]);
+                c
+            }
+            None => Command::new("etcd"),
+        };
         cmd.args(["--name", &m.name, "--data-dir"])
             .arg(&m.data_dir)
             .args([
@@ -121,7 +142,14 @@ impl Cluster {
     }
 
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client_port)
+        format!(
+            "http://{}:{}",
+            self.members[i].addr, self.members[i].client_port
+        )
+    }
+
+    pub fn peer_port(&self, i: usize) -> u16 {
+        self.members[i].peer_port
     }
 
     /// All members, comma-separated (for --endpoints).

@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod http;
 pub mod lb;
 pub mod load;
+pub mod netns;
 pub mod proc;
 
 use std::collections::HashSet;

@@ -304,3 +304,112 @@ async fn ten_thousand_instances_across_a_hundred_services_list_in_pages() {
     eprintln!("list + render of 10 000 instances (process start included): {took:?}");
     assert!(took < Duration::from_secs(10), "generous bound: {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_member_does_not_stall_the_renderer() {
+    use e2e::netns::Netns;
+    let dir = temp_dir();
+    let ns = Netns::create();
+    // m0 lives in its own network namespace; m1 and m2 on the host side of the veth link.
+    let cluster = Cluster::start_placed(
+        dir.path(),
+        &[
+            ("10.231.0.2", Some(ns.name.as_str())),
+            ("10.231.0.1", None),
+            ("10.231.0.1", None),
+        ],
+    )
+    .await;
+    let b: Vec<Backend> = (0..4)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    put(&cluster, "s0", b[0].port).await;
+    let lbdir = dir.path().join("lb");
+    std::fs::create_dir_all(&lbdir).unwrap();
+    let lb = Lb::start_on(&lbdir, &cluster.endpoints(), &template(), &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s0"], T).await;
+    // A second renderer that can only reach m0: its watch is certainly on the partitioned
+    // member.
+    let lbdir2 = dir.path().join("lb-m0");
+    std::fs::create_dir_all(&lbdir2).unwrap();
+    let lb_m0 = Lb::start_on(&lbdir2, &cluster.endpoint(0), &template(), &[]);
+    lb_m0.wait_serving().await;
+    wait_routed(lb_m0.http_port, &["s0"], T).await;
+
+    // Partition m0 from its peers only (iptables inside the test's own namespace, both
+    // directions of every peer connection): clients can still reach it, but it has no
+    // quorum and so no leader.
+    let peer_rules = |op: &str| {
+        let (p0, p1, p2) = (
+            cluster.peer_port(0),
+            cluster.peer_port(1),
+            cluster.peer_port(2),
+        );
+        for (chain, dir, port) in [
+            ("INPUT", "--dport", p0),
+            ("OUTPUT", "--sport", p0),
+            ("OUTPUT", "--dport", p1),
+            ("INPUT", "--sport", p1),
+            ("OUTPUT", "--dport", p2),
+            ("INPUT", "--sport", p2),
+        ] {
+            let status = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns.name,
+                    "iptables",
+                    op,
+                    chain,
+                    "-p",
+                    "tcp",
+                    dir,
+                    &port.to_string(),
+                    "-j",
+                    "DROP",
+                ])
+                .status()
+                .unwrap();
+            assert!(status.success(), "iptables in the test namespace");
+        }
+    };
+    peer_rules("-A");
+    let t = Instant::now();
+    // The renderer stuck with m0 does not sit on a silent stream: m0 loses its leader and
+    // cancels the require-leader watch; the renderer keeps the last good config meanwhile.
+    eventually(T, "m0 cancels the watch for lack of a leader", || async {
+        let log = lb_m0.proc.log();
+        (log.contains("no leader") || log.contains("cancelled by etcd")).then_some(())
+    })
+    .await;
+    eprintln!(
+        "m0 partitioned: watch on m0 cancelled after {:?}",
+        t.elapsed()
+    );
+    // The majority keeps working, and so does the renderer that can reach it.
+    let t = Instant::now();
+    for (i, id) in ["s1", "s2"].iter().enumerate() {
+        put(&cluster, id, b[i + 1].port).await;
+    }
+    wait_routed(lb.http_port, &["s0", "s1", "s2"], T).await;
+    eprintln!(
+        "m0 partitioned: changes applied through the majority after {:?}",
+        t.elapsed()
+    );
+    wait_routed(lb_m0.http_port, &["s0"], T).await;
+
+    // Heal: nothing was missed, the config equals the registry.
+    peer_rules("-D");
+    put(&cluster, "s3", b[3].port).await;
+    wait_routed(lb.http_port, &["s0", "s1", "s2", "s3"], T).await;
+    // The m0-only renderer catches up with everything it missed.
+    wait_routed(lb_m0.http_port, &["s0", "s1", "s2", "s3"], T).await;
+    eventually(T, "both configs equal the registry", || async {
+        let want = ["s0", "s1", "s2", "s3"];
+        (lb.config_servers() == want && lb_m0.config_servers() == want).then_some(())
+    })
+    .await;
+    drop(cluster);
+    drop(ns);
+}
