@@ -12,6 +12,9 @@ command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 # The container tests build images locally (debootstrap) and drive docker-compose.
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
+# Partition tests: network namespaces, veth links and iptables inside the namespace.
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}" >&2
   SUDO=""
