@@ -16,6 +16,35 @@ pub fn template() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/haproxy.cfg.hbs")
 }
 
+/// A renderer command rendering `template` to `cfg` with the traffic and stats ports,
+/// loopback binds and `runtime_dir` for the admin socket; callers add the reload mode and
+/// any other flags.
+pub fn renderer_command(
+    endpoints: &str,
+    template: &Path,
+    cfg: &Path,
+    (http_port, stats_port): (u16, u16),
+    runtime_dir: &Path,
+) -> Command {
+    let mut cmd = Command::new(bin("renderer"));
+    cmd.env("RUST_LOG", "info")
+        .args(["--endpoints", endpoints, "--template"])
+        .arg(format!("{}:{}", template.display(), cfg.display()))
+        .args([
+            "--var",
+            &format!("http_port={http_port}"),
+            "--var",
+            &format!("stats_port={stats_port}"),
+        ])
+        .args([
+            "--var",
+            "bind_address=127.0.0.1",
+            "--var",
+            &format!("runtime_dir={}", runtime_dir.display()),
+        ]);
+    cmd
+}
+
 /// renderer + HAProxy (exec mode).
 pub struct Lb {
     pub http_port: u16,
@@ -75,30 +104,13 @@ impl Lb {
         let metrics_port = free_port();
         let cfg = dir.join("haproxy.cfg");
         let master = dir.join("master.sock");
-        let mut cmd = Command::new(bin("renderer"));
-        cmd.env("RUST_LOG", "info")
-            .arg("--endpoints")
-            .arg(endpoints)
-            .arg("--template")
-            .arg(format!("{}:{}", template.display(), cfg.display()))
-            .arg("--haproxy-master-socket")
+        let mut cmd = renderer_command(endpoints, template, &cfg, (http_port, stats_port), dir);
+        cmd.arg("--haproxy-master-socket")
             .arg(&master)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))
-            .arg("--var")
-            .arg(format!("http_port={http_port}"))
-            .arg("--var")
-            .arg(format!("stats_port={stats_port}"))
-            .arg("--var")
-            .arg("bind_address=127.0.0.1")
-            .arg("--var")
-            .arg(format!("runtime_dir={}", dir.display()))
             .args(extra)
-            .arg("--")
-            .arg("haproxy")
-            .arg("-W")
-            .arg("-db")
-            .arg("-f")
+            .args(["--", "haproxy", "-W", "-db", "-f"])
             .arg(&cfg);
         let proc = Proc::spawn("renderer", dir, cmd);
         Lb {

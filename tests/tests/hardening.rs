@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::lb::{master_cli, put_instance, template, wait_routed, Backend, Lb};
+use e2e::lb::{master_cli, put_instance, renderer_command, template, wait_routed, Backend, Lb};
 use e2e::load::Load;
 use e2e::{bin, eventually, free_port, http, temp_dir, Etcd, Proc};
 use nix::sys::signal::Signal;
@@ -168,26 +168,14 @@ async fn a_renderer_restarted_under_a_running_haproxy_loses_no_traffic() {
     let cfg = dir.path().join("haproxy.cfg");
     let master = dir.path().join("master.sock");
     let renderer = |name: &str, extra: &[&str]| {
-        let mut cmd = Command::new(bin("renderer"));
-        cmd.args([
-            "--endpoints",
+        let mut cmd = renderer_command(
             &etcd.endpoint(),
-            "--metrics-addr",
-            "off",
-            "--template",
-        ])
-        .arg(format!("{}:{}", template().display(), cfg.display()))
-        .args([
-            "--var",
-            &format!("http_port={http_port}"),
-            "--var",
-            &format!("stats_port={stats_port}"),
-            "--var",
-            "bind_address=127.0.0.1",
-            "--var",
-            &format!("runtime_dir={}", dir.path().display()),
-        ])
-        .args(extra);
+            &template(),
+            &cfg,
+            (http_port, stats_port),
+            dir.path(),
+        );
+        cmd.args(["--metrics-addr", "off"]).args(extra);
         Proc::spawn(name, dir.path(), cmd)
     };
     // Write the first config once, then run HAProxy on its own (as a system service would).

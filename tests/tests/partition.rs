@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use e2e::lb::{put_instance, template, wait_routed, Backend, Lb};
+use e2e::lb::{put_instance, renderer_command, template, wait_routed, Backend, Lb};
 use e2e::netns::Netns;
 use e2e::{bin, eventually, free_port, temp_dir, Etcd, Proc};
 
@@ -106,25 +106,17 @@ async fn a_full_disk_keeps_the_old_config_and_retries() {
     let _unmount = Unmount(fs.clone());
     let (http_port, stats_port) = (free_port(), free_port());
     let cfg = fs.join("haproxy.cfg");
-    let mut cmd = Command::new(bin("renderer"));
-    cmd.args([
-        "--endpoints",
+    let mut cmd = renderer_command(
         &etcd.endpoint(),
+        &template(),
+        &cfg,
+        (http_port, stats_port),
+        dir.path(),
+    );
+    cmd.args([
         "--metrics-addr",
         "off",
         "--no-runtime-api",
-        "--template",
-    ])
-    .arg(format!("{}:{}", template().display(), cfg.display()))
-    .args([
-        "--var",
-        &format!("http_port={http_port}"),
-        "--var",
-        &format!("stats_port={stats_port}"),
-        "--var",
-        "bind_address=127.0.0.1",
-        "--var",
-        &format!("runtime_dir={}", dir.path().display()),
         "--haproxy-master-socket",
     ])
     .arg(dir.path().join("master.sock"))
