@@ -200,8 +200,13 @@ impl Cluster {
 
     /// A client on the live members.
     pub async fn client(&self) -> Client {
+        self.client_without(usize::MAX).await
+    }
+
+    /// A client on the live members other than `skip` (e.g. a frozen one).
+    pub async fn client_without(&self, skip: usize) -> Client {
         let eps: Vec<String> = (0..self.members.len())
-            .filter(|i| self.members[*i].proc.is_some())
+            .filter(|i| *i != skip && self.members[*i].proc.is_some())
             .map(|i| self.endpoint(i))
             .collect();
         Client::connect(eps, None)

@@ -380,7 +380,7 @@ async fn churn_under_load(close: bool) {
     }
     put_instance(&etcd, "webapp", "s1", b[0].port).await;
     put_instance(&etcd, "webapp", "s2", b[1].port).await;
-    let lb = Lb::start(dir.path(), &etcd, &[]);
+    let lb = Lb::start(dir.path(), &etcd, &["--no-runtime-api"]);
     lb.wait_serving().await;
     wait_routed(lb.http_port, &["s1", "s2"], T).await;
     let (reloads_before, _, _) = lb.proc_state().await;
@@ -412,10 +412,9 @@ async fn churn_under_load(close: bool) {
         "failed requests under churn: {}",
         result.raw
     );
-    assert_eq!(
-        reloads_after, reloads_before,
-        "membership churn goes through the runtime API: no reload"
-    );
+    // The reload path (runtime_api.rs covers the live path): every change is a graceful
+    // master-worker reload, and none of them drops a request.
+    assert!(reloads_after > reloads_before, "churn caused reloads");
     assert_eq!(failed_reloads, 0);
     // The running set equals the file after the churn.
     let mut running = lb.running_servers().await;
