@@ -327,13 +327,7 @@ impl Registration {
         let limit = self
             .request_timeout
             .min(Duration::from_secs(self.ttl as u64) / 3);
-        match tokio::time::timeout(limit, round).await {
-            Ok(r) => r,
-            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("keep-alive not answered within {limit:?}"),
-            ))),
-        }
+        registry::etcd::within(limit, "keep-alive", round).await
     }
 
     /// Puts the key back (healthy) or deletes it while keeping the lease (unhealthy).
@@ -374,17 +368,11 @@ impl Registration {
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, etcd_client::Error> {
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.request_timeout, fut).await;
+        let result = registry::etcd::within(self.request_timeout, "etcd request", fut).await;
         self.metrics
             .etcd_seconds
             .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(r) => r,
-            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("etcd did not answer within {:?}", self.request_timeout),
-            ))),
-        }
+        result
     }
 }
 

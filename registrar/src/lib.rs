@@ -13,7 +13,6 @@ pub mod metrics;
 pub mod signal;
 
 use nix::sys::signal::Signal;
-use registry::etcd::{Backoff, ConnectError};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -44,21 +43,6 @@ pub struct Signals {
     pub forward: mpsc::UnboundedReceiver<Signal>,
     /// The signal that requested shutdown (valid once `shutdown` is cancelled).
     pub stop_signal: watch::Receiver<Signal>,
-}
-
-impl Signals {
-    /// No forwarding; shutdown passes SIGTERM on. For embedding and tests.
-    pub fn none() -> (Signals, mpsc::UnboundedSender<Signal>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (_stop_tx, stop_rx) = watch::channel(Signal::SIGTERM);
-        (
-            Signals {
-                forward: rx,
-                stop_signal: stop_rx,
-            },
-            tx,
-        )
-    }
 }
 
 /// Runs until `shutdown` (or, in exec mode, until the app exits). Returns the process
@@ -227,28 +211,22 @@ async fn register(
     metrics: metrics::Metrics,
     stop: CancellationToken,
 ) -> Result<(), Error> {
-    let mut backoff = Backoff::new(std::time::Duration::from_secs(2));
-    let client = loop {
-        let attempt = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            r = config.etcd.connect() => r,
-        };
-        match attempt {
-            Ok(c) => break c,
-            Err(ConnectError::Fatal(msg)) => {
-                error!(error = %msg, "cannot use etcd");
-                return Err(Error::EtcdSetup(msg));
-            }
-            Err(e @ ConnectError::Unavailable { .. }) => {
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "etcd not reachable yet; the app keeps running, registration waits");
-                if lease::sleep_or_stop(delay, &stop).await {
-                    return Ok(());
-                }
-            }
+    let attempt = config
+        .etcd
+        .connect_retrying(
+            &stop,
+            std::time::Duration::from_secs(2),
+            "the app keeps running, registration waits",
+        )
+        .await;
+    let client = match attempt {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            error!(error = %e, "cannot use etcd");
+            return Err(Error::EtcdSetup(e.to_string()));
         }
     };
-    info!(endpoints = %config.etcd.endpoints_display(), "connected to etcd");
     lease::Registration::new(
         client,
         key,

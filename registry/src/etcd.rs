@@ -155,6 +155,39 @@ impl EtcdArgs {
         Ok(opts)
     }
 
+    /// Connects, retrying with capped backoff (100 ms … `max_backoff`) while etcd is
+    /// unreachable and logging each failure with `waiting` (what the caller does
+    /// meanwhile). `Ok(None)` when `stop` fires first; fatal setup errors are returned.
+    pub async fn connect_retrying(
+        &self,
+        stop: &tokio_util::sync::CancellationToken,
+        max_backoff: Duration,
+        waiting: &str,
+    ) -> Result<Option<Client>, ConnectError> {
+        let mut backoff = Backoff::new(max_backoff);
+        loop {
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => return Ok(None),
+                r = self.connect() => r,
+            };
+            match attempt {
+                Ok(c) => {
+                    tracing::info!(endpoints = %self.endpoints_display(), "connected to etcd");
+                    return Ok(Some(c));
+                }
+                Err(e @ ConnectError::Fatal(_)) => return Err(e),
+                Err(e @ ConnectError::Unavailable { .. }) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "etcd not reachable; {waiting}");
+                    tokio::select! {
+                        _ = stop.cancelled() => return Ok(None),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
     /// Connects and proves the cluster answers (a `status` call) within `--dial-timeout`.
     /// `Client::connect` alone is lazy and proves nothing.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
@@ -221,6 +254,22 @@ pub fn classify(endpoints: &str, e: &etcd_client::Error) -> ConnectError {
             endpoints: endpoints.to_string(),
             message,
         }
+    }
+}
+
+/// Runs one etcd call bounded by `limit`; running out of time becomes an I/O `TimedOut`
+/// error naming `what`, so callers handle it like any other failed call.
+pub async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, etcd_client::Error> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} not answered within {limit:?}"),
+        ))),
     }
 }
 

@@ -21,7 +21,7 @@ use std::process::ExitStatus;
 
 use etcd_client::Client;
 use nix::sys::signal::Signal;
-use registry::etcd::{Backoff, ConnectError};
+use registry::etcd::ConnectError;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -491,31 +491,19 @@ fn record_apply(
 }
 
 async fn connect(config: &Config, stop: &CancellationToken) -> Result<Option<Client>, Error> {
-    let mut backoff = Backoff::new(std::time::Duration::from_secs(2));
-    loop {
-        let attempt = tokio::select! {
-            _ = stop.cancelled() => return Ok(None),
-            r = config.etcd.connect() => r,
-        };
-        match attempt {
-            Ok(c) => {
-                info!(endpoints = %config.etcd.endpoints_display(), "connected to etcd");
-                return Ok(Some(c));
-            }
-            Err(ConnectError::Fatal(msg)) => return Err(Error::EtcdSetup(msg)),
-            Err(e @ ConnectError::Unavailable { .. }) => {
-                if config.once {
-                    return Err(Error::EtcdUnavailable(e.to_string()));
-                }
-                let delay = backoff.next_delay();
-                warn!(error = %e, retry_in = ?delay, "etcd not reachable; keeping the last config");
-                tokio::select! {
-                    _ = stop.cancelled() => return Ok(None),
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
+    let attempt = if config.once {
+        config.etcd.connect().await.map(Some)
+    } else {
+        let waiting = "keeping the last config";
+        config
+            .etcd
+            .connect_retrying(stop, std::time::Duration::from_secs(2), waiting)
+            .await
+    };
+    attempt.map_err(|e| match e {
+        ConnectError::Fatal(msg) => Error::EtcdSetup(msg),
+        e @ ConnectError::Unavailable { .. } => Error::EtcdUnavailable(e.to_string()),
+    })
 }
 
 /// --once / --dry-run: one listing, one render (and apply), then exit.

@@ -364,13 +364,7 @@ impl Watcher {
         &self,
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, etcd_client::Error> {
-        match tokio::time::timeout(self.request_timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("etcd did not answer within {:?}", self.request_timeout),
-            ))),
-        }
+        registry::etcd::within(self.request_timeout, "etcd request", fut).await
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use renderer::apply::haproxy::ProcTable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -157,29 +158,9 @@ impl Lb {
 
     async fn proc_state_once(&self) -> (u32, u32, u32) {
         let out = self.master_cli("show proc").await;
-        let mut reloads = (0, 0);
-        let mut worker = 0;
-        let mut in_workers = false;
-        for line in out.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if line.starts_with("# workers") {
-                in_workers = true;
-            } else if line.starts_with('#') {
-                in_workers = line.starts_with("# workers");
-            }
-            if f.len() >= 3 && f[1] == "master" {
-                let failed = line
-                    .split("[failed:")
-                    .nth(1)
-                    .and_then(|r| r.split(']').next())
-                    .and_then(|n| n.trim().parse().ok())
-                    .unwrap_or(0);
-                reloads = (f[2].parse().unwrap_or(0), failed);
-            } else if in_workers && f.len() >= 3 && f[1] == "worker" && worker == 0 {
-                worker = f[0].parse().unwrap_or(0);
-            }
-        }
-        (reloads.0, reloads.1, worker)
+        ProcTable::parse(&out).map_or((0, 0, 0), |t| {
+            (t.reloads, t.failed, t.current_worker().unwrap_or(0))
+        })
     }
 
     /// Server names in the current worker's backend `nodes` (runtime state).
