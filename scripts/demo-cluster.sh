@@ -15,6 +15,7 @@ BIN=target/release
 
 pids=()
 cleanup() {
+  trap - EXIT INT TERM  # run once, whichever signal or exit got here
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
   echo "logs were in $RUN_DIR" >&2

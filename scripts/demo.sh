@@ -26,6 +26,7 @@ BIN=target/release
 
 pids=()
 cleanup() {
+  trap - EXIT INT TERM  # run once, whichever signal or exit got here
   echo "==> stopping" >&2
   # Web apps first (graceful: leases revoked), then the load balancer, then etcd.
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
