@@ -6,6 +6,10 @@ command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
 command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# etcd-client's build script compiles etcd's .proto files, which import protobuf's
+# well-known types (google/protobuf/descriptor.proto): those ship in libprotobuf-dev, a
+# "recommends" of protobuf-compiler that --no-install-recommends leaves out.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 command -v wrk >/dev/null 2>&1 || need_apt+=(wrk)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)

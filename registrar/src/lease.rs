@@ -8,10 +8,9 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
-use registry::etcd::{error_chain, is_lease_not_found, Backoff};
+use registry::etcd::{error_chain, is_lease_not_found, Backoff, Member};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -45,7 +44,8 @@ enum SessionEnd {
 
 /// One instance's registration in etcd.
 pub struct Registration {
-    client: Client,
+    /// The etcd member we talk to; replaced by another one when a call times out.
+    etcd: Member,
     key: String,
     value: String,
     ttl: i64,
@@ -61,7 +61,7 @@ pub struct Registration {
 impl Registration {
     /// A registration of `value` under `key`; nothing is written until [`run`](Self::run).
     pub fn new(
-        client: Client,
+        etcd: Member,
         key: String,
         value: String,
         ttl: i64,
@@ -70,7 +70,7 @@ impl Registration {
         registered: watch::Sender<bool>,
     ) -> Self {
         Registration {
-            client,
+            etcd,
             key,
             value,
             ttl,
@@ -122,8 +122,8 @@ impl Registration {
                 }
                 Err(RegisterError::Etcd(e)) => {
                     let delay = backoff.next_delay();
-                    warn!(error = %error_chain(&e), retry_in = ?delay, "registration failed; etcd unreachable?");
-                    if sleep_or_stop(delay, &stop).await {
+                    warn!(error = %error_chain(&e), member = %self.etcd.endpoint(), retry_in = ?delay, "registration failed; trying another etcd member");
+                    if self.fail_over(&stop).await || sleep_or_stop(delay, &stop).await {
                         return Ok(());
                     }
                     continue;
@@ -159,7 +159,7 @@ impl Registration {
     async fn register(&mut self) -> Result<i64, RegisterError> {
         let grant = self
             .timed(async {
-                let mut c = self.client.clone();
+                let mut c = self.etcd.client();
                 c.lease_grant(self.ttl, None).await
             })
             .await?;
@@ -169,7 +169,7 @@ impl Registration {
             Ok(()) => Ok(lease),
             Err(e) => {
                 // Do not leak the lease we just granted.
-                let mut c = self.client.clone();
+                let mut c = self.etcd.client();
                 let _ = tokio::time::timeout(self.request_timeout, c.lease_revoke(lease)).await;
                 Err(e)
             }
@@ -194,7 +194,7 @@ impl Registration {
             )])
             .and_then(vec![put()])
             .or_else(vec![TxnOp::get(self.key.clone(), None)]);
-        let resp = self.timed(self.client.kv_client().txn(txn)).await?;
+        let resp = self.timed(self.etcd.client().kv_client().txn(txn)).await?;
         if resp.succeeded() {
             return Ok(());
         }
@@ -218,7 +218,7 @@ impl Registration {
                     kv.mod_revision(),
                 )])
                 .and_then(vec![put()]);
-            let resp = self.timed(self.client.kv_client().txn(txn)).await?;
+            let resp = self.timed(self.etcd.client().kv_client().txn(txn)).await?;
             if resp.succeeded() {
                 debug!("took over our own previous registration");
                 return Ok(());
@@ -244,6 +244,7 @@ impl Registration {
         let mut want_present = *self.health.borrow_and_update();
         let mut next_keep_alive = Instant::now() + period;
         let mut next_presence_try = Instant::now();
+        let mut overdue_warned = false;
         loop {
             let wake = if want_present != key_present {
                 next_keep_alive.min(next_presence_try)
@@ -281,6 +282,10 @@ impl Registration {
             }
             match self.keep_alive_once(lease, &mut stream).await {
                 Ok(remaining) if remaining > 0 => {
+                    if overdue_warned {
+                        overdue_warned = false;
+                        info!(member = %self.etcd.endpoint(), "keep-alive answered again; the lease was kept");
+                    }
                     expires = Instant::now() + Duration::from_secs(remaining as u64);
                     next_keep_alive = Instant::now() + period;
                 }
@@ -289,12 +294,26 @@ impl Registration {
                 Err(e) => {
                     stream = None;
                     self.metrics.keepalive_failures.inc();
-                    if Instant::now() >= expires {
-                        warn!(error = %error_chain(&e), "keep-alive failing for longer than the TTL");
-                        return SessionEnd::LeaseLost;
+                    let failed_on = self.etcd.endpoint().to_string();
+                    // Past our own estimate of the expiry the lease may still be alive: a
+                    // newly elected leader restarts every lease's TTL. Only etcd's answer
+                    // (TTL 0 or "lease not found") ends this lease.
+                    if Instant::now() >= expires && !overdue_warned {
+                        overdue_warned = true;
+                        warn!(error = %error_chain(&e), member = %failed_on, "no keep-alive answered for longer than the TTL; the key may have expired");
+                    } else {
+                        debug!(error = %error_chain(&e), member = %failed_on, "keep-alive failed; trying another etcd member");
                     }
-                    warn!(error = %error_chain(&e), "keep-alive failed; retrying");
-                    next_keep_alive = Instant::now() + Duration::from_millis(500).min(period);
+                    if self.fail_over(stop).await {
+                        return SessionEnd::Shutdown;
+                    }
+                    // Straight away when we moved to another member; a short pause when
+                    // the same member is all there is.
+                    next_keep_alive = if self.etcd.endpoint() != failed_on {
+                        Instant::now()
+                    } else {
+                        Instant::now() + Duration::from_millis(200).min(period)
+                    };
                 }
             }
         }
@@ -307,7 +326,7 @@ impl Registration {
         stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     ) -> Result<i64, etcd_client::Error> {
         if stream.is_none() {
-            let mut c = self.client.clone();
+            let mut c = self.etcd.client();
             *stream = Some(self.timed(c.lease_keep_alive(lease)).await?);
         }
         let Some((keeper, responses)) = stream.as_mut() else {
@@ -343,12 +362,27 @@ impl Registration {
                 lease,
             )])
             .and_then(vec![TxnOp::delete(self.key.clone(), None)]);
-        self.timed(self.client.kv_client().txn(txn)).await?;
+        self.timed(self.etcd.client().kv_client().txn(txn)).await?;
         Ok(())
     }
 
+    /// Moves to another etcd member that answers (see [`Member::fail_over`]). Returns true
+    /// when `stop` fired meanwhile. A failure to find one is only logged: the caller's retry
+    /// loop comes back here.
+    async fn fail_over(&mut self, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = stop.cancelled() => true,
+            r = self.etcd.fail_over() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "no other etcd member answered");
+                }
+                false
+            }
+        }
+    }
+
     async fn revoke(&self, lease: i64) {
-        let mut c = self.client.clone();
+        let mut c = self.etcd.client();
         match self.timed(c.lease_revoke(lease)).await {
             Ok(_) => info!(
                 lease = format_args!("{lease:x}"),

@@ -219,8 +219,8 @@ async fn register(
             "the app keeps running, registration waits",
         )
         .await;
-    let client = match attempt {
-        Ok(Some(c)) => c,
+    let member = match attempt {
+        Ok(Some(m)) => m,
         Ok(None) => return Ok(()),
         Err(e) => {
             error!(error = %e, "cannot use etcd");
@@ -228,7 +228,7 @@ async fn register(
         }
     };
     lease::Registration::new(
-        client,
+        member,
         key,
         value,
         config.ttl_secs,

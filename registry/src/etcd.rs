@@ -1,7 +1,19 @@
 //! etcd connection flags in etcdctl's vocabulary (`--endpoints`, `--user`,
-//! `--password-file`, `--cacert`, `--cert`, `--key`) and a connect that proves the server
-//! is reachable and tells fatal problems (bad credentials, untrusted certificate) from
-//! transient ones (etcd not up yet).
+//! `--password-file`, `--cacert`, `--cert`, `--key`), a connect that proves a member
+//! answers and tells fatal problems (bad credentials, untrusted certificate) from transient
+//! ones (etcd not up yet), and [`Member`]: a client bound to one member at a time that
+//! moves to another member that answers when a call times out.
+//!
+//! Why one member at a time: etcd-client's balanced channel picks an endpoint per call and
+//! keeps picking a frozen (SIGSTOPped, partitioned) member, whose TCP connection looks
+//! healthy, so a keep-alive or a watch can sit on it until the lease is gone. Callers bound
+//! every call and, on a timeout, [`Member::fail_over`] to whichever other member answers
+//! first — the same thing etcd's Go client does with its health-checking balancer.
+//!
+//! HTTP/2 pings: etcd (3.4 and 3.5) refuses pings closer than 5 s apart, and any ping on a
+//! connection without streams, with GOAWAY `too_many_pings` after two strikes. Our pings
+//! are at least [`KEEPALIVE_INTERVAL`] apart and only while a stream is open; liveness
+//! comes from bounded calls and watch progress requests instead.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,11 +24,12 @@ use thiserror::Error;
 
 use crate::duration::parse_duration;
 
-/// HTTP/2 keep-alive ping interval: a frozen or cut-off etcd is noticed within
-/// interval + timeout instead of hanging until TCP gives up.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// HTTP/2 keep-alive ping interval (counted from the last frame read, so a connection that
+/// carries answers never pings). etcd's `--grpc-keepalive-min-time` defaults to 5 s and a
+/// client pinging faster is disconnected; 10 s leaves room for timer jitter.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// HTTP/2 keep-alive ping timeout.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Connection flags shared by both binaries (flatten into a clap parser).
 #[derive(Debug, Clone, Args)]
@@ -86,7 +99,9 @@ impl EtcdArgs {
         }
         let mut opts = ConnectOptions::new()
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true)
+            // A ping on a connection without streams is a strike for etcd whatever its
+            // interval (grpc-go: PermitWithoutStream = false).
+            .with_keep_alive_while_idle(false)
             .with_connect_timeout(self.dial_timeout)
             .with_require_leader(true);
 
@@ -163,7 +178,7 @@ impl EtcdArgs {
         stop: &tokio_util::sync::CancellationToken,
         max_backoff: Duration,
         waiting: &str,
-    ) -> Result<Option<Client>, ConnectError> {
+    ) -> Result<Option<Member>, ConnectError> {
         let mut backoff = Backoff::new(max_backoff);
         loop {
             let attempt = tokio::select! {
@@ -171,9 +186,9 @@ impl EtcdArgs {
                 r = self.connect() => r,
             };
             match attempt {
-                Ok(c) => {
-                    tracing::info!(endpoints = %self.endpoints_display(), "connected to etcd");
-                    return Ok(Some(c));
+                Ok(m) => {
+                    tracing::info!(endpoint = %m.endpoint(), endpoints = %self.endpoints_display(), "connected to etcd");
+                    return Ok(Some(m));
                 }
                 Err(e @ ConnectError::Fatal(_)) => return Err(e),
                 Err(e @ ConnectError::Unavailable { .. }) => {
@@ -188,25 +203,131 @@ impl EtcdArgs {
         }
     }
 
-    /// Connects and proves the cluster answers (a `status` call) within `--dial-timeout`.
-    /// `Client::connect` alone is lazy and proves nothing.
-    pub async fn connect(&self) -> Result<Client, ConnectError> {
+    /// Connects to the first member that answers a `status` call (all endpoints are asked
+    /// at once) within `--dial-timeout`. `Client::connect` alone is lazy and proves nothing.
+    pub async fn connect(&self) -> Result<Member, ConnectError> {
         let opts = self.connect_options()?;
-        let endpoints = self.endpoints_display();
-        let attempt = async {
-            let mut client = Client::connect(self.endpoints.clone(), Some(opts)).await?;
-            // With --user, connect has already authenticated; status proves a member answers.
-            client.status().await?;
-            Ok::<_, etcd_client::Error>(client)
+        let endpoints: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        let client = first_answering(&endpoints, &opts, self.dial_timeout).await?;
+        Ok(Member {
+            endpoints,
+            opts,
+            dial_timeout: self.dial_timeout,
+            client: client.0,
+            endpoint: client.1,
+        })
+    }
+}
+
+/// A client connected to one etcd member, able to move to another one.
+#[derive(Clone)]
+pub struct Member {
+    endpoints: Vec<String>,
+    opts: ConnectOptions,
+    dial_timeout: Duration,
+    client: Client,
+    endpoint: String,
+}
+
+impl Member {
+    /// The client for the current member (cheap to clone: one shared HTTP/2 connection).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The endpoint of the current member.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Moves to another member: every other endpoint is asked at once and the first to
+    /// answer is taken. When none does, every endpoint (the current one too) is asked again,
+    /// so a single-member cluster or a transient failure keeps working. Bounded by
+    /// `--dial-timeout` per round.
+    pub async fn fail_over(&mut self) -> Result<(), ConnectError> {
+        let others: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|e| **e != self.endpoint)
+            .cloned()
+            .collect();
+        let found = match first_answering(&others, &self.opts, self.dial_timeout).await {
+            Ok(found) => found,
+            Err(ConnectError::Fatal(m)) => return Err(ConnectError::Fatal(m)),
+            Err(_) => first_answering(&self.endpoints, &self.opts, self.dial_timeout).await?,
         };
-        match tokio::time::timeout(self.dial_timeout, attempt).await {
-            Ok(Ok(client)) => Ok(client),
-            Ok(Err(e)) => Err(classify(&endpoints, &e)),
-            Err(_) => Err(ConnectError::Unavailable {
-                endpoints,
-                message: format!("no answer within {:?}", self.dial_timeout),
-            }),
+        if found.1 != self.endpoint {
+            tracing::info!(from = %self.endpoint, to = %found.1, "moved to another etcd member");
         }
+        (self.client, self.endpoint) = found;
+        Ok(())
+    }
+}
+
+/// Asks every endpoint at once (connect + `status`, bounded by `limit`) and returns the
+/// first that answers. All failing: fatal if any failure was fatal (credentials,
+/// certificates), else unavailable.
+async fn first_answering(
+    endpoints: &[String],
+    opts: &ConnectOptions,
+    limit: Duration,
+) -> Result<(Client, String), ConnectError> {
+    let display = endpoints.join(",");
+    if endpoints.is_empty() {
+        return Err(ConnectError::Unavailable {
+            endpoints: display,
+            message: "no endpoint to try".into(),
+        });
+    }
+    let mut probes = tokio::task::JoinSet::new();
+    for endpoint in endpoints {
+        let endpoint = endpoint.clone();
+        let opts = opts.clone();
+        probes.spawn(async move {
+            let attempt = async {
+                let mut client = Client::connect([endpoint.as_str()], Some(opts)).await?;
+                // With --user, connect has already authenticated; status proves the member
+                // answers (and, with require-leader, that it has a leader).
+                client.status().await?;
+                Ok::<_, etcd_client::Error>(client)
+            };
+            let result = match tokio::time::timeout(limit, attempt).await {
+                Ok(Ok(client)) => Ok(client),
+                Ok(Err(e)) => Err(classify(&endpoint, &e)),
+                Err(_) => Err(ConnectError::Unavailable {
+                    endpoints: endpoint.clone(),
+                    message: format!("no answer within {limit:?}"),
+                }),
+            };
+            (endpoint, result)
+        });
+    }
+    let mut fatal = None;
+    let mut messages = Vec::new();
+    while let Some(joined) = probes.join_next().await {
+        let Ok((endpoint, result)) = joined else {
+            continue;
+        };
+        match result {
+            // Dropping `probes` aborts the slower probes.
+            Ok(client) => return Ok((client, endpoint)),
+            Err(ConnectError::Fatal(m)) => fatal = Some(m),
+            Err(ConnectError::Unavailable { message, .. }) => {
+                messages.push(format!("{endpoint}: {message}"))
+            }
+        }
+    }
+    match fatal {
+        Some(m) => Err(ConnectError::Fatal(m)),
+        None => Err(ConnectError::Unavailable {
+            endpoints: display,
+            message: messages.join("; "),
+        }),
     }
 }
 

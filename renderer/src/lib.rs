@@ -19,9 +19,9 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::process::ExitStatus;
 
-use etcd_client::Client;
 use nix::sys::signal::Signal;
 use registry::etcd::ConnectError;
+use registry::etcd::Member;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -490,7 +490,7 @@ fn record_apply(
     }
 }
 
-async fn connect(config: &Config, stop: &CancellationToken) -> Result<Option<Client>, Error> {
+async fn connect(config: &Config, stop: &CancellationToken) -> Result<Option<Member>, Error> {
     let attempt = if config.once {
         config.etcd.connect().await.map(Some)
     } else {

@@ -1,8 +1,13 @@
 //! Following the registry in etcd: list the prefix (paginated, at one revision), then watch
 //! it from the next revision, and keep doing so through every failure.
 //!
-//! * stream error / disconnect / frozen member → re-watch from the last seen revision + 1,
-//!   with capped backoff; never gives up;
+//! * stream error / disconnect → re-watch from the last seen revision + 1 on another
+//!   member that answers, with capped backoff; never gives up;
+//! * frozen member (SIGSTOP, cut off): while nothing arrives for [`PROGRESS_EVERY`], a
+//!   progress request goes down the watch stream (etcd ≥ 3.4 answers it at once with the
+//!   current revision); no answer within [`PROGRESS_TIMEOUT`] → move to another member and
+//!   re-watch. This replaces fast HTTP/2 pings, which etcd's default keep-alive policy
+//!   punishes with GOAWAY;
 //! * watch cancelled with `compact_revision` → full re-list, then watch again;
 //! * store replaced (cluster id changed, revision or raft term went backwards) → full re-list;
 //! * optional periodic re-list (`--resync`) as a safety net.
@@ -11,15 +16,20 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, WatchOptions};
-use registry::etcd::{error_chain, Backoff};
+use etcd_client::{GetOptions, WatchOptions};
+use registry::etcd::{error_chain, Backoff, Member};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, instrument, warn};
 
 /// Keys per page of the initial listing (well under etcd's request size limit).
 const PAGE: i64 = 2000;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// A watch that has received nothing for this long asks for progress.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// A progress request not answered within this is a member that stopped answering.
+pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One change to a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,7 +60,8 @@ pub struct Store {
 
 /// Watches `<prefix>/` and sends [`Update`]s.
 pub struct Watcher {
-    client: Client,
+    /// The member watched; replaced by another one after a failure.
+    etcd: Member,
     root: String,
     request_timeout: Duration,
     resync: Option<Duration>,
@@ -62,7 +73,7 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn new(
-        client: Client,
+        etcd: Member,
         prefix: &str,
         request_timeout: Duration,
         resync: Option<Duration>,
@@ -70,7 +81,7 @@ impl Watcher {
         live: watch::Sender<bool>,
     ) -> Self {
         Watcher {
-            client,
+            etcd,
             root: registry::key::root_prefix(prefix),
             request_timeout,
             resync,
@@ -166,6 +177,9 @@ impl Watcher {
                         m.watch_reconnects.inc();
                     }
                     let delay = backoff.next_delay();
+                    if self.fail_over(&stop).await {
+                        return;
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
@@ -176,7 +190,7 @@ impl Watcher {
     }
 
     async fn failed(
-        &self,
+        &mut self,
         what: &str,
         e: &etcd_client::Error,
         backoff: &mut Backoff,
@@ -184,10 +198,27 @@ impl Watcher {
     ) {
         self.live.send_replace(false);
         let delay = backoff.next_delay();
-        warn!(error = %error_chain(e), retry_in = ?delay, "{what}; keeping the last config");
+        warn!(error = %error_chain(e), member = %self.etcd.endpoint(), retry_in = ?delay, "{what}; keeping the last config");
+        if self.fail_over(stop).await {
+            return;
+        }
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
+        }
+    }
+
+    /// Moves to another member that answers; true when `stop` fired meanwhile. Not finding
+    /// one is only logged: the caller retries.
+    async fn fail_over(&mut self, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = stop.cancelled() => true,
+            r = self.etcd.fail_over() => {
+                if let Err(e) = r {
+                    debug!(error = %e, "no other etcd member answered");
+                }
+                false
+            }
         }
     }
 
@@ -204,18 +235,21 @@ impl Watcher {
             .with_start_revision(start)
             .with_prev_key()
             .with_progress_notify();
-        let mut client = self.client.clone();
-        let mut stream = match self
+        let mut client = self.etcd.client();
+        let (mut requests, mut stream) = match self
             .timed(client.watch(self.root.clone(), Some(opts)))
             .await
         {
-            Ok(s) => s,
+            Ok(s) => s.split(),
             Err(e) => {
                 self.live.send_replace(false);
-                warn!(error = %error_chain(&e), "cannot start the watch; keeping the last config");
+                warn!(error = %error_chain(&e), member = %self.etcd.endpoint(), "cannot start the watch; keeping the last config");
                 return Follow::Reconnect;
             }
         };
+        // Liveness: the last time anything arrived, and an unanswered progress request.
+        let mut heard = Instant::now();
+        let mut asked: Option<Instant> = None;
         let mut resync = self.resync.map(|d| {
             let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -230,14 +264,36 @@ impl Watcher {
                     None => std::future::pending().await,
                 }
             };
+            let check_at = match asked {
+                Some(at) => at + PROGRESS_TIMEOUT,
+                None => heard + PROGRESS_EVERY,
+            };
             let msg = tokio::select! {
+                biased;
                 _ = stop.cancelled() => return Follow::Stop,
+                m = stream.message() => m,
                 _ = tick => {
                     debug!("periodic resync");
                     return Follow::Relist("periodic");
                 }
-                m = stream.message() => m,
+                _ = tokio::time::sleep_until(check_at) => {
+                    if asked.is_some() {
+                        self.live.send_replace(false);
+                        warn!(member = %self.etcd.endpoint(), timeout = ?PROGRESS_TIMEOUT, "etcd member stopped answering the watch; moving to another member");
+                        return Follow::Reconnect;
+                    }
+                    let sent = tokio::time::timeout(PROGRESS_TIMEOUT, requests.request_progress()).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        self.live.send_replace(false);
+                        warn!(member = %self.etcd.endpoint(), "cannot write to the watch stream; moving to another member");
+                        return Follow::Reconnect;
+                    }
+                    asked = Some(Instant::now());
+                    continue;
+                }
             };
+            heard = Instant::now();
+            asked = None;
             let resp = match msg {
                 Ok(Some(r)) => r,
                 Ok(None) => {
@@ -310,7 +366,7 @@ impl Watcher {
 
     /// The current store identity (a count-only read).
     async fn store_now(&self) -> Result<Store, etcd_client::Error> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.etcd.client().kv_client();
         let resp = self
             .timed(kv.get(
                 self.root.clone(),
@@ -322,7 +378,7 @@ impl Watcher {
 
     /// Lists the whole prefix at one revision, page by page.
     pub async fn list(&self) -> Result<(Store, Vec<(String, Vec<u8>)>), etcd_client::Error> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.etcd.client().kv_client();
         let end = prefix_end(self.root.as_bytes());
         let mut from = self.root.as_bytes().to_vec();
         let mut store: Option<Store> = None;

@@ -121,6 +121,11 @@ async fn leader_killed_during_registrar_churn_loses_nothing() {
     assert!(t.elapsed() < Duration::from_secs(10));
 }
 
+/// Bound for "an accepted change is served" while one member is frozen (the goal:
+/// p50 ≤ 1.5 s, never later than 3 s): the renderer notices a silent watch within
+/// 0.5 s + 1 s (progress request unanswered) and re-watches on another member.
+const FROZEN_MEMBER_BOUND: Duration = Duration::from_secs(3);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_member_under_the_watch_is_left_for_another() {
     let dir = temp_dir();
@@ -134,38 +139,128 @@ async fn a_frozen_member_under_the_watch_is_left_for_another() {
     let lb = Lb::start_on(&lbdir, &cluster.endpoints(), &template(), &[]);
     lb.wait_serving().await;
     wait_routed(lb.http_port, &["s0"], T).await;
-    // Freeze each member in turn (one of them carries the renderer's watch); a change made
-    // meanwhile through the others must reach HAProxy within seconds.
-    let mut want = vec!["s0".to_string()];
-    for i in 0..3 {
-        cluster.freeze(i);
-        let id = format!("s{}", i + 1);
+    // Freeze each member in turn, twice round (one of them carries the renderer's watch at
+    // any time); a change accepted meanwhile by the others must be served within the bound.
+    let mut present = [true, false, false, false];
+    let mut took = Vec::new();
+    for round in 0..6 {
+        let frozen = round % 3;
+        cluster.freeze(frozen);
+        let n = 1 + round % 3;
+        let key = format!("/services/webapp/s{n}");
+        let v =
+            registry::Instance::new("webapp", &format!("s{n}"), "127.0.0.1", b[n].port).encode();
+        present[n] = !present[n];
         // Written through the members that still answer (retrying across an election).
-        let v = registry::Instance::new("webapp", &id, "127.0.0.1", b[i + 1].port).encode();
-        eventually(T, "put accepted by the live members", || {
-            let (key, v) = (format!("/services/webapp/{id}"), v.clone());
+        eventually(T, "change accepted by the live members", || {
+            let (key, v, add) = (key.clone(), v.clone(), present[n]);
             let cluster = &cluster;
             async move {
-                let mut c = cluster.client_without(i).await;
-                tokio::time::timeout(Duration::from_secs(2), c.put(key, v, None))
-                    .await
-                    .ok()?
-                    .ok()
+                let mut c = cluster.client_without(frozen).await;
+                let limit = Duration::from_secs(2);
+                if add {
+                    tokio::time::timeout(limit, c.put(key, v, None))
+                        .await
+                        .ok()?
+                        .ok()
+                        .map(drop)
+                } else {
+                    tokio::time::timeout(limit, c.delete(key, None))
+                        .await
+                        .ok()?
+                        .ok()
+                        .map(drop)
+                }
             }
         })
         .await;
         let t = Instant::now();
-        want.push(id.clone());
+        let want: Vec<String> = (0..4)
+            .filter(|i| present[*i])
+            .map(|i| format!("s{i}"))
+            .collect();
         let refs: Vec<&str> = want.iter().map(String::as_str).collect();
-        // Generous bound (T): the renderer must leave a frozen member (HTTP/2 keep-alive
-        // 2 s + 2 s) and re-watch; the time is reported, not asserted tightly.
         wait_routed(lb.http_port, &refs, T).await;
+        took.push(t.elapsed());
         eprintln!(
-            "member {i} frozen: change applied {:?} after the write",
+            "round {round}: member {frozen} frozen, change served {:?} after it was accepted",
             t.elapsed()
         );
-        cluster.thaw(i);
+        cluster.thaw(frozen);
+        cluster.leader().await;
     }
+    took.sort();
+    eprintln!(
+        "frozen member: change served p50 {:?}, max {:?}",
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+    assert!(
+        took.iter().all(|t| *t <= FROZEN_MEMBER_BOUND),
+        "every change served within {FROZEN_MEMBER_BOUND:?}: {took:?}"
+    );
+}
+
+/// (create_revision, lease) of s0's key: both stay the same while one registration is kept.
+async fn s0_record(c: &Cluster) -> (i64, i64) {
+    let mut client = c.client().await;
+    let r = client.get("/services/webapp/s0", None).await.unwrap();
+    let kv = r.kvs().first().expect("s0 registered");
+    (kv.create_revision(), kv.lease())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_does_not_cost_a_registration() {
+    let dir = temp_dir();
+    let mut cluster = Cluster::start(dir.path(), 3).await;
+    let b: Vec<Backend> = (0..2)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    let _reg = registrar(dir.path(), &cluster, &b[0]);
+    let lbdir = dir.path().join("lb");
+    std::fs::create_dir_all(&lbdir).unwrap();
+    let lb = Lb::start_on(&lbdir, &cluster.endpoints(), &template(), &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s0"], T).await;
+    let before = s0_record(&cluster).await;
+    // As seen in the field: the leader killed and restarted, then the new leader frozen
+    // for three TTLs of the registrar (--ttl 3s).
+    let first = cluster.leader().await;
+    cluster.kill(first);
+    cluster.restart(first).await;
+    let second = cluster.leader().await;
+    cluster.freeze(second);
+    let frozen_at = Instant::now();
+    put(&cluster, "s1", b[1].port).await;
+    let t = Instant::now();
+    wait_routed(lb.http_port, &["s0", "s1"], T).await;
+    eprintln!(
+        "leader {second} frozen: change served {:?} after it was accepted",
+        t.elapsed()
+    );
+    // The registration must hold through it: never absent when a live member answers.
+    let hold = Duration::from_secs(9).saturating_sub(frozen_at.elapsed());
+    e2e::stays(
+        hold,
+        "s0 stays registered while the leader is frozen",
+        || async {
+            let mut c = cluster.client_without(second).await;
+            match tokio::time::timeout(Duration::from_secs(1), c.get("/services/webapp/s0", None))
+                .await
+            {
+                Ok(Ok(r)) => !r.kvs().is_empty(),
+                _ => true, // no answer (election under way): nothing learnt
+            }
+        },
+    )
+    .await;
+    cluster.thaw(second);
+    let after = s0_record(&cluster).await;
+    assert_eq!(
+        before, after,
+        "create_revision and lease unchanged: the registration was kept, not redone"
+    );
+    wait_routed(lb.http_port, &["s0", "s1"], T).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
