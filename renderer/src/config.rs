@@ -153,6 +153,13 @@ pub struct Args {
     #[arg(long, env = "RENDERER_READY_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub ready_grace: Duration,
 
+    /// The HAProxy version templates see as `haproxy.version` (compare it with
+    /// `version_at_least`). Default: asked of the exec-mode command's program, else of
+    /// `haproxy` on PATH, with `-v`. Set it when HAProxy runs elsewhere (another host or
+    /// container). Unknown counts as the oldest version.
+    #[arg(long, env = "HAPROXY_VERSION", value_name = "X.Y[.Z]")]
+    pub haproxy_version: Option<String>,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -225,6 +232,7 @@ pub struct Config {
     pub ready_grace: Duration,
     pub min_instances: Vec<(String, usize)>,
     pub max_instances_per_service: usize,
+    pub haproxy_version: Option<String>,
 }
 
 /// Why the flags do not make a usable configuration.
@@ -318,6 +326,7 @@ impl Config {
             ready_grace: args.ready_grace,
             min_instances: args.min_instances,
             max_instances_per_service: args.max_instances_per_service.max(1),
+            haproxy_version: args.haproxy_version.filter(|v| !v.trim().is_empty()),
         })
     }
 }

@@ -66,9 +66,11 @@ impl Error {
     }
 }
 
-/// Compiles every template; a broken one stops the start.
-fn load_templates(config: &Config) -> Result<(Renderer, Vec<Target>), Error> {
+/// Compiles every template; a broken one stops the start. Templates see the HAProxy
+/// version of `--haproxy-version`, or the one the HAProxy we run (or find) says it is.
+async fn load_templates(config: &Config) -> Result<(Renderer, Vec<Target>), Error> {
     let mut renderer = Renderer::new();
+    renderer.set_haproxy_version(&haproxy_version(config).await);
     let mut targets = Vec::new();
     for spec in &config.templates {
         let name = renderer.add_file(&spec.source)?;
@@ -79,9 +81,52 @@ fn load_templates(config: &Config) -> Result<(Renderer, Vec<Target>), Error> {
     Ok((renderer, targets))
 }
 
+/// The version of the HAProxy the config is for ("" when it cannot be told).
+async fn haproxy_version(config: &Config) -> String {
+    if let Some(v) = &config.haproxy_version {
+        return v.clone();
+    }
+    let program = match &config.reload {
+        ReloadMode::Exec { command, .. } => command[0].as_str(),
+        _ => "haproxy",
+    };
+    match apply::haproxy::detect_version(program).await {
+        Some(v) => {
+            info!(version = %v, %program, "HAProxy version");
+            v
+        }
+        None if matches!(
+            config.reload,
+            ReloadMode::Exec { .. } | ReloadMode::Master(_)
+        ) =>
+        {
+            warn!(%program, "cannot tell HAProxy's version (`{program} -v`); templates see haproxy.version = \"\" and take the oldest supported path; set --haproxy-version");
+            String::new()
+        }
+        None => String::new(),
+    }
+}
+
+/// The `dynamic-cookie-key` the shipped template falls back to: public, so anyone can
+/// compute which server a cookie pins (and forge one for any server).
+const PUBLIC_COOKIE_KEY: &[u8] = b"dynamic-cookie-key lb-registry-change-me";
+
+/// Warns when an applied config uses the shipped, public dynamic-cookie key.
+fn warn_public_cookie_key(applier: &Applier) {
+    let public = applier.targets.iter().any(|t| {
+        t.last.as_deref().is_some_and(|b| {
+            b.windows(PUBLIC_COOKIE_KEY.len())
+                .any(|w| w == PUBLIC_COOKIE_KEY)
+        })
+    });
+    if public {
+        warn!("the config uses the shipped, public dynamic-cookie-key: sticky-session cookies can be predicted and forged; set --var cookie_key=<secret> (the same on every load balancer)");
+    }
+}
+
 /// Runs until `shutdown` (or until HAProxy exits in exec mode). Returns the exit code.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Error> {
-    let (renderer, targets) = load_templates(&config)?;
+    let (renderer, targets) = load_templates(&config).await?;
     if config.once {
         return run_once(&config, renderer, targets).await;
     }
@@ -163,6 +208,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
     let mut synced = false;
     let mut applied_set: BTreeSet<(String, String)> = BTreeSet::new();
     let mut quarantine = Quarantine::default();
+    let mut cookie_key_checked = false;
     let far = || Instant::now() + std::time::Duration::from_secs(86_400);
 
     let result = loop {
@@ -207,6 +253,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
                     applied_set = now_set;
                 }
                 record_apply(&metrics, &state, &model, &quarantine, &applier, &report, started.elapsed());
+                if !cookie_key_checked && report.errors.is_empty() {
+                    cookie_key_checked = true;
+                    warn_public_cookie_key(&applier);
+                }
                 info!(
                     revision = model.revision,
                     instances = model.len(),

@@ -3,12 +3,25 @@
 //! The Handlebars registry is set up for config files, not HTML: no escaping, strict mode
 //! (a typo in a template is an error, not an empty string), and the helpers users of
 //! consul-template/confd expect: `eq`/`ne` (built in), `default`, `join`, `json`,
-//! `instances`, `by_tag`, `by_meta`, `sort_by`.
+//! `instances`, `by_tag`, `by_meta`, `sort_by`, `version_at_least`.
+//!
+//! Strict mode, but not for services: a service that has no instances (never had, or lost
+//! its last one) is absent from the registry, yet `{{#each services.webapp}}` must render
+//! nothing rather than fail and leave the departed server in the config. At load time every
+//! `services.<name>` path a template names is collected from its syntax tree, and at render
+//! time each of those names that has no instances is given `[]`. Any other missing
+//! variable (`vars.http_prot`, `servics.webapp`) stays an error.
+//!
+//! Besides the model's data, templates see `haproxy.version` (the HAProxy they are
+//! rendered for, e.g. "3.0.11"; "" when unknown), to compare with `version_at_least`.
 
 use std::path::Path;
 
+use std::collections::BTreeSet;
+
+use handlebars::template::{Parameter, Template, TemplateElement};
 use handlebars::{
-    handlebars_helper, Context, Handlebars, Helper, HelperDef, RenderContext, RenderError,
+    handlebars_helper, Context, Handlebars, Helper, HelperDef, PathSeg, RenderContext, RenderError,
     RenderErrorReason, ScopedJson,
 };
 use serde_json::Value;
@@ -31,6 +44,10 @@ pub enum RenderFailure {
 /// A set of compiled templates, each under its own name.
 pub struct Renderer {
     hbs: Handlebars<'static>,
+    /// Every `services.<name>` the templates name: rendered as `[]` while it has no instances.
+    named_services: BTreeSet<String>,
+    /// What templates see as `haproxy`.
+    haproxy: Value,
 }
 
 impl Default for Renderer {
@@ -52,17 +69,35 @@ impl Renderer {
         hbs.register_helper("by_tag", Box::new(by_tag));
         hbs.register_helper("by_meta", Box::new(by_meta));
         hbs.register_helper("sort_by", Box::new(sort_by));
-        Renderer { hbs }
+        hbs.register_helper("version_at_least", Box::new(version_at_least));
+        Renderer {
+            hbs,
+            named_services: BTreeSet::new(),
+            haproxy: serde_json::json!({"version": ""}),
+        }
+    }
+
+    /// Sets the HAProxy version templates see as `haproxy.version` ("" = unknown).
+    pub fn set_haproxy_version(&mut self, version: &str) {
+        self.haproxy = serde_json::json!({ "version": version });
+    }
+
+    /// The `services.<name>` names the loaded templates use.
+    pub fn named_services(&self) -> &BTreeSet<String> {
+        &self.named_services
     }
 
     /// Compiles template text under `name`.
     pub fn add(&mut self, name: &str, text: &str) -> Result<(), RenderFailure> {
+        let compile_error = |e: handlebars::TemplateError| RenderFailure::Compile {
+            path: name.to_string(),
+            message: e.to_string(),
+        };
+        let tree = Template::compile(text).map_err(compile_error)?;
+        collect_services(&tree, &mut self.named_services);
         self.hbs
             .register_template_string(name, text)
-            .map_err(|e| RenderFailure::Compile {
-                path: name.to_string(),
-                message: e.to_string(),
-            })
+            .map_err(compile_error)
     }
 
     /// Reads and compiles a template file; its path is its name.
@@ -78,15 +113,102 @@ impl Renderer {
 
     /// Renders `name` with `data`.
     pub fn render(&self, name: &str, data: &Value) -> Result<Vec<u8>, RenderFailure> {
+        let failure = |e: RenderError| RenderFailure::Render {
+            name: name.to_string(),
+            message: e.to_string(),
+        };
+        // The context is a copy of `data` anyway (Handlebars serialises what it is given);
+        // complete the copy rather than `data`.
+        let mut ctx = Context::wraps(data).map_err(failure)?;
+        if let Value::Object(root) = ctx.data_mut() {
+            root.insert("haproxy".into(), self.haproxy.clone());
+            if !self.named_services.is_empty() {
+                let services = root
+                    .entry("services")
+                    .or_insert_with(|| Value::Object(Default::default()));
+                if let Value::Object(services) = services {
+                    for name in &self.named_services {
+                        services
+                            .entry(name.clone())
+                            .or_insert_with(|| Value::Array(Vec::new()));
+                    }
+                }
+            }
+        }
         self.hbs
-            .render(name, data)
+            .render_with_context(name, &ctx)
             .map(String::into_bytes)
-            .map_err(|e| RenderFailure::Render {
-                name: name.to_string(),
-                message: e.to_string(),
-            })
+            .map_err(failure)
     }
 }
+
+/// Adds to `out` the `<name>` of every `services.<name>` path in `tree` (also under
+/// `@root.`/`../`, in helper parameters, hash values, sub-expressions and nested blocks).
+fn collect_services(tree: &Template, out: &mut BTreeSet<String>) {
+    for element in &tree.elements {
+        collect_element(element, out);
+    }
+}
+
+fn collect_element(element: &TemplateElement, out: &mut BTreeSet<String>) {
+    match element {
+        TemplateElement::Expression(h)
+        | TemplateElement::HtmlExpression(h)
+        | TemplateElement::HelperBlock(h) => {
+            let params = std::iter::once(&h.name)
+                .chain(&h.params)
+                .chain(h.hash.values());
+            for p in params {
+                collect_parameter(p, out);
+            }
+            for t in [&h.template, &h.inverse].into_iter().flatten() {
+                collect_services(t, out);
+            }
+        }
+        TemplateElement::DecoratorExpression(d)
+        | TemplateElement::DecoratorBlock(d)
+        | TemplateElement::PartialExpression(d)
+        | TemplateElement::PartialBlock(d) => {
+            for p in d.params.iter().chain(d.hash.values()) {
+                collect_parameter(p, out);
+            }
+            if let Some(t) = &d.template {
+                collect_services(t, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn collect_parameter(p: &Parameter, out: &mut BTreeSet<String>) {
+    match p {
+        Parameter::Path(handlebars::Path::Relative((segs, _))) => {
+            let mut names = segs.iter().filter_map(|s| match s {
+                PathSeg::Named(n) => Some(n.as_str()),
+                _ => None,
+            });
+            if let (Some("services"), Some(name)) = (names.next(), names.next()) {
+                out.insert(name.to_string());
+            }
+        }
+        Parameter::Subexpression(sub) => collect_element(&sub.element, out),
+        _ => {}
+    }
+}
+
+/// Numeric components of a version ("3.0.11-1+deb13u4" → [3, 0, 11]); stops at the first
+/// part that is not a number.
+fn version_parts(v: &str) -> Vec<u64> {
+    v.split(['.', '-', '+'])
+        .map_while(|p| p.parse().ok())
+        .collect()
+}
+
+handlebars_helper!(version_at_least: |version: str, minimum: str| {
+    let (have, want) = (version_parts(version), version_parts(minimum));
+    // An unknown version is the oldest: templates fall back to what every version accepts.
+    !have.is_empty() && have >= want
+});
 
 /// `{{default value fallback}}`: `fallback` when `value` is missing, null or "".
 struct DefaultHelper;
@@ -300,6 +422,67 @@ mod tests {
             render("{{#if (ne revision 7)}}y{{else}}n{{/if}}", d).unwrap(),
             "n"
         );
+    }
+
+    #[test]
+    fn a_named_service_without_instances_renders_empty() {
+        let t = "{{#each services.web}}web {{id}};{{/each}}\
+                 {{#each services.api}}api {{id}};{{else}}no api{{/each}}\
+                 {{#each (sort_by @root.services.[db.main] \"id\")}}db{{/each}}|{{len services.gone}}";
+        // `web` has instances; `api`, `db.main` and `gone` never had any.
+        assert_eq!(render(t, data()).unwrap(), "web b;web a;no api|0");
+        // The last instance of `web` leaves: its lines go, nothing fails.
+        let mut emptied = data();
+        emptied["services"] = json!({});
+        assert_eq!(render(t, emptied).unwrap(), "no api|0");
+        // No `services` at all in the data (an empty registry).
+        assert_eq!(
+            render("{{#each services.web}}x{{/each}}.", json!({"vars": {}})).unwrap(),
+            "."
+        );
+    }
+
+    #[test]
+    fn strictness_stays_for_everything_but_named_services() {
+        let t = "{{#each services.web}}{{id}}{{/each}}{{vars.http_prot}}";
+        assert!(
+            render(t, data()).is_err(),
+            "a misspelt variable is an error"
+        );
+        assert!(render("{{#each services.web}}{{idd}}{{/each}}", data()).is_err());
+        assert!(render("{{no_such_helper services.web}}", data()).is_err());
+    }
+
+    #[test]
+    fn collects_service_names_from_the_syntax_tree() {
+        let mut r = Renderer::new();
+        r.add(
+            "t",
+            "{{#if (eq (len ../services.a) 0)}}{{/if}}{{#each (by_tag @root.services.b \"x\")}}\
+             {{/each}}{{json services.[c.d]}}{{vars.services}}{{#each services}}{{/each}}",
+        )
+        .unwrap();
+        let names: Vec<&str> = r.named_services().iter().map(String::as_str).collect();
+        assert_eq!(names, ["a", "b", "c.d"]);
+    }
+
+    #[test]
+    fn haproxy_version_and_comparison() {
+        let mut r = Renderer::new();
+        r.add(
+            "t",
+            "{{haproxy.version}} {{version_at_least haproxy.version \"3.0\"}} \
+             {{version_at_least haproxy.version \"2.6.12\"}}",
+        )
+        .unwrap();
+        let out = |r: &Renderer| String::from_utf8(r.render("t", &data()).unwrap()).unwrap();
+        assert_eq!(out(&r), " false false", "unknown version: the oldest");
+        r.set_haproxy_version("2.6.12");
+        assert_eq!(out(&r), "2.6.12 false true");
+        r.set_haproxy_version("3.0.11-1+deb13u4");
+        assert_eq!(out(&r), "3.0.11-1+deb13u4 true true");
+        r.set_haproxy_version("3.2");
+        assert_eq!(out(&r), "3.2 true true");
     }
 
     #[test]

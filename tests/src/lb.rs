@@ -12,6 +12,23 @@ use tokio::net::UnixStream;
 
 use crate::{bin, eventually, free_port, http, Etcd, Proc};
 
+/// (major, minor) of the `haproxy` on PATH (the one the tests run: Debian 12's 2.6, or
+/// Debian 13's 3.0 under scripts/with-debian.sh), for expectations that differ by version.
+pub fn haproxy_version() -> (u32, u32) {
+    static VERSION: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let out = Command::new("haproxy")
+            .arg("-v")
+            .output()
+            .expect("run haproxy -v");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = renderer::apply::haproxy::parse_version(&text)
+            .unwrap_or_else(|| panic!("no version in `haproxy -v`: {text}"));
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    })
+}
+
 /// The shipped template.
 pub fn template() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/haproxy.cfg.hbs")

@@ -195,3 +195,72 @@ async fn registrar_exports_registration_state() {
         .metric
         .starts_with("registrar_etcd_request_duration_seconds")));
 }
+
+/// Against an etcd with its default settings (no `--grpc-keepalive-min-time`), a healthy
+/// idle system keeps its connections and says nothing: no watch reconnect, no failed
+/// keep-alive, no WARN line in either binary's log, then or on a graceful stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_against_a_default_etcd_nothing_reconnects_and_nothing_warns() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let app = Backend::start(dir.path(), "s1");
+    let reg_metrics = free_port();
+    let mut reg_cmd = Command::new(bin("registrar"));
+    reg_cmd.env("RUST_LOG", "info").args([
+        "--endpoints",
+        &etcd.endpoint(),
+        "--service",
+        "webapp",
+        "--id",
+        "s1",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &app.port.to_string(),
+        "--ttl",
+        "3s",
+        "--health-http",
+        &format!("http://127.0.0.1:{}/health", app.port),
+        "--health-interval",
+        "1s",
+        "--metrics-addr",
+        &format!("127.0.0.1:{reg_metrics}"),
+    ]);
+    let mut registrar = Proc::spawn("registrar", dir.path(), reg_cmd);
+    let mut lb = Lb::start(dir.path(), &etcd, &["--var", "cookie_key=idle-test-key"]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+
+    let idle = Duration::from_secs(30);
+    let started = std::time::Instant::now();
+    e2e::stays(
+        idle,
+        "no watch reconnect and no failed keep-alive",
+        || async {
+            let r = scrape(lb.metrics_port).await;
+            let g = scrape(reg_metrics).await;
+            value(&r, "renderer_watch_reconnects_total", None) == 0.0
+                && value(&r, "renderer_watch_live", None) == 1.0
+                && value(&g, "registrar_keepalive_failures_total", None) == 0.0
+                && value(&g, "registrar_lease_grants_total", None) == 1.0
+        },
+    )
+    .await;
+    eprintln!(
+        "idle for {:?}: 0 reconnects, 0 failed keep-alives",
+        started.elapsed()
+    );
+
+    registrar.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(registrar.exited(T).await.is_some());
+    lb.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(lb.proc.exited(T).await.is_some());
+    for (name, log) in [("renderer", lb.proc.log()), ("registrar", registrar.log())] {
+        let warns: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+        assert!(
+            warns.is_empty(),
+            "{name} logged WARN lines:\n{}",
+            warns.join("\n")
+        );
+    }
+}

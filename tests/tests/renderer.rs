@@ -254,6 +254,68 @@ async fn broken_templates_and_failing_checks_never_replace_the_good_config() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_that_loses_its_last_instance_renders_empty() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    // The natural form, `{{#each services.<name>}}`, for the traffic backend and for a
+    // backend whose service never had an instance.
+    let shipped = std::fs::read_to_string(e2e::lb::template()).unwrap();
+    let each = "{{#each (instances (default vars.service \"webapp\"))}}";
+    assert!(
+        shipped.contains(each),
+        "shipped template changed: update this test"
+    );
+    let t = dir.path().join("t.hbs");
+    std::fs::write(
+        &t,
+        shipped.replace(each, "{{#each services.webapp}}")
+            + "\nbackend api\n{{#each services.api}}    server {{id}} {{address}}:{{port}}\n{{/each}}",
+    )
+    .unwrap();
+    let (s1, s2) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    let lb = Lb::start_with_template(dir.path(), &etcd, &t, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+    etcd.delete("/services/webapp/s1").await;
+    wait_config(&lb, &["s2"]).await;
+    // The last instance leaves: its server line goes, in the file and in HAProxy.
+    etcd.delete("/services/webapp/s2").await;
+    wait_config(&lb, &[]).await;
+    eventually(T, "no server left in HAProxy", || async {
+        lb.running_servers().await.is_empty().then_some(())
+    })
+    .await;
+    assert!(!lb.proc.log().contains("strict mode"), "{}", lb.proc.log());
+    // And it comes back.
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+
+    // Strictness stays for everything else: a misspelt variable is an error.
+    let typo = dir.path().join("typo.hbs");
+    std::fs::write(
+        &typo,
+        "{{#each services.webapp}}{{id}}{{/each}} {{vars.http_prot}}\n",
+    )
+    .unwrap();
+    let out = Command::new(bin("renderer"))
+        .args(["--endpoints", &etcd.endpoint(), "--dry-run", "--template"])
+        .arg(format!("{}:/dev/null", typo.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a misspelt variable must fail");
+    assert!(
+        err.contains("http_prot"),
+        "the error names the variable: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_records_are_skipped_and_never_reach_haproxy() {
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;

@@ -86,10 +86,10 @@ async fn hundred_joins_and_leaves_under_connection_close_load_without_a_reload()
 async fn a_new_backend_reloads_exactly_once_and_refused_keywords_fall_back() {
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
-    // One backend per extra service, and per-server cookies (refused on dynamic servers).
+    // One backend per extra service, and a server keyword that HAProxy 2.6 and 3.0 both
+    // refuse on dynamic servers (`init-addr`; 2.6 also refuses `cookie <value>`, 3.0 takes it).
     let t = template_with(dir.path(), "t.hbs", |t| {
-        t.replace("check inter 2s weight {{weight}}", "check inter 2s weight {{weight}} cookie {{id}}")
-            .replace("cookie NODESESSID insert indirect nocache dynamic", "cookie NODESESSID insert indirect nocache")
+        t.replace("check inter 2s weight {{weight}}", "check inter 2s weight {{weight}} init-addr last,libc,none")
             + "{{#each services}}{{#if (ne @key \"webapp\")}}\nbackend svc_{{@key}}\n{{#each this}}    server {{id}} {{address}}:{{port}}\n{{/each}}{{/if}}{{/each}}\n"
     });
     let (s1, s2) = (
@@ -101,7 +101,7 @@ async fn a_new_backend_reloads_exactly_once_and_refused_keywords_fall_back() {
     lb.wait_serving().await;
     wait_routed(lb.http_port, &["s1"], T).await;
 
-    // A join whose line carries `cookie`: the runtime API refuses it → one reload, correct.
+    // A join whose line carries `init-addr`: the runtime API refuses it → one reload, correct.
     let (r0, _, _) = lb.proc_state().await;
     put_instance(&etcd, "webapp", "s2", s2.port).await;
     wait_routed(lb.http_port, &["s1", "s2"], T).await;
@@ -179,6 +179,15 @@ async fn sticky_sessions_hold_for_servers_added_at_runtime() {
     wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
     let (reloads, _, _) = lb.proc_state().await;
     assert_eq!(reloads, 0, "joins went through the runtime API");
+    // HAProxy 3.0+: each server carries its own cookie, its instance id (the same on every
+    // load balancer). 2.6: a dynamic cookie derived from address:port and the key.
+    let per_server_cookies = e2e::lb::haproxy_version() >= (3, 0);
+    assert_eq!(
+        lb.config().contains("cookie s3"),
+        per_server_cookies,
+        "per-server cookies exactly from 3.0 on:\n{}",
+        lb.config()
+    );
     let mut pinned = std::collections::BTreeSet::new();
     for _ in 0..6 {
         let first = http::get(lb.http_port, "/", None).await.unwrap();
@@ -192,6 +201,9 @@ async fn sticky_sessions_hold_for_servers_added_at_runtime() {
             .map(str::to_string)
             .next()
             .unwrap_or_else(|| panic!("no NODESESSID cookie from {id}: {:?}", first.headers));
+        if per_server_cookies {
+            assert_eq!(cookie, format!("NODESESSID={id}"));
+        }
         for _ in 0..5 {
             let again = http::get(lb.http_port, "/", Some(&cookie)).await.unwrap();
             assert_eq!(

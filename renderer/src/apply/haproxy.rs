@@ -24,6 +24,35 @@ const RELOAD_CONFIRM: Duration = Duration::from_secs(10);
 /// Reload attempts before giving up.
 const RELOAD_ATTEMPTS: u32 = 3;
 
+/// HAProxy's version from what `program -v` prints ("HAProxy version 3.0.11-1+deb13u4 …"
+/// → "3.0.11"); `None` when it cannot be run or says something else.
+pub async fn detect_version(program: &str) -> Option<String> {
+    let run = Command::new(program)
+        .arg("-v")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .ok()?
+        .ok()?;
+    parse_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The numeric version in `haproxy -v` output (see [`detect_version`]).
+pub fn parse_version(text: &str) -> Option<String> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("HAProxy version ") || l.starts_with("HA-Proxy version "))?;
+    let word = line.split_whitespace().nth(2)?;
+    let numeric: String = word
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let numeric = numeric.trim_end_matches('.').to_string();
+    (!numeric.is_empty()).then_some(numeric)
+}
+
 /// Reload or CLI failure.
 #[derive(Debug, Error)]
 pub enum HaproxyError {
@@ -366,6 +395,19 @@ pub async fn run_reload_command(command: &str, timeout: Duration) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn version_from_dash_v() {
+        let v3 = "HAProxy version 3.0.11-1+deb13u4 2026/10/15 - https://haproxy.org/\nStatus: long-term supported branch\n";
+        assert_eq!(parse_version(v3).as_deref(), Some("3.0.11"));
+        let v26 = "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/\n";
+        assert_eq!(parse_version(v26).as_deref(), Some("2.6.12"));
+        assert_eq!(
+            parse_version("HA-Proxy version 1.8.19 2019/02/11\n").as_deref(),
+            Some("1.8.19")
+        );
+        assert_eq!(parse_version("sh: haproxy: not found\n"), None);
+    }
 
     #[test]
     fn parses_show_proc() {
