@@ -61,7 +61,9 @@ cleanup() {
   done
   echo "logs were in $RUN_DIR" >&2
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
 
 echo "==> etcd on $ENDPOINT (data in $RUN_DIR/etcd)" >&2
 etcd --name demo --data-dir "$RUN_DIR/etcd" \

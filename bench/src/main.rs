@@ -33,7 +33,8 @@ struct Args {
     #[arg(long, value_name = "CMD")]
     lb_cmd: Option<String>,
     /// Scenarios to run (default: all): convergence, deregister, crash, reload, storm,
-    /// scale, footprint, outage.
+    /// scale, footprint, outage, frozen (3-member etcd: frozen members and leader), idle
+    /// (10 idle minutes against a default etcd; 30 s with --quick).
     scenarios: Vec<String>,
 }
 
@@ -79,6 +80,8 @@ fn main() {
         "scale",
         "footprint",
         "outage",
+        "frozen",
+        "idle",
     ];
     let chosen: Vec<String> = if args.scenarios.is_empty() {
         all.iter().map(|s| s.to_string()).collect()

@@ -27,6 +27,8 @@ pub async fn run(name: &str, o: &Opts, series: &mut Vec<(String, Vec<f64>)>) -> 
         "scale" => scale(o).await,
         "footprint" => footprint(o).await,
         "outage" => outage(o).await,
+        "idle" => idle(o).await,
+        "frozen" => frozen(o).await,
         _ => return None,
     })
 }
@@ -654,4 +656,226 @@ async fn outage(o: &Opts) -> Vec<Row> {
         "ms",
     )
     .at_most(1000.0)]
+}
+
+/// The etcd member a renderer or registrar is on, from its log: the endpoint of its last
+/// "connected to etcd" or "moved to another etcd member" line.
+fn member_in_log(log: &str) -> Option<String> {
+    log.lines().rev().find_map(|l| {
+        let field = if l.contains("moved to another etcd member") {
+            " to="
+        } else if l.contains("connected to etcd") {
+            " endpoint="
+        } else {
+            return None;
+        };
+        let rest = &l[l.find(field)? + field.len()..];
+        Some(rest.split_whitespace().next()?.to_string())
+    })
+}
+
+/// A healthy idle system against an etcd with its default settings: how often connections
+/// are torn down (etcd's keep-alive enforcement) and how many WARN lines that costs.
+pub async fn idle(o: &Opts) -> Vec<Row> {
+    let secs = if o.quick { 30 } else { 600 };
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let app = Backend::start(dir.path(), "b0");
+    app.wait_up().await;
+    let health = format!("http://127.0.0.1:{}/health", app.port);
+    let reg = Proc::spawn(
+        "registrar",
+        dir.path(),
+        registrar_cmd(&etcd, "b0", app.port, "3s", &["--health-http", &health]),
+    );
+    let lb = match &o.lb_cmd {
+        Some(cmd) => Lb::start_shell(dir.path(), &etcd, &e2e::lb::template(), cmd),
+        None => Lb::start(dir.path(), &etcd, &["--var", "cookie_key=bench-idle"]),
+    };
+    lb.wait_serving().await;
+    until_served(lb.http_port, "b0", Duration::from_secs(30)).await;
+    let warns = |log: String| log.lines().filter(|l| l.contains(" WARN ")).count() as f64;
+    let (lb_warn0, reg_warn0) = (warns(lb.proc.log()), warns(reg.log()));
+    tokio::time::sleep(Duration::from_secs(secs)).await; // the measured idle period itself
+    let reconnects = if lb.metrics_port == 0 {
+        f64::NAN
+    } else {
+        let body = http::get(lb.metrics_port, "/metrics", None)
+            .await
+            .map(|r| r.body)
+            .unwrap_or_default();
+        body.lines()
+            .find(|l| l.starts_with("renderer_watch_reconnects_total "))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let label = |what: &str| format!("{what} in {secs} s idle (default etcd)");
+    vec![
+        Row::new("idle", label("watch reconnects"), reconnects, "").at_most(0.0),
+        Row::new(
+            "idle",
+            label("renderer WARN lines"),
+            warns(lb.proc.log()) - lb_warn0,
+            "",
+        )
+        .at_most(0.0),
+        Row::new(
+            "idle",
+            label("registrar WARN lines"),
+            warns(reg.log()) - reg_warn0,
+            "",
+        )
+        .at_most(0.0),
+    ]
+}
+
+/// (create_revision, lease) of b0's key, read through the live members.
+async fn b0_record(c: &e2e::cluster::Cluster) -> Option<(i64, i64)> {
+    let mut client = c.client().await;
+    let r = client.get("/services/webapp/b0", None).await.ok()?;
+    r.kvs().first().map(|kv| (kv.create_revision(), kv.lease()))
+}
+
+/// Three members. Ten rounds: freeze the member the renderer's watch is on, make a change
+/// through the others, time until HAProxy serves it. Then freeze the member a `--ttl 3s`
+/// registrar is on (time until it moved on), and the leader for three TTLs (is the
+/// registration kept: same create_revision?).
+pub async fn frozen(o: &Opts) -> Vec<Row> {
+    use e2e::cluster::Cluster;
+    let rounds = if o.quick { 4 } else { 10 };
+    let dir = temp_dir();
+    let cluster = Cluster::start(dir.path(), 3).await;
+    let member_of = |endpoint: &str| (0..3).find(|i| cluster.endpoint(*i) == endpoint);
+    let b: Vec<Backend> = (0..2)
+        .map(|i| Backend::start(dir.path(), &format!("b{i}")))
+        .collect();
+    let mut reg_cmd = Command::new(bin("registrar"));
+    reg_cmd.env("RUST_LOG", "info").args([
+        "--endpoints",
+        &cluster.endpoints(),
+        "--service",
+        "webapp",
+        "--id",
+        "b0",
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &b[0].port.to_string(),
+        "--ttl",
+        "3s",
+    ]);
+    let reg = Proc::spawn("registrar", dir.path(), reg_cmd);
+    let lbdir = dir.path().join("lb");
+    std::fs::create_dir_all(&lbdir).unwrap();
+    let lb = Lb::start_on(&lbdir, &cluster.endpoints(), &e2e::lb::template(), &[]);
+    lb.wait_serving().await;
+    until_served(lb.http_port, "b0", Duration::from_secs(30)).await;
+
+    let put_through_live = |frozen: usize, add: bool| {
+        let cluster = &cluster;
+        let v = registry::Instance::new("webapp", "b1", "127.0.0.1", b[1].port).encode();
+        async move {
+            for _ in 0..100 {
+                let mut c = cluster.client_without(frozen).await;
+                let limit = Duration::from_secs(2);
+                let ok = if add {
+                    tokio::time::timeout(limit, c.put("/services/webapp/b1", v.clone(), None))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                } else {
+                    tokio::time::timeout(limit, c.delete("/services/webapp/b1", None))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                };
+                if ok {
+                    return Instant::now();
+                }
+            }
+            panic!("no live member accepted the change");
+        }
+    };
+    let mut served = Vec::new();
+    for round in 0..rounds {
+        let Some(m) = member_in_log(&lb.proc.log()).and_then(|e| member_of(&e)) else {
+            panic!("cannot tell which member the renderer watches");
+        };
+        cluster.freeze(m);
+        let add = round % 2 == 0;
+        let accepted = put_through_live(m, add).await;
+        let done = if add {
+            until_served(lb.http_port, "b1", Duration::from_secs(30)).await
+        } else {
+            until_gone(lb.http_port, "b1", 10, Duration::from_secs(30))
+                .await
+                .0
+        };
+        served.push(done.map_or(f64::NAN, |t| ms(t - accepted)));
+        cluster.thaw(m);
+        cluster.leader().await;
+    }
+
+    // Keep-alive failover: freeze the registrar's member.
+    let reg_member = member_in_log(&reg.log())
+        .and_then(|e| member_of(&e))
+        .expect("registrar's member");
+    let moves = |log: String| log.matches("moved to another etcd member").count();
+    let before = moves(reg.log());
+    cluster.freeze(reg_member);
+    let frozen_at = Instant::now();
+    let mut failover = f64::NAN;
+    while frozen_at.elapsed() < Duration::from_secs(15) {
+        if moves(reg.log()) > before {
+            failover = ms(frozen_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.thaw(reg_member);
+    cluster.leader().await;
+
+    // The leader frozen for three TTLs.
+    let before = b0_record(&cluster).await;
+    let leader = cluster.leader().await;
+    cluster.freeze(leader);
+    tokio::time::sleep(Duration::from_secs(9)).await; // the fault's duration, not a sync
+    cluster.thaw(leader);
+    cluster.leader().await;
+    let after = b0_record(&cluster).await;
+    let lost = if before.is_some() && before == after {
+        0.0
+    } else {
+        1.0
+    };
+
+    let label = format!("change served, watch's member frozen ({rounds} rounds)");
+    vec![
+        Row::new(
+            "frozen",
+            format!("{label} p50"),
+            percentile(&served, 50.0),
+            "ms",
+        )
+        .at_most(1500.0),
+        Row::new(
+            "frozen",
+            format!("{label} max"),
+            percentile(&served, 100.0),
+            "ms",
+        )
+        .at_most(3000.0),
+        Row::new(
+            "frozen",
+            "registrar moved off its frozen member",
+            failover,
+            "ms",
+        )
+        .at_most(3000.0),
+        Row::new(
+            "frozen",
+            "ttl 3s registrations redone, leader frozen 9 s",
+            lost,
+            "",
+        )
+        .at_most(0.0),
+    ]
 }
