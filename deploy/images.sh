@@ -43,8 +43,7 @@ make_base() { # image-name [extra packages]
 }
 
 if ! grep -qs '^COOKIE_KEY=.' deploy/.env; then
-  umask 077
-  touch deploy/.env
+  (umask 077 && touch deploy/.env) # private, and only this file: the binaries below must stay 0755
   sed -i '/^COOKIE_KEY=/d' deploy/.env
   printf '# Added by deploy/images.sh: sticky-session cookie secret (HAProxy < 3.0), the same\n# on every load balancer; keep it private.\nCOOKIE_KEY=%s\n' \
     "$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')" >>deploy/.env
@@ -70,7 +69,7 @@ else
   cargo build --locked -p registrar -p renderer -p webapp
 fi
 rm -rf deploy/.bin && mkdir -p deploy/.bin
-cp "target/$PROFILE/registrar" "target/$PROFILE/renderer" "target/$PROFILE/webapp" deploy/.bin/
+install -m 0755 "target/$PROFILE/registrar" "target/$PROFILE/renderer" "target/$PROFILE/webapp" deploy/.bin/
 
 docker build -q -f deploy/etcd/Dockerfile --build-arg BASE_IMAGE=$tools -t lb-registry/etcd:latest . >/dev/null
 docker build -q -f deploy/ha/Dockerfile --target prebuilt --build-arg BASE_IMAGE=$tools \
