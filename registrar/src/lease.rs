@@ -325,14 +325,16 @@ impl Registration {
         lease: i64,
         stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     ) -> Result<i64, etcd_client::Error> {
-        if stream.is_none() {
-            let mut c = self.etcd.client();
-            *stream = Some(self.timed(c.lease_keep_alive(lease)).await?);
-        }
-        let Some((keeper, responses)) = stream.as_mut() else {
-            return Err(etcd_client::Error::LeaseKeepAliveError("no stream".into()));
-        };
         let round = async {
+            if stream.is_none() {
+                // Opening the stream already waits for etcd's first answer (gRPC sends the
+                // response headers with it): it is part of the round trip.
+                let mut c = self.etcd.client();
+                *stream = Some(c.lease_keep_alive(lease).await?);
+            }
+            let Some((keeper, responses)) = stream.as_mut() else {
+                return Err(etcd_client::Error::LeaseKeepAliveError("no stream".into()));
+            };
             keeper.keep_alive().await?;
             match responses.message().await? {
                 Some(r) => Ok(r.ttl()),
@@ -341,12 +343,15 @@ impl Registration {
                 )),
             }
         };
-        // A round trip must not take longer than the keep-alive period, or a hung etcd
-        // would eat the lease's whole TTL in one attempt.
-        let limit = self
-            .request_timeout
-            .min(Duration::from_secs(self.ttl as u64) / 3);
-        registry::etcd::within(limit, "keep-alive", round).await
+        registry::etcd::within(self.call_limit(), "keep-alive", round).await
+    }
+
+    /// The bound of every etcd call: the request timeout, but never more than the
+    /// keep-alive period (TTL/3), so a hung member cannot eat the lease's TTL in one call
+    /// before we move to another member.
+    fn call_limit(&self) -> Duration {
+        self.request_timeout
+            .min(Duration::from_secs(self.ttl as u64) / 3)
     }
 
     /// Puts the key back (healthy) or deletes it while keeping the lease (unhealthy).
@@ -402,7 +407,7 @@ impl Registration {
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, etcd_client::Error> {
         let started = std::time::Instant::now();
-        let result = registry::etcd::within(self.request_timeout, "etcd request", fut).await;
+        let result = registry::etcd::within(self.call_limit(), "etcd request", fut).await;
         self.metrics
             .etcd_seconds
             .observe(started.elapsed().as_secs_f64());

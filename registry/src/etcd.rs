@@ -30,6 +30,9 @@ use crate::duration::parse_duration;
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// HTTP/2 keep-alive ping timeout.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one failover round waits for the other members to answer (connect +
+/// `status`): generous for a member that works, short next to a lease's TTL.
+pub const PROBE_ROUND: Duration = Duration::from_secs(1);
 
 /// Connection flags shared by both binaries (flatten into a clap parser).
 #[derive(Debug, Clone, Args)]
@@ -246,9 +249,11 @@ impl Member {
     }
 
     /// Moves to another member: every other endpoint is asked at once and the first to
-    /// answer is taken. When none does, every endpoint (the current one too) is asked again,
-    /// so a single-member cluster or a transient failure keeps working. Bounded by
-    /// `--dial-timeout` per round.
+    /// answer is taken. While none does (e.g. all say "no leader" during an election), they
+    /// are asked again, in rounds of at most [`PROBE_ROUND`], for up to `--dial-timeout`:
+    /// a frozen current member is never waited on while the others elect a leader. Then,
+    /// as a last resort (and straight away for a single endpoint), every endpoint is asked,
+    /// the current one too.
     pub async fn fail_over(&mut self) -> Result<(), ConnectError> {
         let others: Vec<String> = self
             .endpoints
@@ -256,10 +261,30 @@ impl Member {
             .filter(|e| **e != self.endpoint)
             .cloned()
             .collect();
-        let found = match first_answering(&others, &self.opts, self.dial_timeout).await {
-            Ok(found) => found,
-            Err(ConnectError::Fatal(m)) => return Err(ConnectError::Fatal(m)),
-            Err(_) => first_answering(&self.endpoints, &self.opts, self.dial_timeout).await?,
+        let deadline = tokio::time::Instant::now() + self.dial_timeout;
+        let mut found = None;
+        while !others.is_empty() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            // Short rounds: a round lasts until every member answered or its bound passed,
+            // and a frozen member never answers, so one long round would hide a member
+            // that starts answering a moment later (a new leader elected).
+            match first_answering(&others, &self.opts, left.min(PROBE_ROUND)).await {
+                Ok(f) => {
+                    found = Some(f);
+                    break;
+                }
+                Err(ConnectError::Fatal(m)) => return Err(ConnectError::Fatal(m)),
+                Err(_) if left.is_zero() => break,
+                Err(_) => {
+                    let pause = Duration::from_millis(200);
+                    tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + pause))
+                        .await;
+                }
+            }
+        }
+        let found = match found {
+            Some(f) => f,
+            None => first_answering(&self.endpoints, &self.opts, self.dial_timeout).await?,
         };
         if found.1 != self.endpoint {
             tracing::info!(from = %self.endpoint, to = %found.1, "moved to another etcd member");

@@ -3,7 +3,7 @@
 //!
 //! * stream error / disconnect → re-watch from the last seen revision + 1 on another
 //!   member that answers, with capped backoff; never gives up;
-//! * frozen member (SIGSTOP, cut off): while nothing arrives for [`PROGRESS_EVERY`], a
+//! * frozen member (SIGSTOP, cut off): whenever nothing arrived for [`PROGRESS_EVERY`], a
 //!   progress request goes down the watch stream (etcd ≥ 3.4 answers it at once with the
 //!   current revision); no answer within [`PROGRESS_TIMEOUT`] → move to another member and
 //!   re-watch. This replaces fast HTTP/2 pings, which etcd's default keep-alive policy
@@ -27,7 +27,7 @@ use tracing::{debug, info, instrument, warn};
 const PAGE: i64 = 2000;
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// A watch that has received nothing for this long asks for progress.
-pub const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// A progress request not answered within this is a member that stopped answering.
 pub const PROGRESS_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -177,12 +177,17 @@ impl Watcher {
                         m.watch_reconnects.inc();
                     }
                     let delay = backoff.next_delay();
+                    let before = self.etcd.endpoint().to_string();
                     if self.fail_over(&stop).await {
                         return;
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                    // Another member answered: re-watch there at once. The same member
+                    // (a lone endpoint, or nobody else answered): back off first.
+                    if self.etcd.endpoint() == before {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                     }
                 }
             }

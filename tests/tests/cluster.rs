@@ -123,14 +123,16 @@ async fn leader_killed_during_registrar_churn_loses_nothing() {
 
 /// Bound for "an accepted change is served" while one member is frozen (the goal:
 /// p50 ≤ 1.5 s, never later than 3 s): the renderer notices a silent watch within
-/// 0.5 s + 1 s (progress request unanswered) and re-watches on another member.
+/// 0.25 s + 1 s (progress request unanswered) and re-watches on another member.
 const FROZEN_MEMBER_BOUND: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_member_under_the_watch_is_left_for_another() {
     let dir = temp_dir();
     let cluster = Cluster::start(dir.path(), 3).await;
-    let b: Vec<Backend> = (0..4)
+    // A fresh instance per round: a write that timed out against a frozen member may still
+    // be applied later, so rounds that put and delete the same key could undo each other.
+    let b: Vec<Backend> = (0..7)
         .map(|i| Backend::start(dir.path(), &format!("s{i}")))
         .collect();
     put(&cluster, "s0", b[0].port).await;
@@ -141,44 +143,28 @@ async fn a_frozen_member_under_the_watch_is_left_for_another() {
     wait_routed(lb.http_port, &["s0"], T).await;
     // Freeze each member in turn, twice round (one of them carries the renderer's watch at
     // any time); a change accepted meanwhile by the others must be served within the bound.
-    let mut present = [true, false, false, false];
     let mut took = Vec::new();
     for round in 0..6 {
         let frozen = round % 3;
         cluster.freeze(frozen);
-        let n = 1 + round % 3;
-        let key = format!("/services/webapp/s{n}");
-        let v =
-            registry::Instance::new("webapp", &format!("s{n}"), "127.0.0.1", b[n].port).encode();
-        present[n] = !present[n];
+        let x = &b[round + 1];
+        let key = format!("/services/webapp/{}", x.id);
+        let v = registry::Instance::new("webapp", &x.id, "127.0.0.1", x.port).encode();
         // Written through the members that still answer (retrying across an election).
         eventually(T, "change accepted by the live members", || {
-            let (key, v, add) = (key.clone(), v.clone(), present[n]);
+            let (key, v) = (key.clone(), v.clone());
             let cluster = &cluster;
             async move {
                 let mut c = cluster.client_without(frozen).await;
-                let limit = Duration::from_secs(2);
-                if add {
-                    tokio::time::timeout(limit, c.put(key, v, None))
-                        .await
-                        .ok()?
-                        .ok()
-                        .map(drop)
-                } else {
-                    tokio::time::timeout(limit, c.delete(key, None))
-                        .await
-                        .ok()?
-                        .ok()
-                        .map(drop)
-                }
+                tokio::time::timeout(Duration::from_secs(2), c.put(key, v, None))
+                    .await
+                    .ok()?
+                    .ok()
             }
         })
         .await;
         let t = Instant::now();
-        let want: Vec<String> = (0..4)
-            .filter(|i| present[*i])
-            .map(|i| format!("s{i}"))
-            .collect();
+        let want: Vec<String> = (0..=round + 1).map(|i| format!("s{i}")).collect();
         let refs: Vec<&str> = want.iter().map(String::as_str).collect();
         wait_routed(lb.http_port, &refs, T).await;
         took.push(t.elapsed());
@@ -203,8 +189,16 @@ async fn a_frozen_member_under_the_watch_is_left_for_another() {
 
 /// (create_revision, lease) of s0's key: both stay the same while one registration is kept.
 async fn s0_record(c: &Cluster) -> (i64, i64) {
-    let mut client = c.client().await;
-    let r = client.get("/services/webapp/s0", None).await.unwrap();
+    // Retried: right after a thaw the members may still be electing a leader.
+    let r = eventually(T, "a live member answers a read", || async {
+        let mut client = c.client().await;
+        let get = client.get("/services/webapp/s0", None);
+        tokio::time::timeout(Duration::from_secs(2), get)
+            .await
+            .ok()?
+            .ok()
+    })
+    .await;
     let kv = r.kvs().first().expect("s0 registered");
     (kv.create_revision(), kv.lease())
 }
