@@ -29,7 +29,7 @@ count() {
 rc=0
 echo "==> cargo test (Debian 12 binaries: $(haproxy -v | head -1 | cut -d' ' -f1-3), etcd $(etcd --version | head -1 | cut -d' ' -f3))" >&2
 set +e
-cargo test --workspace --locked --lib --bins --tests -- "$@" 2>&1 | tee -a "$log"
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests -- "$@" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 set -e
 summary="debian12: $(count 1)"
@@ -39,7 +39,7 @@ if [ "${FIELD_CHECKS:-1}" != 0 ]; then
   echo "==> end-to-end suites against Debian 13's HAProxy and etcd" >&2
   from=$(($(wc -l <"$log") + 1))
   set +e
-  scripts/with-debian.sh trixie -- cargo test -p e2e --locked \
+  scripts/with-debian.sh trixie -- cargo test -p e2e --locked --no-fail-fast \
     --test registrar --test renderer --test runtime_api --test cluster \
     --test observability --test hardening --test partition --test secure -- "$@" 2>&1 | tee -a "$log"
   rc13=${PIPESTATUS[0]}
