@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 
 WEBAPPS=${WEBAPPS:-3}
 RUN_DIR=${RUN_DIR:-$(mktemp -d -t lb-cluster-XXXX)}
+# One random sticky-cookie secret shared by both load balancers (HAProxy < 3.0).
+COOKIE_KEY=${COOKIE_KEY:-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}
 mkdir -p "$RUN_DIR"
 cargo build --release --locked -p registrar -p renderer -p webapp
 BIN=target/release
@@ -16,11 +18,16 @@ BIN=target/release
 pids=()
 cleanup() {
   trap - EXIT INT TERM  # run once, whichever signal or exit got here
-  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  # Web apps, then load balancers, then etcd members, each waited for.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
   echo "logs were in $RUN_DIR" >&2
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
 
 cluster="m1=http://127.0.0.1:23801,m2=http://127.0.0.1:23802,m3=http://127.0.0.1:23803"
 for i in 1 2 3; do
@@ -42,7 +49,7 @@ for n in 1 2; do
   "$BIN/renderer" --endpoints "$ENDPOINTS" --metrics-addr "127.0.0.1:910$n" \
     --template "templates/haproxy.cfg.hbs:$RUN_DIR/lb$n/haproxy.cfg" \
     --var "http_port=808$n" --var "stats_port=193$n" --var bind_address=127.0.0.1 \
-    --var "runtime_dir=$RUN_DIR/lb$n" --var cookie_key=demo-cluster-secret \
+    --var "runtime_dir=$RUN_DIR/lb$n" --var "cookie_key=$COOKIE_KEY" \
     -- haproxy -W -db -f "$RUN_DIR/lb$n/haproxy.cfg" >"$RUN_DIR/lb$n/renderer.log" 2>&1 &
   pids+=($!)
   echo "==> load balancer $n: traffic 127.0.0.1:808$n, stats 127.0.0.1:193$n, metrics 127.0.0.1:910$n" >&2

@@ -29,6 +29,25 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# in_root ROOT COMMAND [UNSHARE FLAGS…]: runs COMMAND (bash) chrooted into ROOT with a clean
+# environment, in a private mount namespace (so every mount ends with it) holding /dev,
+# /proc and the host's toolchain read-only on /opt/rust.
+in_root() {
+  local r=$1 command=$2 own_net=0
+  shift 2
+  case " $* " in *" --net "*) own_net=1 ;; esac
+  unshare --mount --propagation private "$@" bash -c '
+    set -e
+    r=$1 tc=$2 command=$3 own_net=$4; shift 4
+    [ "$own_net" = 0 ] || ip link set lo up
+    mount --rbind /dev "$r/dev"
+    mount -t proc proc "$r/proc"
+    mount --bind "$tc" "$r/opt/rust"
+    mount -o remount,bind,ro "$r/opt/rust"
+    exec chroot "$r" "$@" bash -c "$command"
+  ' sh "$r" "$toolchain" "$command" "$own_net" "${env_in[@]}"
+}
+
 for suite in "${suites[@]}"; do
   started=$(date +%s)
   root=$(FRESH=1 scripts/debian-root.sh "$suite" pristine gcc,libc6-dev,ca-certificates)
@@ -48,27 +67,10 @@ for suite in "${suites[@]}"; do
     CARGO_HTTP_CAINFO=/etc/ssl/certs/host-network-ca.crt CARGO_TERM_COLOR=never)
 
   echo "==> [$suite] scripts/deps.sh + cargo build --workspace --locked" >&2
-  unshare --mount --propagation private bash -c '
-    set -e
-    r=$1 tc=$2; shift 2
-    mount --rbind /dev "$r/dev"
-    mount -t proc proc "$r/proc"
-    mount --bind "$tc" "$r/opt/rust"
-    mount -o remount,bind,ro "$r/opt/rust"
-    exec chroot "$r" "$@" bash -c "cd /src && . scripts/deps.sh && cargo --version && cargo build --workspace --locked"
-  ' sh "$root" "$toolchain" "${env_in[@]}"
+  in_root "$root" "cd /src && . scripts/deps.sh && cargo --version && cargo build --workspace --locked"
 
   echo "==> [$suite] scripts/demo.sh beside a system etcd on 2379, in its own network namespace" >&2
-  unshare --mount --net --pid --fork --propagation private bash -c '
-    set -e
-    r=$1 tc=$2; shift 2
-    ip link set lo up
-    mount --rbind /dev "$r/dev"
-    mount -t proc proc "$r/proc"
-    mount --bind "$tc" "$r/opt/rust"
-    mount -o remount,bind,ro "$r/opt/rust"
-    exec chroot "$r" "$@" bash -c "cd /src && exec bash scripts/pristine-demo.sh"
-  ' sh "$root" "$toolchain" "${env_in[@]}"
+  in_root "$root" "cd /src && exec bash scripts/pristine-demo.sh" --net --pid --fork
 
   cleanup
   echo "==> [$suite] pristine check passed in $(( $(date +%s) - started )) s" >&2

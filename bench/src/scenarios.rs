@@ -182,21 +182,7 @@ async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) -> Vec<Row>
 }
 
 fn registrar_cmd(etcd: &Etcd, id: &str, port: u16, ttl: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("registrar"));
-    cmd.args([
-        "--endpoints",
-        &etcd.endpoint(),
-        "--service",
-        "webapp",
-        "--id",
-        id,
-        "--address",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--ttl",
-        ttl,
-    ]);
+    let mut cmd = e2e::registrar_command(&etcd.endpoint(), id, port, ttl);
     cmd.args(extra);
     cmd
 }
@@ -759,26 +745,10 @@ pub async fn frozen(o: &Opts) -> Vec<Row> {
     let b: Vec<Backend> = (0..=rounds)
         .map(|i| Backend::start(dir.path(), &format!("b{i}")))
         .collect();
-    let mut reg_cmd = Command::new(bin("registrar"));
-    reg_cmd
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_REGISTRAR_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .args([
-            "--endpoints",
-            &cluster.endpoints(),
-            "--service",
-            "webapp",
-            "--id",
-            "b0",
-            "--address",
-            "127.0.0.1",
-            "--port",
-            &b[0].port.to_string(),
-            "--ttl",
-            "3s",
-        ]);
+    let mut reg_cmd = e2e::registrar_command(&cluster.endpoints(), "b0", b[0].port, "3s");
+    if let Ok(filter) = std::env::var("BENCH_REGISTRAR_LOG") {
+        reg_cmd.env("RUST_LOG", filter);
+    }
     let reg = Proc::spawn("registrar", dir.path(), reg_cmd);
     let lbdir = dir.path().join("lb");
     std::fs::create_dir_all(&lbdir).unwrap();

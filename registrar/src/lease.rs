@@ -123,7 +123,8 @@ impl Registration {
                 Err(RegisterError::Etcd(e)) => {
                     let delay = backoff.next_delay();
                     warn!(error = %error_chain(&e), member = %self.etcd.endpoint(), retry_in = ?delay, "registration failed; trying another etcd member");
-                    if self.fail_over(&stop).await || sleep_or_stop(delay, &stop).await {
+                    if self.etcd.fail_over_unless(&stop).await || sleep_or_stop(delay, &stop).await
+                    {
                         return Ok(());
                     }
                     continue;
@@ -304,7 +305,7 @@ impl Registration {
                     } else {
                         debug!(error = %error_chain(&e), member = %failed_on, "keep-alive failed; trying another etcd member");
                     }
-                    if self.fail_over(stop).await {
+                    if self.etcd.fail_over_unless(stop).await {
                         return SessionEnd::Shutdown;
                     }
                     // Straight away when we moved to another member; a short pause when
@@ -369,21 +370,6 @@ impl Registration {
             .and_then(vec![TxnOp::delete(self.key.clone(), None)]);
         self.timed(self.etcd.client().kv_client().txn(txn)).await?;
         Ok(())
-    }
-
-    /// Moves to another etcd member that answers (see [`Member::fail_over`]). Returns true
-    /// when `stop` fired meanwhile. A failure to find one is only logged: the caller's retry
-    /// loop comes back here.
-    async fn fail_over(&mut self, stop: &CancellationToken) -> bool {
-        tokio::select! {
-            _ = stop.cancelled() => true,
-            r = self.etcd.fail_over() => {
-                if let Err(e) = r {
-                    debug!(error = %e, "no other etcd member answered");
-                }
-                false
-            }
-        }
     }
 
     async fn revoke(&self, lease: i64) {

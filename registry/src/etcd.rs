@@ -294,6 +294,23 @@ impl Member {
     }
 }
 
+impl Member {
+    /// [`fail_over`](Self::fail_over) for retry loops: true when `stop` fired meanwhile.
+    /// Not finding another member is only logged (DEBUG): the caller's loop retries, and
+    /// reports the failure that brought it here.
+    pub async fn fail_over_unless(&mut self, stop: &tokio_util::sync::CancellationToken) -> bool {
+        tokio::select! {
+            _ = stop.cancelled() => true,
+            r = self.fail_over() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "no other etcd member answered");
+                }
+                false
+            }
+        }
+    }
+}
+
 /// Asks every endpoint at once (connect + `status`, bounded by `limit`) and returns the
 /// first that answers. All failing: fatal if any failure was fatal (credentials,
 /// certificates), else unavailable.

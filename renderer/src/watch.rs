@@ -178,7 +178,7 @@ impl Watcher {
                     }
                     let delay = backoff.next_delay();
                     let before = self.etcd.endpoint().to_string();
-                    if self.fail_over(&stop).await {
+                    if self.etcd.fail_over_unless(&stop).await {
                         return;
                     }
                     // Another member answered: re-watch there at once. The same member
@@ -204,26 +204,12 @@ impl Watcher {
         self.live.send_replace(false);
         let delay = backoff.next_delay();
         warn!(error = %error_chain(e), member = %self.etcd.endpoint(), retry_in = ?delay, "{what}; keeping the last config");
-        if self.fail_over(stop).await {
+        if self.etcd.fail_over_unless(stop).await {
             return;
         }
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
-        }
-    }
-
-    /// Moves to another member that answers; true when `stop` fired meanwhile. Not finding
-    /// one is only logged: the caller retries.
-    async fn fail_over(&mut self, stop: &CancellationToken) -> bool {
-        tokio::select! {
-            _ = stop.cancelled() => true,
-            r = self.etcd.fail_over() => {
-                if let Err(e) = r {
-                    debug!(error = %e, "no other etcd member answered");
-                }
-                false
-            }
         }
     }
 

@@ -87,6 +87,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// A registrar keeping `webapp/<id>` at 127.0.0.1:`port` with `--ttl ttl` in the etcd at
+/// `endpoints` (comma-separated), logging at INFO; callers add flags.
+pub fn registrar_command(endpoints: &str, id: &str, port: u16, ttl: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("registrar"));
+    cmd.env("RUST_LOG", "info").args([
+        "--endpoints",
+        endpoints,
+        "--service",
+        "webapp",
+        "--id",
+        id,
+        "--address",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--ttl",
+        ttl,
+    ]);
+    cmd
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout` with `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

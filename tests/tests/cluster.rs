@@ -44,21 +44,7 @@ async fn lease_of(c: &Cluster, id: &str) -> Option<i64> {
 }
 
 fn registrar(dir: &std::path::Path, c: &Cluster, b: &Backend) -> Proc {
-    let mut cmd = Command::new(bin("registrar"));
-    cmd.args([
-        "--endpoints",
-        &c.endpoints(),
-        "--service",
-        "webapp",
-        "--id",
-        &b.id,
-        "--address",
-        "127.0.0.1",
-        "--port",
-        &b.port.to_string(),
-        "--ttl",
-        "3s",
-    ]);
+    let cmd = e2e::registrar_command(&c.endpoints(), &b.id, b.port, "3s");
     Proc::spawn(&format!("registrar-{}", b.id), dir, cmd)
 }
 

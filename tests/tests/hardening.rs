@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use e2e::lb::{master_cli, put_instance, renderer_command, template, wait_routed, Backend, Lb};
 use e2e::load::Load;
-use e2e::{bin, eventually, free_port, http, temp_dir, Etcd, Proc};
+use e2e::{eventually, free_port, http, temp_dir, Etcd, Proc};
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(20);
@@ -99,21 +99,7 @@ async fn a_frozen_registrar_leaves_rotation_and_comes_back() {
     put_instance(&etcd, "webapp", "s0", s0.port).await;
     let lb = Lb::start(dir.path(), &etcd, &[]);
     lb.wait_serving().await;
-    let mut cmd = Command::new(bin("registrar"));
-    cmd.args([
-        "--endpoints",
-        &etcd.endpoint(),
-        "--service",
-        "webapp",
-        "--id",
-        "s1",
-        "--address",
-        "127.0.0.1",
-        "--port",
-        &s1.port.to_string(),
-        "--ttl",
-        "2s",
-    ]);
+    let cmd = e2e::registrar_command(&etcd.endpoint(), "s1", s1.port, "2s");
     let reg = Proc::spawn("registrar", dir.path(), cmd);
     wait_routed(lb.http_port, &["s0", "s1"], T).await;
     // A partition as the registrar sees it: it cannot keep its lease for longer than the TTL.

@@ -205,20 +205,8 @@ async fn idle_against_a_default_etcd_nothing_reconnects_and_nothing_warns() {
     let etcd = Etcd::start(dir.path()).await;
     let app = Backend::start(dir.path(), "s1");
     let reg_metrics = free_port();
-    let mut reg_cmd = Command::new(bin("registrar"));
-    reg_cmd.env("RUST_LOG", "info").args([
-        "--endpoints",
-        &etcd.endpoint(),
-        "--service",
-        "webapp",
-        "--id",
-        "s1",
-        "--address",
-        "127.0.0.1",
-        "--port",
-        &app.port.to_string(),
-        "--ttl",
-        "3s",
+    let mut reg_cmd = e2e::registrar_command(&etcd.endpoint(), "s1", app.port, "3s");
+    reg_cmd.args([
         "--health-http",
         &format!("http://127.0.0.1:{}/health", app.port),
         "--health-interval",
