@@ -292,9 +292,7 @@ impl Member {
         (self.client, self.endpoint) = found;
         Ok(())
     }
-}
 
-impl Member {
     /// [`fail_over`](Self::fail_over) for retry loops: true when `stop` fired meanwhile.
     /// Not finding another member is only logged (DEBUG): the caller's loop retries, and
     /// reports the failure that brought it here.
