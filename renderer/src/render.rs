@@ -254,13 +254,11 @@ impl HelperDef for InstancesHelper {
                 "string".into(),
             ),
         )?;
-        Ok(ScopedJson::Derived(
-            ctx.data()
-                .get("services")
-                .and_then(|s| s.get(name))
-                .cloned()
-                .unwrap_or_else(|| Value::Array(Vec::new())),
-        ))
+        // Borrowed, not copied: at 10 000 instances a copy cost a third of the render.
+        Ok(match ctx.data().get("services").and_then(|s| s.get(name)) {
+            Some(list) => ScopedJson::Context(list, vec!["services".into(), name.to_string()]),
+            None => ScopedJson::Derived(Value::Array(Vec::new())),
+        })
     }
 }
 
@@ -357,6 +355,15 @@ mod tests {
         assert_eq!(
             render("{{#each (instances \"web\")}}{{id}}{{/each}}", d.clone()).unwrap(),
             "ba"
+        );
+        // The list is lent from the data, not copied: paths out of the loop still resolve.
+        assert_eq!(
+            render(
+                "{{#each (instances \"web\")}}{{id}}{{@root.vars.port}}{{../revision}},{{/each}}",
+                d.clone()
+            )
+            .unwrap(),
+            "b80807,a80807,"
         );
         assert_eq!(
             render(
