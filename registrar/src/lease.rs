@@ -10,7 +10,7 @@ use std::time::Duration;
 use etcd_client::{
     Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
-use registry::etcd::{error_chain, is_lease_not_found, Backoff, Member};
+use registry::etcd::{error_chain, is_lease_not_found, Backoff, FailOver, Member};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -123,7 +123,8 @@ impl Registration {
                 Err(RegisterError::Etcd(e)) => {
                     let delay = backoff.next_delay();
                     warn!(error = %error_chain(&e), member = %self.etcd.endpoint(), retry_in = ?delay, "registration failed; trying another etcd member");
-                    if self.etcd.fail_over_unless(&stop).await || sleep_or_stop(delay, &stop).await
+                    if self.etcd.fail_over_unless(&stop).await == FailOver::Stopped
+                        || sleep_or_stop(delay, &stop).await
                     {
                         return Ok(());
                     }
@@ -295,7 +296,7 @@ impl Registration {
                 Err(e) => {
                     stream = None;
                     self.metrics.keepalive_failures.inc();
-                    let failed_on = self.etcd.endpoint().to_string();
+                    let failed_on = self.etcd.endpoint();
                     // Past our own estimate of the expiry the lease may still be alive: a
                     // newly elected leader restarts every lease's TTL. Only etcd's answer
                     // (TTL 0 or "lease not found") ends this lease.
@@ -305,15 +306,12 @@ impl Registration {
                     } else {
                         debug!(error = %error_chain(&e), member = %failed_on, "keep-alive failed; trying another etcd member");
                     }
-                    if self.etcd.fail_over_unless(stop).await {
-                        return SessionEnd::Shutdown;
-                    }
                     // Straight away when we moved to another member; a short pause when
                     // the same member is all there is.
-                    next_keep_alive = if self.etcd.endpoint() != failed_on {
-                        Instant::now()
-                    } else {
-                        Instant::now() + Duration::from_millis(200).min(period)
+                    next_keep_alive = match self.etcd.fail_over_unless(stop).await {
+                        FailOver::Stopped => return SessionEnd::Shutdown,
+                        FailOver::Moved => Instant::now(),
+                        FailOver::Stayed => Instant::now() + Duration::from_millis(200).min(period),
                     };
                 }
             }

@@ -293,20 +293,35 @@ impl Member {
         Ok(())
     }
 
-    /// [`fail_over`](Self::fail_over) for retry loops: true when `stop` fired meanwhile.
-    /// Not finding another member is only logged (DEBUG): the caller's loop retries, and
-    /// reports the failure that brought it here.
-    pub async fn fail_over_unless(&mut self, stop: &tokio_util::sync::CancellationToken) -> bool {
+    /// [`fail_over`](Self::fail_over) for retry loops, unless `stop` fires first. Not
+    /// finding another member is only logged (DEBUG): the caller's loop retries, and reports
+    /// the failure that brought it here.
+    pub async fn fail_over_unless(
+        &mut self,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> FailOver {
+        let before = self.endpoint.clone();
         tokio::select! {
-            _ = stop.cancelled() => true,
+            _ = stop.cancelled() => FailOver::Stopped,
             r = self.fail_over() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "no other etcd member answered");
                 }
-                false
+                if self.endpoint == before { FailOver::Stayed } else { FailOver::Moved }
             }
         }
     }
+}
+
+/// How [`Member::fail_over_unless`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOver {
+    /// On another member now: retry at once.
+    Moved,
+    /// Still on the same member (a lone endpoint, or no other answered): back off first.
+    Stayed,
+    /// The stop token fired.
+    Stopped,
 }
 
 /// Asks every endpoint at once (connect + `status`, bounded by `limit`) and returns the

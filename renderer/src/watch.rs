@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use etcd_client::{GetOptions, WatchOptions};
-use registry::etcd::{error_chain, Backoff, Member};
+use registry::etcd::{error_chain, Backoff, FailOver, Member};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -177,17 +177,15 @@ impl Watcher {
                         m.watch_reconnects.inc();
                     }
                     let delay = backoff.next_delay();
-                    let before = self.etcd.endpoint().to_string();
-                    if self.etcd.fail_over_unless(&stop).await {
-                        return;
-                    }
                     // Another member answered: re-watch there at once. The same member
                     // (a lone endpoint, or nobody else answered): back off first.
-                    if self.etcd.endpoint() == before {
-                        tokio::select! {
+                    match self.etcd.fail_over_unless(&stop).await {
+                        FailOver::Stopped => return,
+                        FailOver::Moved => {}
+                        FailOver::Stayed => tokio::select! {
                             _ = stop.cancelled() => return,
                             _ = tokio::time::sleep(delay) => {}
-                        }
+                        },
                     }
                 }
             }
@@ -204,7 +202,7 @@ impl Watcher {
         self.live.send_replace(false);
         let delay = backoff.next_delay();
         warn!(error = %error_chain(e), member = %self.etcd.endpoint(), retry_in = ?delay, "{what}; keeping the last config");
-        if self.etcd.fail_over_unless(stop).await {
+        if self.etcd.fail_over_unless(stop).await == FailOver::Stopped {
             return;
         }
         tokio::select! {
