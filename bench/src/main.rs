@@ -7,6 +7,11 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
+/// mimalloc: a render at 10 000 instances allocates ~100 000 small objects and frees
+/// them again; with glibc's malloc that was a third of the time (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod scenarios;
 mod stats;
 

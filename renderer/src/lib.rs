@@ -166,6 +166,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
         targets,
         reloader,
         runtime_api: config.runtime_api,
+        runtime_limits: config.runtime_limits,
         drain_timeout: config.drain_timeout,
         metrics: metrics.clone(),
     };
@@ -354,7 +355,7 @@ async fn apply_guarded(
                 };
             }
         }
-        let report = applier.apply(renderer, &data).await;
+        let report = applier.apply(renderer, &renderer.context(data)).await;
         let Some(line) = report.rejected_lines.first() else {
             return report;
         };
@@ -581,11 +582,11 @@ async fn run_once(config: &Config, renderer: Renderer, targets: Vec<Target>) -> 
         kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
         store.revision,
     );
-    let data = model.template_data(&config.vars);
+    let ctx = renderer.context(model.template_data(&config.vars));
     if config.dry_run {
         let mut out = std::io::stdout().lock();
         for t in &targets {
-            let bytes = renderer.render(&t.name, &data)?;
+            let bytes = renderer.render_with(&t.name, &ctx)?;
             let _ = out.write_all(&bytes);
         }
         let _ = out.flush();
@@ -603,10 +604,11 @@ async fn run_once(config: &Config, renderer: Renderer, targets: Vec<Target>) -> 
         targets,
         reloader,
         runtime_api: config.runtime_api,
+        runtime_limits: config.runtime_limits,
         drain_timeout: config.drain_timeout,
         metrics: metrics::Metrics::new(&mut prometheus_client::registry::Registry::default()),
     };
-    let report = applier.apply(&renderer, &data).await;
+    let report = applier.apply(&renderer, &ctx).await;
     info!(
         revision = store.revision,
         instances = model.len(),

@@ -162,15 +162,20 @@ impl Model {
     ) -> (Value, usize) {
         let mut cut = 0;
         let mut kept: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        let mut ids: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
         for (name, instances) in &self.services {
-            let list: Vec<&Instance> = instances
+            let numbers = server_ids(instances.keys());
+            let list: Vec<(&Instance, u32)> = instances
                 .values()
-                .filter(|i| exclude.is_empty() || !exclude.contains(&self.key_of(i)))
+                .zip(numbers)
+                .filter(|(i, _)| exclude.is_empty() || !exclude.contains(&self.key_of(i)))
                 .collect();
             cut += list.len().saturating_sub(max_per_service);
-            let list: Vec<&Instance> = list.into_iter().take(max_per_service).collect();
+            let (list, numbers): (Vec<&Instance>, Vec<u32>) =
+                list.into_iter().take(max_per_service).unzip();
             if !list.is_empty() {
                 kept.insert(name.as_str(), list);
+                ids.insert(name.as_str(), numbers);
             }
         }
         // Each instance's object is built once; `instances` gets copies (cheaper than
@@ -180,7 +185,12 @@ impl Model {
             .map(|(name, list)| {
                 (
                     name.to_string(),
-                    Value::Array(list.iter().map(|i| instance_json(i)).collect()),
+                    Value::Array(
+                        list.iter()
+                            .zip(&ids[name])
+                            .map(|(i, n)| instance_json(i, *n))
+                            .collect(),
+                    ),
                 )
             })
             .collect();
@@ -253,8 +263,28 @@ impl Model {
     }
 }
 
-fn instance_json(i: &Instance) -> Value {
+/// Stable numeric ids for the instances of one service (`server_id` in template data, for
+/// HAProxy's `id` server keyword), given their ids in sorted order: a hash of the id in
+/// 1..2^31-1, and on a collision the next free number (the first id in sorted order keeps
+/// the hashed one). Stable while the instance exists and the same on every load balancer,
+/// so a server keeps its number across reloads and runtime changes. HAProxy before 3.1
+/// checks server names for duplicates pairwise at load unless servers have an `id`.
+fn server_ids<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<u32> {
+    const RANGE: u64 = (1 << 31) - 2;
+    let mut used = std::collections::HashSet::new();
+    ids.map(|id| {
+        let mut n = (xxhash_rust::xxh64::xxh64(id.as_bytes(), 0) % RANGE) as u32 + 1;
+        while !used.insert(n) {
+            n = if u64::from(n) >= RANGE { 1 } else { n + 1 };
+        }
+        n
+    })
+    .collect()
+}
+
+fn instance_json(i: &Instance, server_id: u32) -> Value {
     json!({
+        "server_id": server_id,
         "id": i.id,
         "service": i.service,
         "address": i.address,
@@ -363,5 +393,21 @@ mod tests {
         assert!(!m.reset(kvs, 9), "same content at a new revision");
         assert_eq!(m.revision, 9);
         assert!(m.reset(Vec::new(), 10));
+    }
+
+    #[test]
+    fn server_ids_are_stable_distinct_and_in_range() {
+        let names: Vec<String> = (0..20_000).map(|i| format!("n{i:05}")).collect();
+        let all = server_ids(names.iter());
+        let distinct: BTreeSet<u32> = all.iter().copied().collect();
+        assert_eq!(distinct.len(), names.len());
+        assert!(all.iter().all(|n| (1..(1 << 31) - 1).contains(n)));
+        // Another instance leaving does not renumber the rest (no collision here).
+        let fewer = server_ids(names.iter().skip(1));
+        assert_eq!(&all[1..], &fewer[..]);
+        // A collision: the same name twice gets the next number.
+        let twice = vec!["a".to_string(), "a".to_string()];
+        let ids = server_ids(twice.iter());
+        assert_eq!(ids[1], ids[0] + 1);
     }
 }

@@ -53,6 +53,23 @@ pub fn parse_version(text: &str) -> Option<String> {
     (!numeric.is_empty()).then_some(numeric)
 }
 
+/// The cookie HAProxy derives for a server in a backend with `cookie … dynamic` and
+/// `dynamic-cookie-key <key>`: XXH64 (seed 0) of the key, the address's bytes and the
+/// port as 4 big-endian bytes, printed as 16 hex digits (`srv_set_dyncookie()` in
+/// src/server.c, unchanged from 1.8 to 3.x). `None` for an address that is not an IP
+/// literal (HAProxy derives none until it has resolved one).
+pub fn dynamic_cookie(key: &str, address: &str, port: u16) -> Option<String> {
+    let ip: std::net::IpAddr = address.parse().ok()?;
+    let mut buf = Vec::with_capacity(key.len() + 20);
+    buf.extend_from_slice(key.as_bytes());
+    match ip {
+        std::net::IpAddr::V4(v4) => buf.extend_from_slice(&v4.octets()),
+        std::net::IpAddr::V6(v6) => buf.extend_from_slice(&v6.octets()),
+    }
+    buf.extend_from_slice(&u32::from(port).to_be_bytes());
+    Some(format!("{:016x}", xxhash_rust::xxh64::xxh64(&buf, 0)))
+}
+
 /// Reload or CLI failure.
 #[derive(Debug, Error)]
 pub enum HaproxyError {
@@ -407,6 +424,21 @@ mod tests {
             Some("1.8.19")
         );
         assert_eq!(parse_version("sh: haproxy: not found\n"), None);
+    }
+
+    #[test]
+    fn dynamic_cookies_match_haproxy() {
+        // What HAProxy 2.6.12 printed in `show stat` for a server added at runtime with
+        // `dynamic-cookie-key k` and then `set server … addr 127.0.0.1 port 3001`.
+        assert_eq!(
+            dynamic_cookie("k", "127.0.0.1", 3001).as_deref(),
+            Some("6a51f14cf3d6d726")
+        );
+        assert_eq!(dynamic_cookie("k", "web-1.internal", 3001), None);
+        assert_ne!(
+            dynamic_cookie("k", "127.0.0.1", 3002),
+            dynamic_cookie("k", "127.0.0.1", 3001)
+        );
     }
 
     #[test]

@@ -9,7 +9,6 @@ pub mod runtime;
 
 use std::time::Duration;
 
-use serde_json::Value;
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::{Metrics, ResultLabel};
@@ -89,13 +88,15 @@ pub struct Applier {
     pub reloader: Reloader,
     /// Apply membership-only changes through the runtime API (no reload).
     pub runtime_api: bool,
+    /// When a membership change goes through a reload anyway.
+    pub runtime_limits: runtime::Limits,
     /// How long a leaving server may keep its in-flight requests.
     pub drain_timeout: Duration,
     pub metrics: Metrics,
 }
 
 impl Applier {
-    pub async fn apply(&mut self, renderer: &Renderer, data: &Value) -> Report {
+    pub async fn apply(&mut self, renderer: &Renderer, ctx: &handlebars::Context) -> Report {
         let mut report = Report::default();
         let mut need_reload = false;
         let m = self.metrics.clone();
@@ -112,7 +113,7 @@ impl Applier {
         };
         for t in &mut self.targets {
             let started = std::time::Instant::now();
-            let rendered = renderer.render(&t.name, data);
+            let rendered = renderer.render_with(&t.name, ctx);
             m.render_seconds.observe(started.elapsed().as_secs_f64());
             let bytes = match rendered {
                 Ok(b) => {
@@ -144,9 +145,9 @@ impl Applier {
                 let old = String::from_utf8_lossy(old);
                 let new = String::from_utf8_lossy(&bytes);
                 match runtime::plan(&old, &new) {
-                    Some(plan) if plan.too_big().is_some() => {
+                    Some(plan) if plan.too_big(&self.runtime_limits).is_some() => {
                         info!(
-                            reason = plan.too_big().unwrap_or_default(),
+                            reason = plan.too_big(&self.runtime_limits).unwrap_or_default(),
                             "using a reload instead of the runtime API"
                         );
                     }

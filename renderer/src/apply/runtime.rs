@@ -31,6 +31,32 @@ impl Server {
             .map(|w| w[1].as_str())
     }
 
+    /// The value of a keyword that takes one argument (`cookie`, `id`).
+    fn keyword(&self, name: &str) -> Option<&str> {
+        self.keywords
+            .windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| w[1].as_str())
+    }
+
+    fn cookie(&self) -> Option<&str> {
+        self.keyword("cookie")
+    }
+
+    /// Its keywords for `add server`, without `cookie <v>` when HAProxy derives it.
+    fn add_keywords(&self, derived_cookie: bool) -> Vec<&str> {
+        let mut out = Vec::new();
+        let mut words = self.keywords.iter();
+        while let Some(k) = words.next() {
+            if derived_cookie && k == "cookie" {
+                words.next();
+                continue;
+            }
+            out.push(k.as_str());
+        }
+        out
+    }
+
     fn keywords_without_weight(&self) -> Vec<&str> {
         let mut out = Vec::new();
         let mut skip = false;
@@ -56,16 +82,57 @@ pub struct Plan {
     pub remove: Vec<Server>,
     /// (old, new) with only address, port or weight changed.
     pub update: Vec<(Server, Server)>,
-    /// Backends with `cookie … dynamic`, and their server count in the new config.
-    pub dynamic_cookie_backends: BTreeMap<String, usize>,
+    /// The new config's backends, by name.
+    pub backend_info: BTreeMap<String, Backend>,
 }
 
-/// Above this many changes in one apply, a reload is cheaper than that many CLI round trips.
-pub const MAX_RUNTIME_CHANGES: usize = 200;
-/// HAProxy 2.6 recomputes every server's dynamic cookie, checking each against all others,
-/// on `enable dynamic-cookie backend`: quadratic. Measured here, ~5 000 servers stall the
-/// worker past its watchdog and it aborts. Larger backends with dynamic cookies reload.
-pub const MAX_DYNAMIC_COOKIE_SERVERS: usize = 1000;
+/// What the runtime path needs to know about a backend of the new config.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `cookie … dynamic`: HAProxy derives server cookies from `dynamic-cookie-key`.
+    pub dynamic_cookie: bool,
+    /// The backend's `dynamic-cookie-key` (or the one in `defaults`).
+    pub cookie_key: Option<String>,
+    /// Servers in the new config.
+    pub servers: usize,
+}
+
+/// When a plan goes through a reload instead (`--runtime-max-changes`,
+/// `--runtime-max-cookie-servers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Above this many server changes in one apply, reload.
+    pub max_changes: usize,
+    /// A server whose dynamic cookie HAProxy can only derive with `enable dynamic-cookie
+    /// backend` (an address that is not an IP literal) makes HAProxy recompute every
+    /// server's cookie against every other's: quadratic (2.6: 0.8 s at 10 000 servers,
+    /// ~5 000 stalled a worker past its watchdog under load). Above this many servers in
+    /// such a backend, reload.
+    pub max_cookie_servers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_changes: 200,
+            max_cookie_servers: 1000,
+        }
+    }
+}
+
+/// How a new server gets its cookie.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cookie {
+    /// As written (`cookie <v>` among its keywords, or none at all).
+    AsWritten,
+    /// HAProxy derives it (dynamic cookies) when the address is set: the server is added
+    /// with `placeholder` as its address, then `set server … addr` gives it the real one
+    /// and HAProxy computes that one server's cookie. An explicit `cookie` equal to the
+    /// derived value is left out of `add server` (HAProxy < 3.0 refuses the keyword there).
+    Derived { placeholder: &'static str },
+    /// Only `enable dynamic-cookie backend` derives it (the address is a hostname).
+    BackendWide,
+}
 
 impl Plan {
     pub fn is_empty(&self) -> bool {
@@ -78,18 +145,53 @@ impl Plan {
     }
 
     /// Why this plan should go through a reload instead, if it should.
-    pub fn too_big(&self) -> Option<String> {
-        if self.len() > MAX_RUNTIME_CHANGES {
+    pub fn too_big(&self, limits: &Limits) -> Option<String> {
+        if self.len() > limits.max_changes {
             return Some(format!(
-                "{} server changes at once (bulk: reload)",
-                self.len()
+                "{} server changes at once, more than --runtime-max-changes {}",
+                self.len(),
+                limits.max_changes
             ));
         }
-        let touched = self.backends();
-        self.dynamic_cookie_backends
+        self.add
             .iter()
-            .find(|(be, n)| **n > MAX_DYNAMIC_COOKIE_SERVERS && touched.contains(be))
-            .map(|(be, n)| format!("backend {be} has {n} servers with dynamic cookies (runtime cookie update is quadratic in 2.6)"))
+            .filter(|s| self.cookie(s) == Cookie::BackendWide)
+            .filter_map(|s| Some((&s.backend, self.backend_info.get(&s.backend)?.servers)))
+            .find(|(_, n)| *n > limits.max_cookie_servers)
+            .map(|(be, n)| format!("a server with a hostname joins backend {be}, whose {n} servers (more than --runtime-max-cookie-servers {}) would all get their dynamic cookie recomputed", limits.max_cookie_servers))
+    }
+
+    /// How the added server `s` gets its cookie.
+    fn cookie(&self, s: &Server) -> Cookie {
+        let Some(be) = self.backend_info.get(&s.backend) else {
+            return Cookie::AsWritten;
+        };
+        if !be.dynamic_cookie {
+            return Cookie::AsWritten;
+        }
+        let Ok(ip) = s.addr.parse::<std::net::IpAddr>() else {
+            return match s.cookie() {
+                Some(_) => Cookie::AsWritten,
+                None => Cookie::BackendWide,
+            };
+        };
+        if let Some(written) = s.cookie() {
+            let derived = match (&be.cookie_key, s.port.parse::<u16>()) {
+                (Some(key), Ok(port)) => super::haproxy::dynamic_cookie(key, &s.addr, port),
+                _ => None,
+            };
+            if derived.as_deref() != Some(written) {
+                return Cookie::AsWritten;
+            }
+        }
+        // Any address of the same family that differs from the real one.
+        let placeholder = match ip {
+            std::net::IpAddr::V4(a) if a.is_unspecified() => "0.0.0.1",
+            std::net::IpAddr::V4(_) => "0.0.0.0",
+            std::net::IpAddr::V6(a) if a.is_unspecified() => "::1",
+            std::net::IpAddr::V6(_) => "::",
+        };
+        Cookie::Derived { placeholder }
     }
 
     /// Backends this plan touches.
@@ -113,15 +215,17 @@ type Servers = BTreeMap<(String, String), Server>;
 /// Splits a config into its skeleton (every line but backend `server` lines) and the
 /// servers by backend.
 fn split(config: &str) -> (Vec<&str>, Servers) {
-    let (skeleton, servers, _) = split_with_cookies(config);
+    let (skeleton, servers, _) = split_with_backends(config);
     (skeleton, servers)
 }
 
-/// [`split`], plus the backends that use dynamic cookies.
-fn split_with_cookies(config: &str) -> (Vec<&str>, Servers, Vec<String>) {
+/// [`split`], plus what the runtime path needs to know of each backend (server counts
+/// left at 0).
+fn split_with_backends(config: &str) -> (Vec<&str>, Servers, BTreeMap<String, Backend>) {
     let mut skeleton = Vec::new();
     let mut servers = BTreeMap::new();
-    let mut dynamic = Vec::new();
+    let mut backends: BTreeMap<String, Backend> = BTreeMap::new();
+    let mut defaults_key: Option<String> = None;
     let mut section: Option<(String, String)> = None;
     for line in config.lines() {
         let trimmed = line.trim();
@@ -132,50 +236,67 @@ fn split_with_cookies(config: &str) -> (Vec<&str>, Servers, Vec<String>) {
             let mut words = trimmed.split_whitespace();
             let kind = words.next().unwrap_or("").to_string();
             let name = words.next().unwrap_or("").to_string();
+            if kind == "backend" || kind == "listen" {
+                backends.entry(name.clone()).or_insert_with(|| Backend {
+                    cookie_key: defaults_key.clone(),
+                    ..Default::default()
+                });
+            }
             section = Some((kind, name));
         }
-        let in_backend = matches!(&section, Some((k, _)) if k == "backend" || k == "listen");
-        if in_backend
-            && trimmed.starts_with("cookie ")
-            && trimmed.split_whitespace().any(|w| w == "dynamic")
-        {
-            dynamic.push(section.as_ref().map(|(_, n)| n.clone()).unwrap_or_default());
+        let (kind, name) = section
+            .as_ref()
+            .map_or(("", ""), |(k, n)| (k.as_str(), n.as_str()));
+        let words: Vec<&str> = trimmed.split_whitespace().collect();
+        if kind == "defaults" && words.first() == Some(&"dynamic-cookie-key") {
+            defaults_key = words.get(1).map(|k| k.to_string());
         }
-        if in_backend && trimmed.starts_with("server ") {
-            let words: Vec<&str> = trimmed.split_whitespace().collect();
-            if let (Some(name), Some(target)) = (words.get(1), words.get(2)) {
+        let in_backend = kind == "backend" || kind == "listen";
+        if in_backend {
+            let be = backends.entry(name.to_string()).or_default();
+            match words.first() {
+                Some(&"cookie") if words.contains(&"dynamic") => be.dynamic_cookie = true,
+                Some(&"dynamic-cookie-key") => be.cookie_key = words.get(1).map(|k| k.to_string()),
+                _ => {}
+            }
+        }
+        if in_backend && words.first() == Some(&"server") {
+            if let (Some(server), Some(target)) = (words.get(1), words.get(2)) {
                 if let Some((addr, port)) = target.rsplit_once(':') {
-                    let backend = section.as_ref().map(|(_, n)| n.clone()).unwrap_or_default();
                     let s = Server {
-                        backend: backend.clone(),
-                        name: name.to_string(),
+                        backend: name.to_string(),
+                        name: server.to_string(),
                         addr: addr.to_string(),
                         port: port.to_string(),
                         keywords: words[3..].iter().map(|w| w.to_string()).collect(),
                     };
-                    servers.insert((backend, name.to_string()), s);
+                    servers.insert((name.to_string(), server.to_string()), s);
                     continue;
                 }
             }
         }
         skeleton.push(line);
     }
-    (skeleton, servers, dynamic)
+    (skeleton, servers, backends)
 }
 
 /// The runtime plan from `old` to `new`, or `None` when anything besides backend `server`
 /// lines differs (that needs a reload).
 pub fn plan(old: &str, new: &str) -> Option<Plan> {
     let (old_skel, old_servers) = split(old);
-    let (new_skel, new_servers, dynamic) = split_with_cookies(new);
+    let (new_skel, new_servers, mut backends) = split_with_backends(new);
     if old_skel != new_skel {
         return None;
     }
-    let mut plan = Plan::default();
-    for be in dynamic {
-        let n = new_servers.values().filter(|s| s.backend == be).count();
-        plan.dynamic_cookie_backends.insert(be, n);
+    for s in new_servers.values() {
+        if let Some(be) = backends.get_mut(&s.backend) {
+            be.servers += 1;
+        }
     }
+    let mut plan = Plan {
+        backend_info: backends,
+        ..Default::default()
+    };
     for (key, n) in &new_servers {
         match old_servers.get(key) {
             None => plan.add.push(n.clone()),
@@ -232,7 +353,9 @@ fn quiet(answer: &str) -> bool {
 }
 
 /// Applies `plan`. Leaves drain first: no new requests, in-flight ones finish (up to
-/// `drain_timeout`), then the server is put in maintenance and deleted.
+/// `drain_timeout`), then the server is put in maintenance and deleted. Joins are added in
+/// maintenance, given their address (and so their dynamic cookie, computed for that one
+/// server), then enabled.
 pub async fn execute(
     cli: &MasterCli,
     plan: &Plan,
@@ -274,30 +397,35 @@ pub async fn execute(
             send(cli, &format!("set server {id} weight {w}"), quiet).await?;
         }
     }
-    let mut cookies: Vec<String> = Vec::new();
+    let mut backend_wide: Vec<&str> = Vec::new();
     for s in &plan.add {
         let id = format!("{}/{}", s.backend, s.name);
-        let cmd = format!(
-            "add server {id} {}:{} {}",
-            s.addr,
-            s.port,
-            s.keywords.join(" ")
-        );
+        let cookie = plan.cookie(s);
+        let (addr, keywords) = match &cookie {
+            Cookie::Derived { placeholder } => (*placeholder, s.add_keywords(true)),
+            _ => (s.addr.as_str(), s.add_keywords(false)),
+        };
+        let cmd = format!("add server {id} {addr}:{} {}", s.port, keywords.join(" "));
         send(cli, cmd.trim_end(), |a| a.contains("New server registered")).await?;
+        if matches!(cookie, Cookie::Derived { .. }) {
+            send(
+                cli,
+                &format!("set server {id} addr {} port {}", s.addr, s.port),
+                |a| a.contains("IP changed"),
+            )
+            .await?;
+        }
         if s.keywords.iter().any(|k| k == "check") {
             send(cli, &format!("enable health {id}"), quiet).await?;
         }
         send(cli, &format!("enable server {id}"), quiet).await?;
-        cookies.push(s.backend.clone());
+        if cookie == Cookie::BackendWide && !backend_wide.contains(&s.backend.as_str()) {
+            backend_wide.push(&s.backend);
+        }
     }
-    cookies.dedup();
-    for be in cookies {
-        // Dynamic cookies (`cookie … dynamic` + `dynamic-cookie-key`) are derived for new
-        // servers only when asked; a backend without them answers with an error we ignore.
-        let _ = send(cli, &format!("enable dynamic-cookie backend {be}"), |_| {
-            true
-        })
-        .await;
+    for be in backend_wide {
+        // A hostname's dynamic cookie is derived only when asked, for the whole backend.
+        send(cli, &format!("enable dynamic-cookie backend {be}"), quiet).await?;
     }
     Ok(())
 }
@@ -309,8 +437,16 @@ async fn wait_drained(
     timeout: Duration,
 ) -> Result<(), RuntimeError> {
     let deadline = Instant::now() + timeout;
+    // Each server is asked about by its numeric id: `show stat` of a whole backend is
+    // ~300 bytes per server (10 000 servers: 3 MB, 100 ms of the worker's time per poll).
+    let ids = server_ids(cli, servers).await?;
     loop {
-        let busy = busy_servers(cli, servers).await?;
+        let mut busy = Vec::new();
+        for (s, sid) in servers.iter().zip(&ids) {
+            if sessions(cli, &s.backend, *sid).await? > 0 {
+                busy.push(format!("{}/{}", s.backend, s.name));
+            }
+        }
         if busy.is_empty() {
             return Ok(());
         }
@@ -329,9 +465,39 @@ async fn wait_drained(
     }
 }
 
-/// `backend/name` of the servers among `servers` with current sessions (`show stat` scur).
-async fn busy_servers(cli: &MasterCli, servers: &[Server]) -> Result<Vec<String>, RuntimeError> {
-    let csv = cli.worker_command("show stat -1 4 -1").await?;
+/// The numeric ids (`srv_id`) of `servers`: their `id` keyword, else what HAProxy gave them
+/// (`show servers state`, once per backend that needs it).
+async fn server_ids(cli: &MasterCli, servers: &[Server]) -> Result<Vec<u32>, RuntimeError> {
+    let mut states: BTreeMap<&str, ServersState> = BTreeMap::new();
+    let mut ids = Vec::new();
+    for s in servers {
+        if let Some(id) = s.keyword("id").and_then(|v| v.parse().ok()) {
+            ids.push(id);
+            continue;
+        }
+        if !states.contains_key(s.backend.as_str()) {
+            let state = servers_state(cli, &s.backend).await?;
+            states.insert(&s.backend, state);
+        }
+        let id = states[s.backend.as_str()]
+            .get(&s.name)
+            .and_then(|row| row.id)
+            .ok_or_else(|| {
+                RuntimeError::Mismatch(format!(
+                    "{}/{} is not running (show servers state)",
+                    s.backend, s.name
+                ))
+            })?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// Current sessions (`scur`) of server `sid` of `backend`.
+async fn sessions(cli: &MasterCli, backend: &str, sid: u32) -> Result<u64, RuntimeError> {
+    let csv = cli
+        .worker_command(&format!("show stat {backend} 4 {sid}"))
+        .await?;
     let mut lines = csv.lines();
     let header: Vec<&str> = lines
         .next()
@@ -340,24 +506,76 @@ async fn busy_servers(cli: &MasterCli, servers: &[Server]) -> Result<Vec<String>
         .split(',')
         .collect();
     let col = |name: &str| header.iter().position(|h| *h == name);
-    let (Some(px), Some(sv), Some(scur)) = (col("pxname"), col("svname"), col("scur")) else {
+    let (Some(sv_col), Some(scur_col)) = (col("sid"), col("scur")) else {
         return Err(RuntimeError::Mismatch(
             "unexpected `show stat` output".into(),
         ));
     };
-    let mut busy = Vec::new();
+    Ok(lines
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|f| f.get(sv_col) == Some(&sid.to_string().as_str()))
+        .and_then(|f| f.get(scur_col)?.parse().ok())
+        .unwrap_or(0))
+}
+
+/// One server as `show servers state` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerState {
+    id: Option<u32>,
+    addr: String,
+    port: String,
+    weight: String,
+}
+
+/// A backend's servers by name, from `show servers state <backend>`.
+type ServersState = BTreeMap<String, ServerState>;
+
+async fn servers_state(cli: &MasterCli, backend: &str) -> Result<ServersState, RuntimeError> {
+    let out = cli
+        .worker_command(&format!("show servers state {backend}"))
+        .await?;
+    parse_servers_state(&out)
+}
+
+/// Reads `show servers state` by the column names of its header line (`# be_id be_name
+/// srv_id srv_name srv_addr … srv_uweight … srv_port …`), not by position.
+fn parse_servers_state(out: &str) -> Result<ServersState, RuntimeError> {
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .by_ref()
+        .find(|l| l.starts_with("# "))
+        .map(|l| l.trim_start_matches("# ").split_whitespace().collect())
+        .unwrap_or_default();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(c_id), Some(c_name), Some(c_addr), Some(c_port), Some(c_weight)) = (
+        col("srv_id"),
+        col("srv_name"),
+        col("srv_addr"),
+        col("srv_port"),
+        col("srv_uweight"),
+    ) else {
+        return Err(RuntimeError::Mismatch(format!(
+            "unexpected `show servers state` output: {}",
+            out.chars().take(200).collect::<String>()
+        )));
+    };
+    let mut servers = BTreeMap::new();
     for line in lines {
-        let f: Vec<&str> = line.split(',').collect();
-        let (Some(b), Some(n), Some(c)) = (f.get(px), f.get(sv), f.get(scur)) else {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < header.len() || f[0].starts_with('#') {
             continue;
-        };
-        if c.parse::<u64>().unwrap_or(0) > 0
-            && servers.iter().any(|s| s.backend == *b && s.name == *n)
-        {
-            busy.push(format!("{b}/{n}"));
         }
+        servers.insert(
+            f[c_name].to_string(),
+            ServerState {
+                id: f[c_id].parse().ok(),
+                addr: f[c_addr].to_string(),
+                port: f[c_port].to_string(),
+                weight: f[c_weight].to_string(),
+            },
+        );
     }
-    Ok(busy)
+    Ok(servers)
 }
 
 /// Checks that the running servers of every backend in `backends` are exactly the ones in
@@ -369,49 +587,32 @@ pub async fn verify(
 ) -> Result<(), RuntimeError> {
     let (_, want) = split(config);
     for be in backends {
-        let out = cli
-            .worker_command(&format!("show servers state {be}"))
-            .await?;
-        let mut running: BTreeMap<String, (String, String, String)> = BTreeMap::new();
-        for line in out.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 19 || f[0].starts_with('#') {
-                continue;
-            }
-            // be_id be_name srv_id srv_name srv_addr op admin uweight iweight … srv_port(18)
-            running.insert(
-                f[3].to_string(),
-                (f[4].to_string(), f[18].to_string(), f[7].to_string()),
-            );
-        }
-        let expected: BTreeMap<String, (String, String, String)> = want
+        let running = servers_state(cli, be).await?;
+        let expected: BTreeMap<&str, &Server> = want
             .values()
             .filter(|s| &s.backend == be)
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    (
-                        s.addr.clone(),
-                        s.port.clone(),
-                        s.weight().unwrap_or("1").to_string(),
-                    ),
-                )
-            })
+            .map(|s| (s.name.as_str(), s))
             .collect();
-        if running.keys().ne(expected.keys()) {
+        if running
+            .keys()
+            .map(String::as_str)
+            .ne(expected.keys().copied())
+        {
             return Err(RuntimeError::Mismatch(format!(
                 "backend {be}: running {:?}, config {:?}",
                 running.keys().collect::<Vec<_>>(),
                 expected.keys().collect::<Vec<_>>()
             )));
         }
-        for (name, (addr, port, weight)) in &expected {
-            let (raddr, rport, rweight) = &running[name];
+        for (name, s) in &expected {
+            let r = &running[*name];
+            let weight = s.weight().unwrap_or("1");
             // Hostnames resolve to an IP at runtime; compare addresses only for IP literals.
-            let addr_ok = addr.parse::<std::net::IpAddr>().is_err() || addr == raddr;
-            if !addr_ok || port != rport || weight != rweight {
+            let addr_ok = s.addr.parse::<std::net::IpAddr>().is_err() || s.addr == r.addr;
+            if !addr_ok || s.port != r.port || weight != r.weight {
                 return Err(RuntimeError::Mismatch(format!(
-                    "{be}/{name}: running {raddr}:{rport} weight {rweight}, config {addr}:{port} weight {weight}"
+                    "{be}/{name}: running {}:{} weight {}, config {}:{} weight {weight}",
+                    r.addr, r.port, r.weight, s.addr, s.port
                 )));
             }
         }
@@ -469,34 +670,112 @@ mod tests {
     }
 
     #[test]
-    fn bulk_and_large_dynamic_cookie_plans_reload() {
+    fn bulk_plans_reload() {
+        let limits = Limits::default();
         let old = cfg(&[]);
-        let many: Vec<String> = (0..=MAX_RUNTIME_CHANGES)
+        let many: Vec<String> = (0..=limits.max_changes)
             .map(|i| format!("server n{i} 10.0.0.1:{} check", 1000 + i))
             .collect();
         let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert!(plan(&old, &cfg(&refs)).unwrap().too_big().is_some());
-        assert!(plan(&old, &cfg(&refs[..3])).unwrap().too_big().is_none());
-        let big: Vec<String> = (0..=MAX_DYNAMIC_COOKIE_SERVERS)
+        assert!(plan(&old, &cfg(&refs)).unwrap().too_big(&limits).is_some());
+        assert!(plan(&old, &cfg(&refs[..3]))
+            .unwrap()
+            .too_big(&limits)
+            .is_none());
+    }
+
+    fn with_dynamic_cookies(c: String) -> String {
+        c.replace(
+            "balance roundrobin",
+            "balance roundrobin\n    cookie S insert dynamic\n    dynamic-cookie-key k",
+        )
+    }
+
+    #[test]
+    fn joins_get_their_dynamic_cookie_one_server_at_a_time() {
+        let limits = Limits::default();
+        let big: Vec<String> = (0..=limits.max_cookie_servers)
             .map(|i| format!("server n{i} 10.0.0.1:{} check", 1000 + i))
             .collect();
         let refs: Vec<&str> = big.iter().map(String::as_str).collect();
-        let with_cookie = |c: String| {
-            c.replace(
-                "balance roundrobin",
-                "balance roundrobin\n    cookie S insert dynamic",
-            )
+        let old = with_dynamic_cookies(cfg(&refs[1..]));
+        // An IP address: HAProxy derives the cookie when the address is set, whatever the
+        // backend's size.
+        let p = plan(&old, &with_dynamic_cookies(cfg(&refs))).unwrap();
+        assert_eq!(p.backend_info["nodes"].servers, big.len());
+        assert_eq!(p.backend_info["nodes"].cookie_key.as_deref(), Some("k"));
+        assert_eq!(
+            p.cookie(&p.add[0]),
+            Cookie::Derived {
+                placeholder: "0.0.0.0"
+            }
+        );
+        assert!(p.too_big(&limits).is_none());
+        // The derived value written out is left to HAProxy; another value is passed on.
+        let derived = crate::apply::haproxy::dynamic_cookie("k", "10.0.0.9", 80).unwrap();
+        let join = |cookie: &str| {
+            let line = format!("server j 10.0.0.9:80 check cookie {cookie}");
+            let p = plan(&old, &with_dynamic_cookies(cfg(&[&line]))).unwrap();
+            let s = p.add.iter().find(|s| s.name == "j").unwrap().clone();
+            (p.cookie(&s), s.add_keywords(true).join(" "))
         };
-        let old = with_cookie(cfg(&refs[1..]));
-        let new = with_cookie(cfg(&refs));
-        let p = plan(&old, &new).unwrap();
-        assert_eq!(p.len(), 1);
-        assert!(p.too_big().unwrap().contains("dynamic cookies"));
+        assert_eq!(
+            join(&derived),
+            (
+                Cookie::Derived {
+                    placeholder: "0.0.0.0"
+                },
+                "check".to_string()
+            )
+        );
+        assert_eq!(join("other").0, Cookie::AsWritten);
+        // A hostname needs the backend-wide recomputation: only for small backends.
+        let mut with_host = refs.clone();
+        with_host[0] = "server n0 web-0.internal:80 check";
+        let p = plan(&old, &with_dynamic_cookies(cfg(&with_host))).unwrap();
+        assert_eq!(p.cookie(&p.add[0]), Cookie::BackendWide);
+        assert!(p.too_big(&limits).unwrap().contains("dynamic cookie"));
+        // Without dynamic cookies nothing is derived.
+        let p = plan(&cfg(&[]), &cfg(&["server a 10.0.0.1:80 cookie a"])).unwrap();
+        assert_eq!(p.cookie(&p.add[0]), Cookie::AsWritten);
+        assert_eq!(p.add[0].add_keywords(false), ["cookie", "a"]);
+    }
+
+    #[test]
+    fn the_cookie_key_may_come_from_defaults() {
+        let c = "defaults\n    dynamic-cookie-key d\nbackend b\n    cookie S insert dynamic\n    server x 10.0.0.1:80\n";
+        let (_, _, backends) = split_with_backends(c);
+        assert_eq!(backends["b"].cookie_key.as_deref(), Some("d"));
+        assert!(backends["b"].dynamic_cookie);
+    }
+
+    #[test]
+    fn servers_state_is_read_by_column_name() {
+        // HAProxy 2.6.12, `show servers state nodes` (columns after srv_port trimmed).
+        let out = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord\n3 nodes 20001 new1 127.0.0.1 2 0 1 1 9 6 3 4 6 0 0 1 - 3001 -\n3 nodes 7 b0 10.0.0.2 2 0 100 100 9 6 3 4 6 0 0 0 - 80 -\n";
+        let st = parse_servers_state(out).unwrap();
+        assert_eq!(
+            st["new1"],
+            ServerState {
+                id: Some(20001),
+                addr: "127.0.0.1".into(),
+                port: "3001".into(),
+                weight: "1".into()
+            }
+        );
+        assert_eq!(st["b0"].weight, "100");
+        assert!(parse_servers_state("garbage\n").is_err());
     }
 
     #[test]
     fn ipv6_addresses_split_at_the_last_colon() {
         let (_, s) = split("backend b\n    server x ::1:3000 check\n");
+        let p = plan(
+            "backend b\n    cookie S insert dynamic\n",
+            "backend b\n    cookie S insert dynamic\n    server x ::1:3000 check\n",
+        )
+        .unwrap();
+        assert_eq!(p.cookie(&p.add[0]), Cookie::Derived { placeholder: "::" });
         let x = &s[&("b".to_string(), "x".to_string())];
         assert_eq!((x.addr.as_str(), x.port.as_str()), ("::1", "3000"));
     }
