@@ -406,7 +406,7 @@ mod tests {
         let fewer = server_ids(names.iter().skip(1));
         assert_eq!(&all[1..], &fewer[..]);
         // A collision: the same name twice gets the next number.
-        let twice = vec!["a".to_string(), "a".to_string()];
+        let twice = ["a".to_string(), "a".to_string()];
         let ids = server_ids(twice.iter());
         assert_eq!(ids[1], ids[0] + 1);
     }
