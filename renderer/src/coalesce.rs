@@ -1,8 +1,10 @@
 //! Burst merging without added latency.
 //!
-//! * The first change after a quiet period is applied at once.
-//! * A change that arrives while an apply runs, or within `wait_min` of the last apply,
-//!   waits until nothing has changed for `wait_min`, so a burst becomes one apply…
+//! * The first change after a quiet period is applied at once, and so is every change
+//!   after an apply that HAProxy took live (runtime API: cheap, no reload to spare;
+//!   changes that arrive during such an apply are taken together by the next one).
+//! * A change that arrives while a reloading apply runs, or within `wait_min` of one,
+//!   waits until nothing has changed for `wait_min`, so a burst becomes one reload…
 //! * …but never longer than `wait_max` after the first unapplied change, so continuous
 //!   churn cannot postpone an apply forever.
 //!
@@ -61,9 +63,17 @@ impl Coalescer {
         Some(quiet.max(after_apply).min(first + self.wait_max))
     }
 
-    /// An apply finished at `now`; everything seen before it is applied.
+    /// An apply that reloaded (or failed) finished at `now`; everything seen before it is
+    /// applied.
     pub fn applied(&mut self, now: Instant) {
         self.last_apply = Some(now);
+        self.first_pending = None;
+        self.last_change = None;
+    }
+
+    /// An apply that needed no reload (runtime API, or nothing changed) finished:
+    /// everything seen before it is applied, and the next change may go at once.
+    pub fn applied_live(&mut self) {
         self.first_pending = None;
         self.last_change = None;
     }
@@ -101,6 +111,21 @@ mod tests {
             Some(t0 + 95 * MS),
             "quiet for wait_min after the last change"
         );
+    }
+
+    #[test]
+    fn changes_after_a_live_apply_go_at_once() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(50 * MS, 1000 * MS);
+        c.changed(t0);
+        c.applied_live();
+        c.changed(t0 + 2 * MS);
+        assert_eq!(c.deadline(), Some(t0 + 2 * MS));
+        // …but a reload still merges what follows it.
+        c.applied(t0 + 40 * MS);
+        c.applied_live();
+        c.changed(t0 + 41 * MS);
+        assert_eq!(c.deadline(), Some(t0 + 91 * MS));
     }
 
     #[test]

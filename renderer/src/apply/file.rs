@@ -68,8 +68,11 @@ impl FileTarget {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "config".into());
+        // Unique per stage: a background check and a reload's check may overlap.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.dest
-            .with_file_name(format!(".{name}.staged-{}", std::process::id()))
+            .with_file_name(format!(".{name}.staged-{}-{seq}", std::process::id()))
     }
 
     /// Writes `bytes` to a staged file and runs the check on it. Returns the staged path.

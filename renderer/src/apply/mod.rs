@@ -59,8 +59,32 @@ pub struct Target {
     /// The template's name in the [`Renderer`].
     pub name: String,
     pub file: FileTarget,
-    /// What the destination holds (read at start, then what we wrote).
+    /// What the destination holds (read at start, then what we wrote): always checked.
     pub last: Option<Vec<u8>>,
+    /// What HAProxy runs: `last`, or a newer state applied through the runtime API whose
+    /// file is still to be checked and written (see [`Applier::next_check`]).
+    pub running: Option<Vec<u8>>,
+    /// The last render a check rejected after it had been applied live: not applied live
+    /// again (it would be rolled back again), only through check + write + reload.
+    pub rejected: Option<Vec<u8>>,
+}
+
+impl Target {
+    pub fn new(name: String, file: FileTarget) -> Self {
+        let last = file.current();
+        Target {
+            name,
+            file,
+            running: last.clone(),
+            last,
+            rejected: None,
+        }
+    }
+
+    /// True when HAProxy runs a state whose file is not written yet.
+    pub fn file_due(&self) -> bool {
+        self.running.is_some() && self.running != self.last
+    }
 }
 
 /// What one apply did.
@@ -70,8 +94,13 @@ pub struct Report {
     pub written: usize,
     /// Files rendered identical to what is in place.
     pub unchanged: usize,
+    /// Files whose new state HAProxy runs (runtime API) and whose check and write follow
+    /// in the background.
+    pub deferred: usize,
     /// How HAProxy was brought along, if it was.
     pub reload: Option<&'static str>,
+    /// HAProxy was reloaded.
+    pub reloaded: bool,
     /// Servers added, removed or changed through the runtime API.
     pub runtime_changes: usize,
     /// Runtime API attempts that fell back to a reload.
@@ -82,7 +111,51 @@ pub struct Report {
     pub rejected_lines: Vec<String>,
 }
 
-/// Renders every target, writes those whose bytes changed, reloads once if any did.
+/// A file check running in the background: the file of a state HAProxy already runs.
+pub struct CheckJob {
+    pub index: usize,
+    pub file: FileTarget,
+    pub bytes: Vec<u8>,
+}
+
+/// A finished [`CheckJob`].
+pub struct CheckDone {
+    pub index: usize,
+    pub bytes: Vec<u8>,
+    pub result: Result<std::path::PathBuf, file::FileError>,
+    pub took: Duration,
+}
+
+impl CheckJob {
+    /// Stages and checks the file (to be passed to [`Applier::finish_check`]).
+    pub async fn run(self) -> CheckDone {
+        let started = std::time::Instant::now();
+        let result = self.file.stage_and_check(&self.bytes).await;
+        CheckDone {
+            index: self.index,
+            bytes: self.bytes,
+            result,
+            took: started.elapsed(),
+        }
+    }
+}
+
+/// What became of a background check.
+#[derive(Debug, Default)]
+pub struct CheckOutcome {
+    /// The file was written.
+    pub written: bool,
+    /// The check rejected a state HAProxy runs: HAProxy was reloaded from the last good
+    /// file (`reloaded`), and the rejected line, if known, is here for quarantine.
+    pub rejected: Option<String>,
+    pub reloaded: bool,
+    /// Failures, already logged.
+    pub errors: Vec<String>,
+}
+
+/// Renders every target; brings HAProxy to the result through the runtime API when only
+/// servers changed (the file's check and write follow in the background), else checks,
+/// writes and reloads.
 pub struct Applier {
     pub targets: Vec<Target>,
     pub reloader: Reloader,
@@ -95,22 +168,25 @@ pub struct Applier {
     pub metrics: Metrics,
 }
 
+fn count(
+    family: &prometheus_client::metrics::family::Family<
+        ResultLabel,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    result: &str,
+) {
+    family
+        .get_or_create(&ResultLabel {
+            result: result.to_string(),
+        })
+        .inc();
+}
+
 impl Applier {
     pub async fn apply(&mut self, renderer: &Renderer, ctx: &handlebars::Context) -> Report {
         let mut report = Report::default();
         let mut need_reload = false;
         let m = self.metrics.clone();
-        let count = |family: &prometheus_client::metrics::family::Family<
-            ResultLabel,
-            prometheus_client::metrics::counter::Counter,
-        >,
-                     result: &str| {
-            family
-                .get_or_create(&ResultLabel {
-                    result: result.to_string(),
-                })
-                .inc();
-        };
         for t in &mut self.targets {
             let started = std::time::Instant::now();
             let rendered = renderer.render_with(&t.name, ctx);
@@ -127,20 +203,25 @@ impl Applier {
                     continue;
                 }
             };
-            if t.last.as_deref() == Some(bytes.as_slice()) {
-                report.unchanged += 1;
+            if t.running.as_deref() == Some(bytes.as_slice()) {
+                if t.file_due() {
+                    report.deferred += 1;
+                } else {
+                    report.unchanged += 1;
+                }
                 continue;
             }
-            // Membership-only change and a running HAProxy: apply it live first. HAProxy
+            // Membership-only change and a running HAProxy: apply it live, at once. HAProxy
             // validates every command itself; the rest of the file is the one already
-            // checked. The file is still checked and written below, and a failure there
-            // reloads HAProxy from the last good file, so the two can never drift.
-            let mut live = false;
+            // checked. The file is checked and written in the background after it (never
+            // in front of a live change), and a failure there reloads HAProxy from the
+            // last good file, so the two cannot drift.
             // A runtime attempt that failed part-way leaves HAProxy between two states: a
             // reload (to the new file, or back to the old one) is then mandatory.
             let mut touched = false;
+            let live_ok = self.runtime_api && t.rejected.as_deref() != Some(bytes.as_slice());
             if let (true, Some(cli), Some(old)) =
-                (self.runtime_api, self.reloader.cli(), t.last.as_deref())
+                (live_ok, self.reloader.cli(), t.running.as_deref())
             {
                 let old = String::from_utf8_lossy(old);
                 let new = String::from_utf8_lossy(&bytes);
@@ -160,9 +241,11 @@ impl Applier {
                         m.runtime_seconds.observe(started.elapsed().as_secs_f64());
                         match applied {
                             Ok(()) => {
-                                live = true;
                                 count(&m.runtime_applies, "ok");
                                 report.runtime_changes += plan.len();
+                                report.deferred += 1;
+                                t.running = Some(bytes);
+                                continue;
                             }
                             Err(e) => {
                                 touched = true;
@@ -177,16 +260,18 @@ impl Applier {
                     }
                 }
             }
-            let started = std::time::Instant::now();
-            let checked = t.file.stage_and_check(&bytes).await;
-            m.check_seconds.observe(started.elapsed().as_secs_f64());
-            let staged = match checked {
-                Ok(s) => s,
+            // A reload runs the files on disk: this one, and every other whose live state
+            // is ahead of its file (written below, before the reload).
+            match check_and_write(t, &bytes, &m).await {
+                Ok(()) => {
+                    // What HAProxy runs once the reload below has taken.
+                    t.running = Some(bytes);
+                    report.written += 1;
+                    need_reload = true;
+                }
                 Err(e) => {
-                    error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected; keeping the last good config");
-                    report.errors.push(e.to_string());
-                    // Undo a live change: HAProxy goes back to the file on disk.
-                    need_reload |= live || touched;
+                    // Undo a partial live change: HAProxy goes back to the file on disk.
+                    need_reload |= touched;
                     if let file::FileError::Check {
                         offending: Some(line),
                         ..
@@ -194,42 +279,127 @@ impl Applier {
                     {
                         report.rejected_lines.push(line.clone());
                     }
-                    continue;
-                }
-            };
-            let started = std::time::Instant::now();
-            let committed = t.file.commit(&staged);
-            m.write_seconds.observe(started.elapsed().as_secs_f64());
-            if let Err(e) = committed {
-                t.file.discard(&staged);
-                error!(error = %e, "cannot write the config; keeping the last good config");
-                report.errors.push(e.to_string());
-                need_reload |= live || touched;
-                continue;
-            }
-            t.last = Some(bytes);
-            report.written += 1;
-            need_reload |= !live;
-        }
-        if need_reload {
-            let started = std::time::Instant::now();
-            let reloaded = self.reloader.reload().await;
-            m.reload_seconds.observe(started.elapsed().as_secs_f64());
-            match reloaded {
-                Ok(how) => {
-                    count(&m.reloads, "ok");
-                    report.reload = Some(how);
-                }
-                Err(e) => {
-                    count(&m.reloads, "error");
-                    error!(error = %e, "reload failed; HAProxy keeps its previous config");
                     report.errors.push(e.to_string());
                 }
             }
+        }
+        if need_reload {
+            self.flush().await;
+            self.reload_into(&mut report).await;
         } else if report.runtime_changes > 0 {
             report.reload = Some("runtime API");
         }
         report
+    }
+
+    /// Reloads HAProxy (it then runs the files on disk) and records how in `report`.
+    async fn reload_into(&mut self, report: &mut Report) {
+        let m = self.metrics.clone();
+        let started = std::time::Instant::now();
+        let reloaded = self.reloader.reload().await;
+        m.reload_seconds.observe(started.elapsed().as_secs_f64());
+        match reloaded {
+            Ok(how) => {
+                count(&m.reloads, "ok");
+                report.reload = Some(how);
+                report.reloaded = true;
+                for t in &mut self.targets {
+                    t.running = t.last.clone();
+                }
+            }
+            Err(e) => {
+                count(&m.reloads, "error");
+                error!(error = %e, "reload failed; HAProxy keeps its previous config");
+                report.errors.push(e.to_string());
+                // What it runs is no longer known for sure: the next change reloads.
+                for t in &mut self.targets {
+                    t.running = None;
+                }
+            }
+        }
+    }
+
+    /// Checks and writes, now, every file HAProxy is ahead of (before a reload, at the end
+    /// of --once, on shutdown). A file that fails stays as it was.
+    pub async fn flush(&mut self) {
+        let m = self.metrics.clone();
+        for t in &mut self.targets {
+            if let (true, Some(bytes)) = (t.file_due(), t.running.clone()) {
+                let _ = check_and_write(t, &bytes, &m).await;
+            }
+        }
+    }
+
+    /// The next background check to run: the file of a state HAProxy already runs.
+    pub fn next_check(&self) -> Option<CheckJob> {
+        self.targets
+            .iter()
+            .enumerate()
+            .find(|(_, t)| t.file_due())
+            .and_then(|(index, t)| {
+                Some(CheckJob {
+                    index,
+                    file: t.file.clone(),
+                    bytes: t.running.clone()?,
+                })
+            })
+    }
+
+    /// True when some file lags the state HAProxy runs.
+    pub fn files_due(&self) -> bool {
+        self.targets.iter().any(Target::file_due)
+    }
+
+    /// Takes a finished background check: writes the file if it still describes what
+    /// HAProxy runs; if the check rejected it, reloads HAProxy from the last good file.
+    pub async fn finish_check(&mut self, done: CheckDone) -> CheckOutcome {
+        let m = self.metrics.clone();
+        m.check_seconds.observe(done.took.as_secs_f64());
+        let mut out = CheckOutcome::default();
+        let Some(t) = self.targets.get_mut(done.index) else {
+            return out;
+        };
+        let current = t.running.as_deref() == Some(done.bytes.as_slice());
+        match done.result {
+            Ok(staged) if !current => t.file.discard(&staged),
+            Ok(staged) => {
+                let started = std::time::Instant::now();
+                let committed = t.file.commit(&staged);
+                m.write_seconds.observe(started.elapsed().as_secs_f64());
+                match committed {
+                    Ok(()) => {
+                        debug!(dest = %t.file.dest.display(), took = ?done.took, "config checked and written");
+                        t.last = Some(done.bytes);
+                        out.written = true;
+                    }
+                    Err(e) => {
+                        t.file.discard(&staged);
+                        error!(error = %e, "cannot write the config; HAProxy runs it, the file keeps the last good one");
+                        out.errors.push(e.to_string());
+                    }
+                }
+            }
+            // An older state: whatever is wrong with it, the current one gets its own check.
+            Err(_) if !current => {}
+            Err(e) => {
+                error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected after it was applied through the runtime API; reloading HAProxy from the last good config");
+                if let file::FileError::Check {
+                    offending: Some(line),
+                    ..
+                } = &e
+                {
+                    out.rejected = Some(line.clone());
+                }
+                out.errors.push(e.to_string());
+                t.running = t.last.clone();
+                t.rejected = Some(done.bytes);
+                let mut report = Report::default();
+                self.reload_into(&mut report).await;
+                out.reloaded = report.reload.is_some();
+                out.errors.extend(report.errors);
+            }
+        }
+        out
     }
 
     /// True when every destination holds a config (HAProxy can be started from them).
@@ -260,4 +430,24 @@ impl Applier {
             _ => None,
         }
     }
+}
+
+/// Stages and checks `bytes`, then writes them to `t`'s destination.
+async fn check_and_write(t: &mut Target, bytes: &[u8], m: &Metrics) -> Result<(), file::FileError> {
+    let started = std::time::Instant::now();
+    let checked = t.file.stage_and_check(bytes).await;
+    m.check_seconds.observe(started.elapsed().as_secs_f64());
+    let staged = checked.inspect_err(|e| {
+        error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected; keeping the last good config");
+    })?;
+    let started = std::time::Instant::now();
+    let committed = t.file.commit(&staged);
+    m.write_seconds.observe(started.elapsed().as_secs_f64());
+    if let Err(e) = committed {
+        t.file.discard(&staged);
+        error!(error = %e, "cannot write the config; keeping the last good config");
+        return Err(e);
+    }
+    t.last = Some(bytes.to_vec());
+    Ok(())
 }

@@ -1,0 +1,442 @@
+//! The renderer's loop as a type: registry updates feed the [`Model`]; the [`Coalescer`]
+//! says when to apply; an apply renders and brings HAProxy along (live through the runtime
+//! API when only servers changed, else check + write + reload); the file of a live state
+//! is checked and written in the background, one check at a time, never in front of the
+//! next live change.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::apply::{self, Applier, CheckDone};
+use crate::coalesce::Coalescer;
+use crate::config::{Config, ReloadMode};
+use crate::guard::{self, Quarantine};
+use crate::metrics;
+use crate::model::Model;
+use crate::render::Renderer;
+use crate::watch::{self, Update};
+use crate::Error;
+
+/// The loop's state.
+pub struct Daemon {
+    config: Config,
+    renderer: Renderer,
+    applier: Applier,
+    model: Model,
+    coalescer: Coalescer,
+    /// A full listing has been applied.
+    synced: bool,
+    /// The instances in the last applied config (for the apply log's added/removed).
+    applied_set: BTreeSet<(String, String)>,
+    quarantine: Quarantine,
+    cookie_key_checked: bool,
+    metrics: metrics::Metrics,
+    state: std::sync::Arc<metrics::State>,
+    /// The background file check, when one runs.
+    check: Option<JoinHandle<CheckDone>>,
+    /// No background check starts before this: each is followed by a pause as long as
+    /// it took, so checks of a large config under a storm use at most half a core.
+    next_check_at: Instant,
+}
+
+impl Daemon {
+    pub fn new(
+        config: Config,
+        renderer: Renderer,
+        applier: Applier,
+        metrics: metrics::Metrics,
+        state: std::sync::Arc<metrics::State>,
+    ) -> Self {
+        Daemon {
+            model: Model::new(&config.prefix),
+            coalescer: Coalescer::new(config.wait_min, config.wait_max),
+            config,
+            renderer,
+            applier,
+            synced: false,
+            applied_set: BTreeSet::new(),
+            quarantine: Quarantine::default(),
+            cookie_key_checked: false,
+            metrics,
+            state,
+            check: None,
+            next_check_at: Instant::now(),
+        }
+    }
+
+    /// Exec mode with a config already in place (a previous run's last good one): serves
+    /// it now rather than wait for etcd.
+    pub async fn start_haproxy_if_due(&mut self) -> Result<bool, Error> {
+        if let ReloadMode::Exec { command, socket } = &self.config.reload {
+            return Ok(self.applier.start_haproxy_if_due(command, socket).await?);
+        }
+        Ok(false)
+    }
+
+    /// Runs until `shutdown`, HAProxy's exit (exec mode) or the end of `source`.
+    pub async fn run(
+        &mut self,
+        mut rx: mpsc::Receiver<Update>,
+        mut source: JoinHandle<Result<(), Error>>,
+        shutdown: CancellationToken,
+    ) -> Result<i32, Error> {
+        let far = || Instant::now() + Duration::from_secs(86_400);
+        let result = loop {
+            let deadline = self.coalescer.deadline();
+            let check_due = self.check.is_none() && self.applier.files_due();
+            let mut haproxy_exit = self.applier.haproxy().map(|c| c.exit_watch());
+            let exited = async {
+                match haproxy_exit.as_mut() {
+                    Some(rx) => rx.wait_for(Option::is_some).await.ok().and_then(|s| *s),
+                    None => std::future::pending().await,
+                }
+            };
+            let check = async {
+                match self.check.as_mut() {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(0),
+                status = exited => {
+                    let status = status.unwrap_or_else(|| std::os::unix::process::ExitStatusExt::from_raw(1 << 8));
+                    error!(%status, "HAProxy exited; stopping");
+                    break Ok(exit_code(status));
+                }
+                r = &mut source => {
+                    break Err(match r {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(())) => Error::EtcdUnavailable("registry follower ended".into()),
+                        Err(e) => Error::EtcdUnavailable(format!("registry follower failed: {e}")),
+                    });
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(far)), if deadline.is_some() => {
+                    // Take everything already queued into this apply.
+                    while let Ok(u) = rx.try_recv() {
+                        self.on_update(u);
+                    }
+                    if let Err(e) = self.apply().await {
+                        break Err(e);
+                    }
+                }
+                done = check => {
+                    self.check = None;
+                    match done {
+                        Ok(done) => self.on_check_done(done).await,
+                        Err(e) => error!(error = %e, "background config check failed to run"),
+                    }
+                }
+                _ = tokio::time::sleep_until(self.next_check_at), if check_due => {
+                    if let Some(job) = self.applier.next_check() {
+                        self.check = Some(tokio::spawn(job.run()));
+                    }
+                }
+                u = rx.recv() => match u {
+                    Some(u) => self.on_update(u),
+                    None => continue,
+                },
+            }
+        };
+        self.stop(&result, &shutdown).await;
+        result
+    }
+
+    /// Feeds an update to the model and tells the coalescer if anything changed.
+    fn on_update(&mut self, u: Update) {
+        if apply_update(&mut self.model, u, &mut self.synced, &self.metrics) {
+            self.coalescer.changed(Instant::now());
+        }
+    }
+
+    /// Renders and applies the model.
+    async fn apply(&mut self) -> Result<(), Error> {
+        let started = Instant::now();
+        let report = guard::apply_guarded(
+            &self.config,
+            &self.model,
+            &mut self.quarantine,
+            &mut self.applier,
+            &self.renderer,
+        )
+        .await;
+        if report.reloaded || !report.errors.is_empty() {
+            self.coalescer.applied(Instant::now());
+        } else {
+            self.coalescer.applied_live();
+        }
+        let mut now_set = instance_set(&self.model);
+        now_set.retain(|(s, i)| {
+            !self
+                .quarantine
+                .contains(&registry::instance_key(&self.config.prefix, s, i))
+        });
+        let added: Vec<_> = now_set
+            .difference(&self.applied_set)
+            .map(|(s, i)| format!("{s}/{i}"))
+            .collect();
+        let removed: Vec<_> = self
+            .applied_set
+            .difference(&now_set)
+            .map(|(s, i)| format!("{s}/{i}"))
+            .collect();
+        if report.errors.is_empty() {
+            self.applied_set = now_set;
+        }
+        record_apply(
+            &self.metrics,
+            &self.state,
+            &self.model,
+            &self.quarantine,
+            &self.applier,
+            &report,
+            started.elapsed(),
+        );
+        if !self.cookie_key_checked && report.errors.is_empty() {
+            self.cookie_key_checked = true;
+            warn_public_cookie_key(&self.applier);
+        }
+        info!(
+            revision = self.model.revision,
+            instances = self.model.len(),
+            ?added,
+            ?removed,
+            written = report.written,
+            applied = report.reload.unwrap_or("unchanged"),
+            errors = report.errors.len(),
+            took = ?started.elapsed(),
+            "apply"
+        );
+        self.start_haproxy_if_due().await?;
+        Ok(())
+    }
+
+    /// A background check finished: the file is written, or HAProxy went back to the last
+    /// good file and the record the check blamed is quarantined before the next apply.
+    async fn on_check_done(&mut self, done: CheckDone) {
+        let started = Instant::now();
+        self.next_check_at = started + done.took;
+        let outcome = self.applier.finish_check(done).await;
+        if outcome.errors.is_empty() {
+            return;
+        }
+        let message = outcome.errors.first().cloned().unwrap_or_default();
+        let pinned = outcome
+            .rejected
+            .as_deref()
+            .and_then(|line| self.quarantine.pin(&self.model, line, &message));
+        if pinned.is_some() {
+            // Render again without the quarantined record.
+            self.coalescer.changed(Instant::now());
+        }
+        let report = apply::Report {
+            reload: outcome
+                .reloaded
+                .then_some("rolled back to the last good config"),
+            reloaded: outcome.reloaded,
+            errors: outcome.errors,
+            ..Default::default()
+        };
+        record_apply(
+            &self.metrics,
+            &self.state,
+            &self.model,
+            &self.quarantine,
+            &self.applier,
+            &report,
+            started.elapsed(),
+        );
+        info!(
+            revision = self.model.revision,
+            instances = self.model.len(),
+            applied = report.reload.unwrap_or("unchanged"),
+            errors = report.errors.len(),
+            "apply"
+        );
+    }
+
+    /// Writes the files HAProxy is ahead of; stops HAProxy in exec mode on a clean shutdown.
+    async fn stop(&mut self, result: &Result<i32, Error>, shutdown: &CancellationToken) {
+        if let Some(check) = self.check.take() {
+            check.abort();
+        }
+        self.applier.flush().await;
+        if let Some(child) = self.applier.haproxy() {
+            if result.as_ref().is_ok_and(|_| shutdown.is_cancelled()) {
+                info!("stopping HAProxy gracefully (SIGUSR1: finish in-flight requests)");
+                let status = child.stop(Signal::SIGUSR1, self.config.stop_timeout).await;
+                info!(%status, "HAProxy stopped");
+            }
+        }
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    match status.code().or_else(|| status.signal().map(|s| 128 + s)) {
+        Some(0) | None => 1, // HAProxy exiting on its own is a failure for a load balancer.
+        Some(c) => c,
+    }
+}
+
+/// The `dynamic-cookie-key` the shipped template falls back to: public, so anyone can
+/// compute which server a cookie pins (and forge one for any server).
+const PUBLIC_COOKIE_KEY: &[u8] = b"dynamic-cookie-key lb-registry-change-me";
+
+/// Warns when an applied config uses the shipped, public dynamic-cookie key.
+fn warn_public_cookie_key(applier: &Applier) {
+    let public = applier.targets.iter().any(|t| {
+        t.last.as_deref().is_some_and(|b| {
+            b.windows(PUBLIC_COOKIE_KEY.len())
+                .any(|w| w == PUBLIC_COOKIE_KEY)
+        })
+    });
+    if public {
+        warn!("the config uses the shipped, public dynamic-cookie-key: sticky-session cookies can be predicted and forged; set --var cookie_key=<secret> (the same on every load balancer)");
+    }
+}
+
+/// Feeds an update to the model; true if something was admitted or removed (or this is
+/// the first full listing, which must always be applied).
+fn apply_update(
+    model: &mut Model,
+    update: Update,
+    synced: &mut bool,
+    m: &metrics::Metrics,
+) -> bool {
+    let changed = apply_update_inner(model, update, synced);
+    for reason in model.take_new_skips() {
+        m.records_skipped
+            .get_or_create(&metrics::ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+    changed
+}
+
+fn apply_update_inner(model: &mut Model, update: Update, synced: &mut bool) -> bool {
+    match update {
+        Update::Snapshot { revision, kvs } => {
+            let changed = model.reset(
+                kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+                revision,
+            );
+            let first = !*synced;
+            *synced = true;
+            changed || first
+        }
+        Update::Changes { revision, changes } => {
+            let mut changed = false;
+            for c in changes {
+                changed |= match c {
+                    watch::Change::Put { key, value } => model.put(&key, &value),
+                    watch::Change::Delete { key } => model.delete(&key),
+                };
+            }
+            model.revision = revision;
+            changed
+        }
+    }
+}
+
+fn instance_set(model: &Model) -> BTreeSet<(String, String)> {
+    model
+        .services()
+        .iter()
+        .flat_map(|(s, ids)| ids.keys().map(move |i| (s.clone(), i.clone())))
+        .collect()
+}
+
+/// Updates metrics, readiness and the `/status` document after an apply.
+fn record_apply(
+    m: &metrics::Metrics,
+    state: &metrics::State,
+    model: &Model,
+    quarantine: &Quarantine,
+    applier: &Applier,
+    report: &apply::Report,
+    took: std::time::Duration,
+) {
+    let ok = report.errors.is_empty();
+    let result = if ok { "ok" } else { "error" };
+    m.applies
+        .get_or_create(&metrics::ResultLabel {
+            result: result.into(),
+        })
+        .inc();
+    m.revision.set(model.revision);
+    m.instances.clear();
+    for (service, ids) in model.services() {
+        m.instances
+            .get_or_create(&metrics::ServiceLabel {
+                service: service.clone(),
+            })
+            .set(ids.len() as i64);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    if ok {
+        state
+            .applied
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        m.last_apply.set(now);
+        if let Some(bytes) = applier.targets.first().and_then(|t| t.last.as_deref()) {
+            m.config_hash.set(metrics::hash53(bytes));
+        }
+    }
+    let skipped: serde_json::Map<String, serde_json::Value> = model
+        .skipped()
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                serde_json::json!({"reason": s.reason, "error": s.message}),
+            )
+        })
+        .collect();
+    let services: serde_json::Map<String, serde_json::Value> = model
+        .services()
+        .iter()
+        .map(|(name, ids)| {
+            let list: Vec<String> = ids
+                .values()
+                .map(|i| format!("{} {}:{}", i.id, i.address, i.port))
+                .collect();
+            (name.clone(), serde_json::json!(list))
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "revision": model.revision,
+        "services": services,
+        "skipped": skipped,
+        "quarantined": quarantine
+            .messages()
+            .map(|(k, msg)| (k.clone(), serde_json::json!(msg)))
+            .collect::<serde_json::Map<_, _>>(),
+        "file_pending": applier.files_due(),
+        "last_apply": {
+            "unix_time": now,
+            "ok": ok,
+            "how": report.reload.unwrap_or("unchanged"),
+            "deferred": report.deferred,
+            "written": report.written,
+            "runtime_changes": report.runtime_changes,
+            "took_ms": took.as_secs_f64() * 1000.0,
+            "errors": report.errors,
+        },
+    });
+    if let Ok(mut s) = state.status.lock() {
+        *s = doc;
+    }
+}

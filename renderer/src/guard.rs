@@ -1,0 +1,104 @@
+//! Guard rails around an apply: `--min-instances` refuses renders that would empty a
+//! service too far, `--max-instances-per-service` caps each service, and records a config
+//! check fails on are quarantined (left out until they change).
+
+use std::collections::BTreeSet;
+
+use tracing::{error, info, warn};
+
+use crate::apply::{self, Applier};
+use crate::config::Config;
+use crate::model::Model;
+use crate::render::Renderer;
+
+/// Records left out of the config because the check pinned a failure on them: key →
+/// (the record as it was, HAProxy's message). A record comes back as soon as it changes.
+#[derive(Debug, Default)]
+pub struct Quarantine {
+    entries: std::collections::BTreeMap<String, (registry::Instance, String)>,
+}
+
+impl Quarantine {
+    /// Releases entries whose record changed or went away.
+    fn refresh(&mut self, model: &Model) {
+        self.entries.retain(|key, (inst, _)| {
+            let keep = model.get(key) == Some(inst);
+            if !keep {
+                info!(%key, "quarantined record changed; trying it again");
+            }
+            keep
+        });
+    }
+
+    fn keys(&self) -> BTreeSet<String> {
+        self.entries.keys().cloned().collect()
+    }
+
+    /// True when the record under `key` is left out.
+    pub fn contains(&self, key: &str) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    /// The quarantined keys and HAProxy's message for each (for `/status`).
+    pub fn messages(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.entries.iter().map(|(k, (_, msg))| (k, msg))
+    }
+
+    /// Quarantines the record `line` (of a config a check rejected with `message`) most
+    /// likely comes from; returns its key, `None` when no record can be blamed.
+    pub fn pin(&mut self, model: &Model, line: &str, message: &str) -> Option<String> {
+        let key = model.culprit(line, &self.keys())?;
+        warn!(%key, error = %message, "quarantined registry record: the config check fails because of it; applying without it");
+        let inst = model.get(&key)?.clone();
+        self.entries
+            .insert(key.clone(), (inst, message.to_string()));
+        Some(key)
+    }
+}
+
+/// The guarded apply: `--min-instances` refuses renders that would drop a service too low;
+/// a check failure pinned on one record quarantines it and renders again without it (up to
+/// three records per apply); `--max-instances-per-service` caps each service.
+pub async fn apply_guarded(
+    config: &Config,
+    model: &Model,
+    quarantine: &mut Quarantine,
+    applier: &mut Applier,
+    renderer: &Renderer,
+) -> apply::Report {
+    quarantine.refresh(model);
+    for round in 0..=3 {
+        let excluded = quarantine.keys();
+        let (data, cut) =
+            model.template_data_with(&config.vars, &excluded, config.max_instances_per_service);
+        if cut > 0 {
+            warn!(
+                cut,
+                max = config.max_instances_per_service,
+                "instances over --max-instances-per-service left out"
+            );
+        }
+        for (service, min) in &config.min_instances {
+            let have = data["services"][service].as_array().map_or(0, Vec::len);
+            if have < *min {
+                let msg = format!(
+                    "refusing to apply: service {service} would have {have} instance(s), below --min-instances {service}={min}; keeping the last good config"
+                );
+                error!("{msg}");
+                return apply::Report {
+                    errors: vec![msg],
+                    ..Default::default()
+                };
+            }
+        }
+        let report = applier.apply(renderer, &renderer.context(data)).await;
+        let Some(line) = report.rejected_lines.first().filter(|_| round < 3) else {
+            return report;
+        };
+        let message = report.errors.first().cloned().unwrap_or_default();
+        if quarantine.pin(model, line, &message).is_none() {
+            return report;
+        }
+    }
+    apply::Report::default()
+}
