@@ -162,10 +162,12 @@ pub struct Args {
 
     /// At most this many instances per service reach the templates (lowest ids first), so a
     /// flood of registrations cannot produce a config HAProxy rejects or exhaust memory.
+    /// The default leaves room above the 10 000-server backends measured in
+    /// docs/benchmarks.md (joins and leaves stay live there).
     #[arg(
         long,
         env = "RENDERER_MAX_INSTANCES_PER_SERVICE",
-        default_value_t = 10_000
+        default_value_t = 20_000
     )]
     pub max_instances_per_service: usize,
 

@@ -195,6 +195,46 @@ impl Lb {
         names
     }
 
+    /// The current worker's servers in backend `nodes` as HAProxy runs them (`show servers
+    /// state`, read by column name): name → (address, port, weight, in maintenance).
+    pub async fn live_servers(&self) -> BTreeMap<String, LiveServer> {
+        let out = self.master_cli("@1 show servers state nodes").await;
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines
+            .by_ref()
+            .find(|l| l.starts_with("# "))
+            .map(|l| l.trim_start_matches("# ").split_whitespace().collect())
+            .unwrap_or_default();
+        let col = |name: &str| header.iter().position(|h| *h == name);
+        let cols = (
+            col("srv_name"),
+            col("srv_addr"),
+            col("srv_port"),
+            col("srv_uweight"),
+            col("srv_admin_state"),
+        );
+        let (Some(n), Some(a), Some(p), Some(w), Some(adm)) = cols else {
+            return BTreeMap::new();
+        };
+        lines
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() >= header.len())
+            .map(|f| {
+                let admin: u32 = f[adm].parse().unwrap_or(0);
+                (
+                    f[n].to_string(),
+                    LiveServer {
+                        addr: f[a].to_string(),
+                        port: f[p].parse().unwrap_or(0),
+                        weight: f[w].parse().unwrap_or(0),
+                        // SRV_ADMF_MAINT (include/haproxy/server-t.h)
+                        maint: admin & 0x23 != 0,
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// Server names in the config file's `server` lines.
     pub fn config_servers(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -217,6 +257,42 @@ impl Lb {
             .lines()
             .filter(|l| l.contains(" apply ") || l.contains("apply revision"))
             .count()
+    }
+}
+
+/// One server as HAProxy runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveServer {
+    pub addr: String,
+    pub port: u16,
+    pub weight: u32,
+    pub maint: bool,
+}
+
+/// Registers `n` instances `{prefix}{i:05}` of `service` on 127.0.0.1, ports from 10000
+/// up (closed: nothing listens there), weight 0 (in the config, never sent traffic), in
+/// transactions of 100 puts.
+pub async fn put_filler(etcd: &Etcd, service: &str, prefix: &str, n: usize) {
+    let mut c = etcd.client().await;
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                let id = format!("{prefix}{i:05}");
+                let port = 10000 + (i % 50000) as u16;
+                let mut inst = registry::Instance::new(service, &id, "127.0.0.1", port);
+                inst.weight = 0;
+                etcd_client::TxnOp::put(
+                    registry::instance_key("/services", service, &id),
+                    inst.encode(),
+                    None,
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("filler txn");
     }
 }
 

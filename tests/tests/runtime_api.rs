@@ -266,3 +266,70 @@ async fn haproxy_restarted_from_the_file_serves_the_same_set() {
     let _plain = Proc::spawn("haproxy-from-file", dir.path(), cmd);
     wait_routed(lb.http_port, &want_refs, T).await;
 }
+
+/// Large users first outgrow hand-edited configs: 10 000 servers in one backend (weight-0
+/// fillers on closed ports), then a join and a leave. Both go through the runtime API —
+/// no reload, same worker — the joined server's cookie pins requests to it (HAProxy 2.6:
+/// derived for that one server when its address is set; 3.0: its own `cookie`), and the
+/// file catches up with exactly the running set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_servers_a_join_and_a_leave_stay_live_and_sticky() {
+    const N: usize = 10_000;
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let s1 = Backend::start(dir.path(), "s1");
+    let s2 = Backend::start(dir.path(), "s2");
+    e2e::lb::put_filler(&etcd, "webapp", "f", N).await;
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &["--var", "cookie_key=test-secret"]);
+    lb.wait_serving().await;
+    let big = Duration::from_secs(120);
+    eventually(big, "10 001 servers running", || async {
+        let n = lb.live_servers().await.len();
+        (n == N + 1).then_some(())
+    })
+    .await;
+    wait_routed(lb.http_port, &["s1"], T).await;
+    let (reloads, _, worker) = lb.proc_state().await;
+
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+    // Sticky: a response from s2 carries its cookie, and the cookie brings the next
+    // requests back to s2.
+    let cookie = loop {
+        let r = http::get(lb.http_port, "/", None).await.unwrap();
+        if r.instance_id().as_deref() == Some("s2") {
+            break r
+                .headers
+                .iter()
+                .filter(|(n, _)| n == "set-cookie")
+                .filter_map(|(_, v)| v.split(';').next())
+                .find(|c| c.starts_with("NODESESSID="))
+                .map(str::to_string)
+                .expect("s2 sets its cookie");
+        }
+    };
+    for _ in 0..10 {
+        let again = http::get(lb.http_port, "/", Some(&cookie)).await.unwrap();
+        assert_eq!(again.instance_id().as_deref(), Some("s2"), "{cookie}");
+    }
+
+    etcd.delete(&registry::instance_key("/services", "webapp", "s1"))
+        .await;
+    wait_routed(lb.http_port, &["s2"], T).await;
+    let live = lb.live_servers().await;
+    assert!(live.contains_key("s2") && !live.contains_key("s1"));
+    assert_eq!(live.len(), N + 1);
+    assert_eq!(
+        lb.proc_state().await,
+        (reloads, 0, worker),
+        "join and leave without a reload, same worker"
+    );
+    // The file follows the running set (checked and written in the background).
+    let mut want: Vec<String> = live.keys().cloned().collect();
+    want.sort();
+    eventually(T, "the file lists exactly the running servers", || async {
+        (lb.config_servers() == want).then_some(())
+    })
+    .await;
+}
