@@ -37,6 +37,10 @@ struct Args {
     /// {http_port} {stats_port} {master} (HAProxy must be started with `-S {master}`).
     #[arg(long, value_name = "CMD")]
     lb_cmd: Option<String>,
+    /// Run this project's renderer with --no-runtime-api (every change through a checked
+    /// reload), to compare the two paths without a hand-written --lb-cmd.
+    #[arg(long)]
+    no_runtime_api: bool,
     /// Scenarios to run (default: all): convergence, deregister, crash, reload, storm,
     /// scale, footprint, outage, frozen (3-member etcd: frozen members and leader), idle
     /// (10 idle minutes against a default etcd; 30 s with --quick).
@@ -96,6 +100,7 @@ fn main() {
     let opts = scenarios::Opts {
         quick: args.quick,
         lb_cmd: args.lb_cmd.clone(),
+        no_runtime_api: args.no_runtime_api,
     };
     let mut rows = Vec::new();
     let mut latencies = Vec::new();

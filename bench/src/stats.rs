@@ -39,6 +39,12 @@ impl Row {
         self
     }
 
+    pub fn at_least(mut self, limit: f64) -> Row {
+        self.goal = format!("≥ {}", fmt(limit));
+        self.met = Some(self.value >= limit);
+        self
+    }
+
     pub fn line(&self) -> String {
         format!(
             "{:<12} {:<48} {:>12} {:<5} {:<10} {}",
