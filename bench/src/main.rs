@@ -42,7 +42,7 @@ struct Args {
     #[arg(long)]
     no_runtime_api: bool,
     /// Scenarios to run (default: all): convergence, deregister, crash, reload, storm,
-    /// scale, footprint, outage, frozen (3-member etcd: frozen members and leader), idle
+    /// scale, wide (100 000 instances in 1 000 services), footprint, outage, frozen (3-member etcd: frozen members and leader), idle
     /// (10 idle minutes against a default etcd; 30 s with --quick).
     scenarios: Vec<String>,
 }
@@ -87,6 +87,7 @@ fn main() {
         "reload",
         "storm",
         "scale",
+        "wide",
         "footprint",
         "outage",
         "frozen",

@@ -26,6 +26,7 @@ pub async fn run(name: &str, o: &Opts, series: &mut Vec<(String, Vec<f64>)>) -> 
         "reload" => reload_safety(o).await,
         "storm" => storm(o).await,
         "scale" => scale(o).await,
+        "wide" => wide(o).await,
         "footprint" => footprint(o).await,
         "outage" => outage(o).await,
         "idle" => idle(o).await,
@@ -565,14 +566,30 @@ async fn scale(o: &Opts) -> Vec<Row> {
         r.add("t", &template).unwrap();
         let mut vars = BTreeMap::new();
         vars.insert("runtime_dir".to_string(), "/tmp".to_string());
-        let mut times = Vec::new();
+        // A full build (first apply, or after a full listing)…
+        let mut full = Vec::new();
         let mut out = Vec::new();
-        for _ in 0..7 {
+        for _ in 0..5 {
             let t = Instant::now();
             out = r
                 .render_with("t", &r.context(model.template_data(&vars)))
                 .unwrap();
+            full.push(ms(t.elapsed()));
+        }
+        // …and what each change costs: the data patched, then rendered.
+        let mut data = renderer::data::TemplateData::new();
+        let none = Default::default();
+        data.update(&r, &mut model, &vars, &none, usize::MAX);
+        let mut times = Vec::new();
+        for k in 0..9u16 {
+            let id = format!("n{:05}", (usize::from(k) * 997) % n.max(1));
+            let v = registry::Instance::new("webapp", &id, "127.0.0.1", 20000 + k).encode();
+            let t = Instant::now();
+            model.put(&format!("/services/webapp/{id}"), v.as_bytes());
+            let (ctx, _) = data.update(&r, &mut model, &vars, &none, usize::MAX);
+            let bytes = r.render_with("t", ctx).unwrap();
             times.push(ms(t.elapsed()));
+            std::hint::black_box(bytes);
         }
         let dir = temp_dir();
         let f = dir.path().join("h.cfg");
@@ -586,10 +603,16 @@ async fn scale(o: &Opts) -> Vec<Row> {
             .map(|o| o.status.success())
             .unwrap_or(false);
         let check = ms(t.elapsed());
+        rows.push(Row::new(
+            "scale",
+            format!("{n} instances: first render, data built (in process, our template)"),
+            percentile(&full, 50.0),
+            "ms",
+        ));
         rows.push(goal(
             Row::new(
                 "scale",
-                format!("{n} instances: render (in process, our template)"),
+                format!("{n} instances: render per change, data patched (in process)"),
                 percentile(&times, 50.0),
                 "ms",
             ),
@@ -685,6 +708,121 @@ async fn scale(o: &Opts) -> Vec<Row> {
         }
     }
     rows
+}
+
+/// A template with one backend per service (no health checks: the fillers' ports are
+/// closed and 100 000 checks every 2 s would measure the machine, not the renderer).
+const WIDE_TEMPLATE: &str = r#"global
+    maxconn 4096
+    stats socket {{vars.runtime_dir}}/admin.sock mode 600 level admin expose-fd listeners
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+frontend http
+    bind {{vars.bind_address}}:{{vars.http_port}}
+    default_backend be_svc0000
+listen stats
+    bind {{vars.bind_address}}:{{vars.stats_port}}
+    stats enable
+{{#each services}}
+backend be_{{@key}}
+    balance roundrobin
+{{#each this}}
+    server {{id}} {{address}}:{{port}} weight {{weight}} id {{server_id}}
+{{/each}}
+{{/each}}
+"#;
+
+/// 100 000 instances across 1 000 services, one backend each (`BENCH_WIDE=services,per`
+/// overrides the shape): list + first apply, one join, renderer RSS.
+async fn wide(o: &Opts) -> Vec<Row> {
+    let (services, per) = std::env::var("BENCH_WIDE")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once(',')?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .unwrap_or(if o.quick { (100, 100) } else { (1000, 100) });
+    let total = services * per;
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b = Backend::start(dir.path(), "b0");
+    b.wait_up().await;
+    let t = Instant::now();
+    for k in 0..services {
+        e2e::lb::put_filler(&etcd, &format!("svc{k:04}"), &format!("s{k:04}-"), per).await;
+    }
+    let written = t.elapsed();
+    let template = dir.path().join("wide.hbs");
+    std::fs::write(&template, WIDE_TEMPLATE).unwrap();
+    let t = Instant::now();
+    let lb = Lb::start_with_template(dir.path(), &etcd, &template, &[]);
+    let count = || async {
+        lb.master_cli("@1 show servers state")
+            .await
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 4)
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut first = None;
+    while Instant::now() < deadline {
+        if count().await >= total {
+            first = Some(t.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut joins = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        put_instance(&etcd, "svc0000", &b.id, b.port).await;
+        joins.push(
+            until_served(lb.http_port, &b.id, Duration::from_secs(60))
+                .await
+                .map_or(f64::NAN, |s| ms(s - t)),
+        );
+        etcd.delete(&registry::instance_key("/services", "svc0000", &b.id))
+            .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline
+            && lb
+                .master_cli("@1 show servers state be_svc0000")
+                .await
+                .contains(" b0 ")
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let (reloads, _, _) = lb.proc_state().await;
+    let label = format!("{total} instances in {services} services");
+    vec![
+        Row::new("wide", format!("{label}: written to etcd in"), ms(written), "ms"),
+        Row::new(
+            "wide",
+            format!("{label}: renderer start → HAProxy runs them all (list + first apply + HAProxy start)"),
+            first.map_or(f64::NAN, ms),
+            "ms",
+        )
+        .at_most(10_000.0),
+        Row::new(
+            "wide",
+            format!("{label}: join, put → served p50 (n=3)"),
+            percentile(&joins, 50.0),
+            "ms",
+        )
+        .at_most(100.0),
+        Row::new("wide", format!("{label}: reloads during joins"), f64::from(reloads), ""),
+        Row::new(
+            "wide",
+            format!("{label}: renderer RSS"),
+            rss_kib(lb.proc.pid()) / 1024.0,
+            "MiB",
+        )
+        .at_most(500.0),
+    ]
 }
 
 async fn footprint(o: &Opts) -> Vec<Row> {

@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::apply::{self, Applier, CheckDone};
 use crate::coalesce::Coalescer;
 use crate::config::{Config, ReloadMode};
+use crate::data::TemplateData;
 use crate::guard::{self, Quarantine};
 use crate::metrics;
 use crate::model::Model;
@@ -30,6 +31,8 @@ pub struct Daemon {
     renderer: Renderer,
     applier: Applier,
     model: Model,
+    /// The template data, patched with each change rather than rebuilt.
+    data: TemplateData,
     coalescer: Coalescer,
     /// A full listing has been applied.
     synced: bool,
@@ -56,6 +59,7 @@ impl Daemon {
     ) -> Self {
         Daemon {
             model: Model::new(&config.prefix),
+            data: TemplateData::new(),
             coalescer: Coalescer::new(config.wait_min, config.wait_max),
             config,
             renderer,
@@ -162,7 +166,8 @@ impl Daemon {
         let started = Instant::now();
         let report = guard::apply_guarded(
             &self.config,
-            &self.model,
+            &mut self.model,
+            &mut self.data,
             &mut self.quarantine,
             &mut self.applier,
             &self.renderer,

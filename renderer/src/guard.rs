@@ -8,6 +8,7 @@ use tracing::{error, info, warn};
 
 use crate::apply::{self, Applier};
 use crate::config::Config;
+use crate::data::TemplateData;
 use crate::model::Model;
 use crate::render::Renderer;
 
@@ -61,7 +62,8 @@ impl Quarantine {
 /// three records per apply); `--max-instances-per-service` caps each service.
 pub async fn apply_guarded(
     config: &Config,
-    model: &Model,
+    model: &mut Model,
+    data: &mut TemplateData,
     quarantine: &mut Quarantine,
     applier: &mut Applier,
     renderer: &Renderer,
@@ -69,8 +71,13 @@ pub async fn apply_guarded(
     quarantine.refresh(model);
     for round in 0..=3 {
         let excluded = quarantine.keys();
-        let (data, cut) =
-            model.template_data_with(&config.vars, &excluded, config.max_instances_per_service);
+        let (ctx, cut) = data.update(
+            renderer,
+            model,
+            &config.vars,
+            &excluded,
+            config.max_instances_per_service,
+        );
         if cut > 0 {
             warn!(
                 cut,
@@ -79,7 +86,9 @@ pub async fn apply_guarded(
             );
         }
         for (service, min) in &config.min_instances {
-            let have = data["services"][service].as_array().map_or(0, Vec::len);
+            let have = ctx.data()["services"][service]
+                .as_array()
+                .map_or(0, Vec::len);
             if have < *min {
                 let msg = format!(
                     "refusing to apply: service {service} would have {have} instance(s), below --min-instances {service}={min}; keeping the last good config"
@@ -91,7 +100,7 @@ pub async fn apply_guarded(
                 };
             }
         }
-        let report = applier.apply(renderer, &renderer.context(data)).await;
+        let report = applier.apply(renderer, ctx).await;
         let Some(line) = report.rejected_lines.first().filter(|_| round < 3) else {
             return report;
         };

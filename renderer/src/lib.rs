@@ -9,6 +9,7 @@ pub mod apply;
 pub mod coalesce;
 pub mod config;
 pub mod daemon;
+pub mod data;
 pub mod guard;
 pub mod metrics;
 pub mod model;

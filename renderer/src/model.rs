@@ -27,6 +27,19 @@ pub struct Model {
     new_skips: Vec<&'static str>,
     /// The etcd revision the model reflects.
     pub revision: i64,
+    /// What changed since the last [`Model::take_changes`].
+    changes: Changes,
+}
+
+/// Instances added, changed or removed since the template data was last brought up to
+/// date (see `crate::data`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Changes {
+    /// Everything may have changed (a full listing replaced the model).
+    #[default]
+    All,
+    /// These (service, id) pairs.
+    Some(BTreeSet<(String, String)>),
 }
 
 impl Model {
@@ -51,7 +64,11 @@ impl Model {
             self.admit(key, value, old_skipped.get(key));
         }
         self.revision = revision;
-        self.services != old_services
+        let changed = self.services != old_services;
+        if changed {
+            self.changes = Changes::All;
+        }
+        changed
     }
 
     /// Applies a put. Returns true if the admitted instances changed.
@@ -60,13 +77,34 @@ impl Model {
         let previous_skip = self.skipped.remove(key);
         self.remove(key);
         self.admit(key, value, previous_skip.as_ref());
-        self.lookup(key) != before.as_ref()
+        let changed = self.lookup(key) != before.as_ref();
+        if changed {
+            self.note(key);
+        }
+        changed
     }
 
     /// Applies a delete. Returns true if an admitted instance went away.
     pub fn delete(&mut self, key: &str) -> bool {
         self.skipped.remove(key);
-        self.remove(key)
+        let removed = self.remove(key);
+        if removed {
+            self.note(key);
+        }
+        removed
+    }
+
+    fn note(&mut self, key: &str) {
+        if let (Changes::Some(set), Some((service, id))) =
+            (&mut self.changes, parse_key(&self.prefix, key))
+        {
+            set.insert((service.to_string(), id.to_string()));
+        }
+    }
+
+    /// What changed since the last call (everything, the first time).
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::replace(&mut self.changes, Changes::Some(BTreeSet::new()))
     }
 
     fn lookup(&self, key: &str) -> Option<&Instance> {
@@ -269,7 +307,7 @@ impl Model {
 /// the hashed one). Stable while the instance exists and the same on every load balancer,
 /// so a server keeps its number across reloads and runtime changes. HAProxy before 3.1
 /// checks server names for duplicates pairwise at load unless servers have an `id`.
-fn server_ids<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<u32> {
+pub(crate) fn server_ids<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<u32> {
     const RANGE: u64 = (1 << 31) - 2;
     let mut used = std::collections::HashSet::new();
     ids.map(|id| {
@@ -282,7 +320,7 @@ fn server_ids<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<u32> {
     .collect()
 }
 
-fn instance_json(i: &Instance, server_id: u32) -> Value {
+pub(crate) fn instance_json(i: &Instance, server_id: u32) -> Value {
     json!({
         "server_id": server_id,
         "id": i.id,

@@ -79,8 +79,18 @@ proptest! {
             let words: Vec<&str> = added[0].split_whitespace().collect();
             let expected_weight = weight.to_string();
             let target = format!("{address}:{port}");
-            let expected = ["server", id.as_str(), target.as_str(), "check", "inter", "2s", "weight", expected_weight.as_str()];
-            prop_assert_eq!(&words[..], &expected[..]);
+            let expected = ["server", id.as_str(), target.as_str(), "check", "inter", "2s", "weight", expected_weight.as_str(), "id"];
+            prop_assert_eq!(&words[..9], &expected[..]);
+            // Then the stable number, and (HAProxy < 3.0, IP addresses) the derived cookie.
+            prop_assert!(words[9].parse::<u32>().is_ok_and(|n| n > 0), "{:?}", words);
+            let rest = &words[10..];
+            if address.parse::<std::net::IpAddr>().is_ok() {
+                prop_assert_eq!(rest.len(), 2, "{:?}", words);
+                prop_assert_eq!(rest[0], "cookie");
+                prop_assert!(rest[1].len() == 16 && rest[1].bytes().all(|b| b.is_ascii_hexdigit()));
+            } else {
+                prop_assert!(rest.is_empty(), "{:?}", words);
+            }
             prop_assert_eq!(out.lines().count(), base.lines().count() + 1);
         }
         let cfg = dir.path().join("haproxy.cfg");

@@ -235,7 +235,7 @@ impl Applier {
                     Some(plan) => {
                         let started = std::time::Instant::now();
                         let applied = match runtime::execute(cli, &plan, self.drain_timeout).await {
-                            Ok(()) => runtime::verify(cli, &new, &plan.backends()).await,
+                            Ok(()) => runtime::verify(cli, &plan).await,
                             Err(e) => Err(e),
                         };
                         m.runtime_seconds.observe(started.elapsed().as_secs_f64());

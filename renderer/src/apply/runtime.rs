@@ -43,7 +43,11 @@ impl Server {
         self.keyword("cookie")
     }
 
-    /// Its keywords for `add server`, without `cookie <v>` when HAProxy derives it.
+    /// Its keywords for `add server`, without `cookie <v>` when HAProxy derives it, and
+    /// with the idle-connection pool a server from the config file gets by default.
+    /// HAProxy 2.6 gives a server added at runtime no pool at all (`pool-purge-delay` and
+    /// `pool-max-conn` 0: it skips `default-server` and the defaults, src/server.c), so
+    /// every request to it opened and closed a connection; 3.0 sets these same defaults.
     fn add_keywords(&self, derived_cookie: bool) -> Vec<&str> {
         let mut out = Vec::new();
         let mut words = self.keywords.iter();
@@ -53,6 +57,11 @@ impl Server {
                 continue;
             }
             out.push(k.as_str());
+        }
+        for (keyword, default) in [("pool-max-conn", "-1"), ("pool-purge-delay", "5s")] {
+            if self.keyword(keyword).is_none() {
+                out.extend([keyword, default]);
+            }
         }
         out
     }
@@ -214,87 +223,126 @@ type Servers = BTreeMap<(String, String), Server>;
 
 /// Splits a config into its skeleton (every line but backend `server` lines) and the
 /// servers by backend.
+#[cfg(test)]
 fn split(config: &str) -> (Vec<&str>, Servers) {
-    let (skeleton, servers, _) = split_with_backends(config);
-    (skeleton, servers)
+    let lines: Vec<&str> = config.lines().collect();
+    split_lines(&lines, None)
 }
 
-/// [`split`], plus what the runtime path needs to know of each backend (server counts
-/// left at 0).
-fn split_with_backends(config: &str) -> (Vec<&str>, Servers, BTreeMap<String, Backend>) {
+/// A section header line (`backend x`, `defaults`, …): (kind, name).
+fn header(line: &str) -> Option<(&str, &str)> {
+    let trimmed = line.trim();
+    if line.starts_with(char::is_whitespace) || trimmed.is_empty() || trimmed.starts_with('#') {
+        return None;
+    }
+    let mut words = trimmed.split_whitespace();
+    Some((words.next().unwrap_or(""), words.next().unwrap_or("")))
+}
+
+/// [`split`] of `lines`, which start inside `section` (kind, name).
+fn split_lines<'a>(lines: &[&'a str], section: Option<(&str, &str)>) -> (Vec<&'a str>, Servers) {
     let mut skeleton = Vec::new();
     let mut servers = BTreeMap::new();
-    let mut backends: BTreeMap<String, Backend> = BTreeMap::new();
-    let mut defaults_key: Option<String> = None;
-    let mut section: Option<(String, String)> = None;
-    for line in config.lines() {
-        let trimmed = line.trim();
-        if !line.starts_with(char::is_whitespace)
-            && !trimmed.is_empty()
-            && !trimmed.starts_with('#')
-        {
-            let mut words = trimmed.split_whitespace();
-            let kind = words.next().unwrap_or("").to_string();
-            let name = words.next().unwrap_or("").to_string();
-            if kind == "backend" || kind == "listen" {
-                backends.entry(name.clone()).or_insert_with(|| Backend {
-                    cookie_key: defaults_key.clone(),
-                    ..Default::default()
-                });
-            }
-            section = Some((kind, name));
+    let (mut kind, mut name) = section.unwrap_or(("", ""));
+    for &line in lines {
+        if let Some((k, n)) = header(line) {
+            (kind, name) = (k, n);
         }
-        let (kind, name) = section
-            .as_ref()
-            .map_or(("", ""), |(k, n)| (k.as_str(), n.as_str()));
-        let words: Vec<&str> = trimmed.split_whitespace().collect();
-        if kind == "defaults" && words.first() == Some(&"dynamic-cookie-key") {
-            defaults_key = words.get(1).map(|k| k.to_string());
-        }
-        let in_backend = kind == "backend" || kind == "listen";
-        if in_backend {
-            let be = backends.entry(name.to_string()).or_default();
-            match words.first() {
-                Some(&"cookie") if words.contains(&"dynamic") => be.dynamic_cookie = true,
-                Some(&"dynamic-cookie-key") => be.cookie_key = words.get(1).map(|k| k.to_string()),
-                _ => {}
-            }
-        }
-        if in_backend && words.first() == Some(&"server") {
-            if let (Some(server), Some(target)) = (words.get(1), words.get(2)) {
-                if let Some((addr, port)) = target.rsplit_once(':') {
-                    let s = Server {
-                        backend: name.to_string(),
-                        name: server.to_string(),
-                        addr: addr.to_string(),
-                        port: port.to_string(),
-                        keywords: words[3..].iter().map(|w| w.to_string()).collect(),
-                    };
-                    servers.insert((name.to_string(), server.to_string()), s);
-                    continue;
+        if kind == "backend" || kind == "listen" {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.first() == Some(&"server") {
+                if let (Some(server), Some(target)) = (words.get(1), words.get(2)) {
+                    if let Some((addr, port)) = target.rsplit_once(':') {
+                        let s = Server {
+                            backend: name.to_string(),
+                            name: server.to_string(),
+                            addr: addr.to_string(),
+                            port: port.to_string(),
+                            keywords: words[3..].iter().map(|w| w.to_string()).collect(),
+                        };
+                        servers.insert((name.to_string(), server.to_string()), s);
+                        continue;
+                    }
                 }
             }
         }
         skeleton.push(line);
     }
-    (skeleton, servers, backends)
+    (skeleton, servers)
+}
+
+/// What the runtime path needs to know of each backend of a config: dynamic cookies, the
+/// cookie key (its own or `defaults`'), the number of servers. One pass, no allocation
+/// per server.
+fn backend_info(lines: &[&str]) -> BTreeMap<String, Backend> {
+    let mut backends: BTreeMap<String, Backend> = BTreeMap::new();
+    let mut defaults_key: Option<String> = None;
+    let mut current: Option<String> = None;
+    let mut kind = "";
+    for line in lines {
+        if let Some((k, n)) = header(line) {
+            kind = k;
+            current = None;
+            if k == "backend" || k == "listen" {
+                backends.entry(n.to_string()).or_insert_with(|| Backend {
+                    cookie_key: defaults_key.clone(),
+                    ..Default::default()
+                });
+                current = Some(n.to_string());
+            }
+            continue;
+        }
+        let trimmed = line.trim_start();
+        let first = trimmed.split_whitespace().next().unwrap_or("");
+        match (kind, first, &current) {
+            ("defaults", "dynamic-cookie-key", _) => {
+                defaults_key = trimmed.split_whitespace().nth(1).map(str::to_string)
+            }
+            (_, "server", Some(be)) => {
+                if let Some(b) = backends.get_mut(be) {
+                    b.servers += 1;
+                }
+            }
+            (_, "cookie", Some(be)) if trimmed.split_whitespace().any(|w| w == "dynamic") => {
+                if let Some(b) = backends.get_mut(be) {
+                    b.dynamic_cookie = true;
+                }
+            }
+            (_, "dynamic-cookie-key", Some(be)) => {
+                if let Some(b) = backends.get_mut(be) {
+                    b.cookie_key = trimmed.split_whitespace().nth(1).map(str::to_string);
+                }
+            }
+            _ => {}
+        }
+    }
+    backends
 }
 
 /// The runtime plan from `old` to `new`, or `None` when anything besides backend `server`
-/// lines differs (that needs a reload).
+/// lines differs (that needs a reload). Only the lines between the common beginning and
+/// the common end of the two configs are parsed: at 10 000 servers, a join touches one.
 pub fn plan(old: &str, new: &str) -> Option<Plan> {
-    let (old_skel, old_servers) = split(old);
-    let (new_skel, new_servers, mut backends) = split_with_backends(new);
+    let o: Vec<&str> = old.lines().collect();
+    let n: Vec<&str> = new.lines().collect();
+    let pre = o.iter().zip(&n).take_while(|(a, b)| a == b).count();
+    let most = o.len().min(n.len()) - pre;
+    let suf = o
+        .iter()
+        .rev()
+        .zip(n.iter().rev())
+        .take(most)
+        .take_while(|(a, b)| a == b)
+        .count();
+    // The section the differing lines start in (the same in both: the lines before agree).
+    let section = n[..pre].iter().rev().find_map(|l| header(l));
+    let (old_skel, old_servers) = split_lines(&o[pre..o.len() - suf], section);
+    let (new_skel, new_servers) = split_lines(&n[pre..n.len() - suf], section);
     if old_skel != new_skel {
         return None;
     }
-    for s in new_servers.values() {
-        if let Some(be) = backends.get_mut(&s.backend) {
-            be.servers += 1;
-        }
-    }
     let mut plan = Plan {
-        backend_info: backends,
+        backend_info: backend_info(&n),
         ..Default::default()
     };
     for (key, n) in &new_servers {
@@ -578,41 +626,50 @@ fn parse_servers_state(out: &str) -> Result<ServersState, RuntimeError> {
     Ok(servers)
 }
 
-/// Checks that the running servers of every backend in `backends` are exactly the ones in
-/// `config` (names, addresses, ports, weights), using `show servers state`.
-pub async fn verify(
-    cli: &MasterCli,
-    config: &str,
-    backends: &[String],
-) -> Result<(), RuntimeError> {
-    let (_, want) = split(config);
-    for be in backends {
-        let running = servers_state(cli, be).await?;
-        let expected: BTreeMap<&str, &Server> = want
-            .values()
-            .filter(|s| &s.backend == be)
-            .map(|s| (s.name.as_str(), s))
-            .collect();
-        if running
-            .keys()
-            .map(String::as_str)
-            .ne(expected.keys().copied())
-        {
+/// Checks, with `show servers state`, that HAProxy runs what `plan` meant: every added or
+/// updated server with the config's address, port and weight, no removed one, and as many
+/// servers in each touched backend as the new config has.
+pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
+    for be in plan.backends() {
+        let running = servers_state(cli, &be).await?;
+        let want = plan.backend_info.get(&be).map_or(0, |b| b.servers);
+        if running.len() != want {
             return Err(RuntimeError::Mismatch(format!(
-                "backend {be}: running {:?}, config {:?}",
-                running.keys().collect::<Vec<_>>(),
-                expected.keys().collect::<Vec<_>>()
+                "backend {be}: {} servers running, {want} in the config",
+                running.len()
             )));
         }
-        for (name, s) in &expected {
-            let r = &running[*name];
+        if let Some(s) = plan
+            .remove
+            .iter()
+            .filter(|s| s.backend == be)
+            .filter(|s| !plan.add.iter().any(|a| a.backend == be && a.name == s.name))
+            .find(|s| running.contains_key(&s.name))
+        {
+            return Err(RuntimeError::Mismatch(format!(
+                "{be}/{}: still running after its removal",
+                s.name
+            )));
+        }
+        let present = plan
+            .add
+            .iter()
+            .chain(plan.update.iter().map(|(_, n)| n))
+            .filter(|s| s.backend == be);
+        for s in present {
+            let Some(r) = running.get(&s.name) else {
+                return Err(RuntimeError::Mismatch(format!(
+                    "{be}/{}: not running",
+                    s.name
+                )));
+            };
             let weight = s.weight().unwrap_or("1");
             // Hostnames resolve to an IP at runtime; compare addresses only for IP literals.
             let addr_ok = s.addr.parse::<std::net::IpAddr>().is_err() || s.addr == r.addr;
             if !addr_ok || s.port != r.port || weight != r.weight {
                 return Err(RuntimeError::Mismatch(format!(
-                    "{be}/{name}: running {}:{} weight {}, config {}:{} weight {weight}",
-                    r.addr, r.port, r.weight, s.addr, s.port
+                    "{be}/{}: running {}:{} weight {}, config {}:{} weight {weight}",
+                    s.name, r.addr, r.port, r.weight, s.addr, s.port
                 )));
             }
         }
@@ -725,7 +782,7 @@ mod tests {
                 Cookie::Derived {
                     placeholder: "0.0.0.0"
                 },
-                "check".to_string()
+                "check pool-max-conn -1 pool-purge-delay 5s".to_string()
             )
         );
         assert_eq!(join("other").0, Cookie::AsWritten);
@@ -738,13 +795,24 @@ mod tests {
         // Without dynamic cookies nothing is derived.
         let p = plan(&cfg(&[]), &cfg(&["server a 10.0.0.1:80 cookie a"])).unwrap();
         assert_eq!(p.cookie(&p.add[0]), Cookie::AsWritten);
-        assert_eq!(p.add[0].add_keywords(false), ["cookie", "a"]);
+        assert_eq!(
+            p.add[0].add_keywords(false),
+            [
+                "cookie",
+                "a",
+                "pool-max-conn",
+                "-1",
+                "pool-purge-delay",
+                "5s"
+            ]
+        );
     }
 
     #[test]
     fn the_cookie_key_may_come_from_defaults() {
         let c = "defaults\n    dynamic-cookie-key d\nbackend b\n    cookie S insert dynamic\n    server x 10.0.0.1:80\n";
-        let (_, _, backends) = split_with_backends(c);
+        let lines: Vec<&str> = c.lines().collect();
+        let backends = backend_info(&lines);
         assert_eq!(backends["b"].cookie_key.as_deref(), Some("d"));
         assert!(backends["b"].dynamic_cookie);
     }
@@ -778,5 +846,82 @@ mod tests {
         assert_eq!(p.cookie(&p.add[0]), Cookie::Derived { placeholder: "::" });
         let x = &s[&("b".to_string(), "x".to_string())];
         assert_eq!((x.addr.as_str(), x.port.as_str()), ("::1", "3000"));
+    }
+
+    /// The plan from whole-config splits (what `plan` computed before it parsed only the
+    /// differing lines).
+    fn plan_whole(old: &str, new: &str) -> Option<(Vec<String>, Vec<String>, Vec<String>)> {
+        let (os, oserv) = split(old);
+        let (ns, nserv) = split(new);
+        if os != ns {
+            return None;
+        }
+        let name = |s: &Server| format!("{}/{}", s.backend, s.name);
+        let mut add = Vec::new();
+        let mut remove = Vec::new();
+        let mut update = Vec::new();
+        for (k, n) in &nserv {
+            match oserv.get(k) {
+                None => add.push(name(n)),
+                Some(o) if o == n => {}
+                Some(o) if o.keywords_without_weight() == n.keywords_without_weight() => {
+                    update.push(name(n))
+                }
+                Some(o) => {
+                    remove.push(name(o));
+                    add.push(name(n));
+                }
+            }
+        }
+        for (k, o) in &oserv {
+            if !nserv.contains_key(k) {
+                remove.push(name(o));
+            }
+        }
+        add.sort();
+        remove.sort();
+        update.sort();
+        Some((add, remove, update))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_only_the_differing_lines_plans_the_same(
+            a in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),
+            b in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),
+            c in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),
+            d in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),
+            both in proptest::bool::ANY,
+            skel_change in 0u8..6,
+        ) {
+            let backend = |name: &str, servers: &std::collections::BTreeMap<u8, u8>, extra: &str| {
+                let mut s = format!("backend {name}\n    balance roundrobin{extra}\n");
+                for (i, v) in servers {
+                    s.push_str(&format!("    server s{i} 10.0.0.{i}:{} check weight {}\n", 80 + u16::from(*v % 2), 10 * (1 + u32::from(*v))));
+                }
+                s
+            };
+            let old = format!("global\n    maxconn 10\n{}{}frontend f\n    bind :80\n", backend("one", &a, ""), backend("two", &b, ""));
+            let extra = if skel_change == 0 { "\n    option httpchk" } else { "" };
+            let two = if both { &d } else { &b };
+            let new = format!("global\n    maxconn 10\n{}{}frontend f\n    bind :80\n", backend("one", &c, extra), backend("two", two, ""));
+            let p = plan(&old, &new);
+            let want = plan_whole(&old, &new);
+            proptest::prop_assert_eq!(p.is_some(), want.is_some());
+            if let (Some(p), Some((add, remove, update))) = (p, want) {
+                let name = |s: &Server| format!("{}/{}", s.backend, s.name);
+                let mut got_add: Vec<String> = p.add.iter().map(name).collect();
+                let mut got_remove: Vec<String> = p.remove.iter().map(name).collect();
+                let mut got_update: Vec<String> = p.update.iter().map(|(_, n)| name(n)).collect();
+                got_add.sort();
+                got_remove.sort();
+                got_update.sort();
+                proptest::prop_assert_eq!(got_add, add);
+                proptest::prop_assert_eq!(got_remove, remove);
+                proptest::prop_assert_eq!(got_update, update);
+                proptest::prop_assert_eq!(p.backend_info["one"].servers, c.len());
+                proptest::prop_assert_eq!(p.backend_info["two"].servers, two.len());
+            }
+        }
     }
 }

@@ -1,0 +1,210 @@
+//! The template data, kept up to date instead of rebuilt: a join at 10 000 instances
+//! patches one object into its service's list (and into `instances`) where a rebuild made
+//! 10 000 objects and dropped 10 000 others (~8 of a 10 000-instance apply's milliseconds).
+//! Whatever the patching cannot express simply — a full listing, quarantined records, a
+//! service over `--max-instances-per-service` — rebuilds, exactly as
+//! [`Model::template_data_with`] does.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use handlebars::Context;
+use serde_json::Value;
+
+use crate::model::{instance_json, server_ids, Changes, Model};
+use crate::render::Renderer;
+
+/// The rendering context of the last apply, and how it was built.
+#[derive(Default)]
+pub struct TemplateData {
+    ctx: Option<Context>,
+    /// The exclusions it was built with (patching needs none).
+    excluded: BTreeSet<String>,
+    /// Instances the cap left out when it was built (patching needs none).
+    cut: usize,
+}
+
+impl TemplateData {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Brings the context up to date with `model`, without the instances in `exclude` and
+    /// with at most `cap` per service; returns it with the number the cap left out.
+    pub fn update(
+        &mut self,
+        renderer: &Renderer,
+        model: &mut Model,
+        vars: &BTreeMap<String, String>,
+        exclude: &BTreeSet<String>,
+        cap: usize,
+    ) -> (&Context, usize) {
+        let changes = model.take_changes();
+        let patchable = self.ctx.is_some()
+            && exclude.is_empty()
+            && self.excluded.is_empty()
+            && self.cut == 0
+            && model.services().values().all(|m| m.len() <= cap);
+        match (changes, patchable, self.ctx.as_mut()) {
+            (Changes::Some(set), true, Some(ctx)) => {
+                patch(ctx, renderer, model, &set);
+                if let Some(root) = ctx.data_mut().as_object_mut() {
+                    root.insert("revision".into(), Value::from(model.revision));
+                }
+            }
+            _ => {
+                let (data, cut) = model.template_data_with(vars, exclude, cap);
+                self.ctx = Some(renderer.context(data));
+                self.excluded = exclude.clone();
+                self.cut = cut;
+            }
+        }
+        let ctx = self.ctx.get_or_insert_with(|| Context::from(Value::Null));
+        (ctx, self.cut)
+    }
+}
+
+/// The `id` field of an instance object.
+fn id_of(v: &Value) -> &str {
+    v.get("id").and_then(Value::as_str).unwrap_or("")
+}
+
+fn service_of(v: &Value) -> &str {
+    v.get("service").and_then(Value::as_str).unwrap_or("")
+}
+
+/// Applies the changed (service, id) pairs of `model` to `ctx`'s `services` and
+/// `instances` lists (both kept sorted: by id, and by service then id).
+fn patch(
+    ctx: &mut Context,
+    renderer: &Renderer,
+    model: &Model,
+    changed: &BTreeSet<(String, String)>,
+) {
+    let Some(root) = ctx.data_mut().as_object_mut() else {
+        return;
+    };
+    let mut by_service: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (service, id) in changed {
+        by_service.entry(service).or_default().push(id);
+    }
+    for (service, ids) in by_service {
+        let instances = model.services().get(service);
+        // Numbers for the service as it is now; a collision can move one besides the
+        // changed instance, so they are compared for all of the service's instances.
+        let numbers: Vec<u32> = instances.map(|m| server_ids(m.keys())).unwrap_or_default();
+        let current = |id: &str| instances.and_then(|m| m.get(id));
+
+        if let Some(Value::Object(services)) = root.get_mut("services") {
+            let list = services
+                .entry(service.to_string())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(list) = list {
+                for id in &ids {
+                    let at = list.binary_search_by(|v| id_of(v).cmp(id));
+                    upsert(list, at, current(id).map(|i| instance_json(i, 0)));
+                }
+                renumber(list, &numbers);
+                if list.is_empty() && !renderer.named_services().contains(service) {
+                    services.remove(service);
+                }
+            }
+        }
+        if let Some(Value::Array(all)) = root.get_mut("instances") {
+            for id in &ids {
+                let at = all.binary_search_by(|v| (service_of(v), id_of(v)).cmp(&(service, id)));
+                upsert(all, at, current(id).map(|i| instance_json(i, 0)));
+            }
+            let start = all.partition_point(|v| service_of(v) < service);
+            let end = all.partition_point(|v| service_of(v) <= service);
+            renumber(&mut all[start..end], &numbers);
+        }
+    }
+}
+
+/// Puts `new` at the position a binary search found (`Ok`: there, `Err`: to insert), or
+/// removes what is there when `new` is `None`.
+fn upsert(list: &mut Vec<Value>, at: Result<usize, usize>, new: Option<Value>) {
+    match (at, new) {
+        (Ok(i), Some(v)) => list[i] = v,
+        (Err(i), Some(v)) => list.insert(i, v),
+        (Ok(i), None) => {
+            list.remove(i);
+        }
+        (Err(_), None) => {}
+    }
+}
+
+/// Sets `server_id` of each object of `list` (one service's instances, sorted by id) to
+/// `numbers` (the service's numbers, in the same order).
+fn renumber(list: &mut [Value], numbers: &[u32]) {
+    for (v, n) in list.iter_mut().zip(numbers) {
+        if let Some(obj) = v.as_object_mut() {
+            if obj.get("server_id").and_then(Value::as_u64) != Some(u64::from(*n)) {
+                obj.insert("server_id".into(), Value::from(*n));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn record(service: &str, id: &str, port: u16) -> String {
+        registry::Instance::new(service, id, "10.0.0.1", port).encode()
+    }
+
+    proptest! {
+        /// Patched data equals rebuilt data after any sequence of puts and deletes.
+        #[test]
+        fn patching_equals_rebuilding(
+            steps in proptest::collection::vec((0u8..3, 0u8..12, 0u16..3, any::<bool>()), 1..60)
+        ) {
+            let mut renderer = Renderer::new();
+            renderer.add("t", "{{#each services.s0}}{{id}}{{/each}}").unwrap();
+            let vars = BTreeMap::from([("k".to_string(), "v".to_string())]);
+            let none = BTreeSet::new();
+            let mut model = Model::new("/services");
+            let mut td = TemplateData::new();
+            for (svc, id, port, put) in steps {
+                let (service, id) = (format!("s{svc}"), format!("i{id:02}"));
+                let key = registry::instance_key("/services", &service, &id);
+                if put {
+                    model.put(&key, record(&service, &id, 1000 + port).as_bytes());
+                } else {
+                    model.delete(&key);
+                }
+                model.revision += 1;
+                let patched = td.update(&renderer, &mut model, &vars, &none, usize::MAX).0.data().clone();
+                let rebuilt = renderer.context(model.template_data(&vars)).data().clone();
+                prop_assert_eq!(patched, rebuilt);
+            }
+        }
+    }
+
+    #[test]
+    fn quarantine_and_caps_rebuild() {
+        let renderer = Renderer::new();
+        let vars = BTreeMap::new();
+        let mut model = Model::new("/services");
+        for i in 0..3 {
+            let id = format!("i{i}");
+            model.put(
+                &registry::instance_key("/services", "s", &id),
+                record("s", &id, 1000).as_bytes(),
+            );
+        }
+        let mut td = TemplateData::new();
+        let none = BTreeSet::new();
+        let (_, cut) = td.update(&renderer, &mut model, &vars, &none, 2);
+        assert_eq!(cut, 1);
+        let key = registry::instance_key("/services", "s", "i0");
+        let excluded = BTreeSet::from([key]);
+        let (ctx, cut) = td.update(&renderer, &mut model, &vars, &excluded, usize::MAX);
+        assert_eq!(cut, 0);
+        assert_eq!(ctx.data()["services"]["s"].as_array().unwrap().len(), 2);
+        let (ctx, _) = td.update(&renderer, &mut model, &vars, &none, usize::MAX);
+        assert_eq!(ctx.data()["services"]["s"].as_array().unwrap().len(), 3);
+    }
+}
