@@ -32,6 +32,12 @@ struct Args {
     /// Write the convergence latency CDF as SVG.
     #[arg(long, value_name = "FILE")]
     svg: Option<std::path::PathBuf>,
+    /// Write the scale scenario's cost-versus-size log-log plot as SVG.
+    #[arg(long, value_name = "FILE")]
+    scale_svg: Option<std::path::PathBuf>,
+    /// Run nothing: take the results of an earlier --json FILE (for --scale-svg).
+    #[arg(long, value_name = "FILE")]
+    results_from: Option<std::path::PathBuf>,
     /// Load-balancer command template for measuring another tool the same way; the default
     /// is this project's renderer in exec mode. Placeholders: {etcd} {template} {cfg} {dir}
     /// {http_port} {stats_port} {master} (HAProxy must be started with `-S {master}`).
@@ -49,6 +55,17 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    if let (Some(from), Some(svg)) = (&args.results_from, &args.scale_svg) {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(from).expect("read results"))
+                .expect("results JSON");
+        let rows: Vec<stats::Row> = json["results"]
+            .as_array()
+            .map(|r| r.iter().filter_map(stats::Row::from_json).collect())
+            .unwrap_or_default();
+        std::fs::write(svg, stats::scale_svg(&rows, &SCALE_SERIES)).expect("write SVG");
+        return;
+    }
     // The harness spawns the release binaries; build them into a target dir of their own so
     // this build and `cargo run -p bench` (different feature sets) do not keep rebuilding
     // each other's artifacts.
@@ -129,10 +146,23 @@ fn main() {
         });
         std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).expect("write JSON");
     }
+    if let Some(path) = args.scale_svg {
+        std::fs::write(&path, stats::scale_svg(&rows, &SCALE_SERIES)).expect("write SVG");
+    }
     if let Some(path) = args.svg {
         std::fs::write(&path, stats::cdf_svg(&latencies)).expect("write SVG");
     }
 }
+
+/// The lines of the scale plot: (label, metric prefix in the scale rows).
+const SCALE_SERIES: [(&str, &str); 6] = [
+    ("render per change", "render per change"),
+    ("haproxy -c", "haproxy -c"),
+    ("join (live)", "join, put"),
+    ("leave (live)", "leave, delete"),
+    ("join through a reload", "join through a reload"),
+    ("HAProxy floor (same join)", "HAProxy floor"),
+];
 
 /// A one-line description of the machine the numbers come from.
 fn machine() -> String {

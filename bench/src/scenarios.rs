@@ -297,7 +297,9 @@ async fn reload_safety(o: &Opts) -> Vec<Row> {
         let end =
             Instant::now() + Duration::from_secs(u64::from(secs)) - Duration::from_millis(500);
         let mut i = 0usize;
-        while Instant::now() < end {
+        // BENCH_NO_CHURN=1: the same load without changes (the baseline throughput).
+        let churn = std::env::var_os("BENCH_NO_CHURN").is_none();
+        while churn && Instant::now() < end {
             let b = &e.backends[1 + i % 3];
             if (i / 3) % 2 == 0 {
                 put_instance(&e.etcd, "webapp", &b.id, b.port).await;
@@ -559,6 +561,112 @@ impl ScaleEnv {
     }
 }
 
+/// The renderer's `renderer_check_duration_seconds_count` (file checks run so far).
+async fn checks_run(lb: &Lb) -> f64 {
+    http::get(lb.metrics_port, "/metrics", None)
+        .await
+        .ok()
+        .and_then(|r| {
+            r.body
+                .lines()
+                .find(|l| l.starts_with("renderer_check_duration_seconds_count"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// A storm at scale: every one of the `n` fillers moves to another port (n changes, in
+/// transactions of 100, as fast as etcd takes them). Reports reloads, file checks, and
+/// when HAProxy runs exactly the registry's state and the file lists it.
+async fn storm_at_scale(s: &ScaleEnv, n: usize) -> Vec<Row> {
+    let lb = &s.e.lb;
+    let (r0, failed0, _) = lb.proc_state().await;
+    let checks0 = checks_run(lb).await;
+    let mut c = s.e.etcd.client().await;
+    let port = |i: usize| 30000 + (i % 30000) as u16;
+    let t = Instant::now();
+    let ids: Vec<usize> = (0..n).collect();
+    for chunk in ids.chunks(100) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                let id = format!("n{i:05}");
+                let mut inst = registry::Instance::new("webapp", &id, "127.0.0.1", port(*i));
+                inst.weight = 0;
+                etcd_client::TxnOp::put(
+                    registry::instance_key("/services", "webapp", &id),
+                    inst.encode(),
+                    None,
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    let written = t.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut live_at = None;
+    while Instant::now() < deadline {
+        let live = lb.live_servers().await;
+        if (0..n).all(|i| {
+            live.get(&format!("n{i:05}"))
+                .is_some_and(|l| l.port == port(i))
+        }) {
+            live_at = Some(Instant::now());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut file_at = None;
+    while Instant::now() < deadline {
+        let cfg = lb.config();
+        if (0..n).all(|i| cfg.contains(&format!("server n{i:05} 127.0.0.1:{} ", port(i)))) {
+            file_at = Some(Instant::now());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (r1, failed1, _) = lb.proc_state().await;
+    let checks = checks_run(lb).await - checks0;
+    let after =
+        |at: Option<Instant>| at.map_or(f64::NAN, |a| ms(a.saturating_duration_since(t + written)));
+    vec![
+        Row::new(
+            "scale",
+            format!("{n} instances: storm of {n} changes written in"),
+            ms(written),
+            "ms",
+        ),
+        Row::new(
+            "scale",
+            format!(
+                "{n} instances: storm: reloads (failed: {})",
+                failed1 - failed0
+            ),
+            f64::from(r1 - r0),
+            "",
+        )
+        .at_most(3.0),
+        Row::new(
+            "scale",
+            format!("{n} instances: storm: file checks run"),
+            checks,
+            "",
+        ),
+        Row::new(
+            "scale",
+            format!("{n} instances: storm: last write → HAProxy runs exactly the registry"),
+            after(live_at),
+            "ms",
+        ),
+        Row::new(
+            "scale",
+            format!("{n} instances: storm: last write → file lists it"),
+            after(file_at),
+            "ms",
+        ),
+    ]
+}
+
 async fn scale(o: &Opts) -> Vec<Row> {
     // BENCH_SCALE_SIZES=10,1000 overrides the sizes (e.g. to rerun one).
     let sizes: Vec<usize> = match std::env::var("BENCH_SCALE_SIZES") {
@@ -687,6 +795,9 @@ async fn scale(o: &Opts) -> Vec<Row> {
         } else {
             live
         });
+        if big && o.lb_cmd.is_none() {
+            rows.extend(storm_at_scale(&s, n).await);
+        }
         rows.push(Row::new(
             "scale",
             format!("{n} instances: renderer RSS"),

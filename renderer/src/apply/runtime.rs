@@ -428,10 +428,7 @@ pub async fn execute(
             // Stops the check task so the server has no activity left.
             let _ = send(cli, &format!("disable health {id}"), |_| true).await;
         }
-        send(cli, &format!("del server {id}"), |a| {
-            a.contains("Server deleted")
-        })
-        .await?;
+        delete(cli, s).await?;
     }
     for (_, n) in &plan.update {
         let id = format!("{}/{}", n.backend, n.name);
@@ -476,6 +473,49 @@ pub async fn execute(
         send(cli, &format!("enable dynamic-cookie backend {be}"), quiet).await?;
     }
     Ok(())
+}
+
+/// `del server`. HAProxy 2.6 refuses it while the server has idle connections (3.0 closes
+/// them itself), and those are only purged every `pool-purge-delay`: on that refusal the
+/// server's address is changed to a placeholder, which makes HAProxy drop its idle
+/// connections at once (`srv_cleanup_connections()`), and the delete is retried for up
+/// to a second.
+async fn delete(cli: &MasterCli, s: &Server) -> Result<(), RuntimeError> {
+    let id = format!("{}/{}", s.backend, s.name);
+    let deleted = |a: &str| a.contains("Server deleted");
+    let first = cli.worker_command(&format!("del server {id}")).await?;
+    if deleted(&first) {
+        return Ok(());
+    }
+    if !first.contains("still has connections") {
+        return Err(RuntimeError::Refused {
+            command: format!("del server {id}"),
+            answer: first.trim().chars().take(300).collect(),
+        });
+    }
+    let placeholder = if s.addr.contains(':') {
+        "::"
+    } else {
+        "0.0.0.0"
+    };
+    let _ = send(cli, &format!("set server {id} addr {placeholder}"), |_| {
+        true
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let answer = cli.worker_command(&format!("del server {id}")).await?;
+        if deleted(&answer) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(RuntimeError::Refused {
+                command: format!("del server {id}"),
+                answer: answer.trim().chars().take(300).collect(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Waits until none of `servers` has a current session.
