@@ -184,15 +184,8 @@ impl Daemon {
                 .quarantine
                 .contains(&registry::instance_key(&self.config.prefix, s, i))
         });
-        let added: Vec<_> = now_set
-            .difference(&self.applied_set)
-            .map(|(s, i)| format!("{s}/{i}"))
-            .collect();
-        let removed: Vec<_> = self
-            .applied_set
-            .difference(&now_set)
-            .map(|(s, i)| format!("{s}/{i}"))
-            .collect();
+        let added = some(now_set.difference(&self.applied_set));
+        let removed = some(self.applied_set.difference(&now_set));
         if report.errors.is_empty() {
             self.applied_set = now_set;
         }
@@ -218,6 +211,10 @@ impl Daemon {
             applied = report.reload.unwrap_or("unchanged"),
             errors = report.errors.len(),
             took = ?started.elapsed(),
+            render = ?report.timings.render,
+            plan = ?report.timings.plan,
+            runtime = ?report.timings.runtime,
+            verify = ?report.timings.verify,
             "apply"
         );
         self.start_haproxy_if_due().await?;
@@ -282,6 +279,24 @@ impl Daemon {
             }
         }
     }
+}
+
+/// `service/id` of up to 10 instances, then "… and N more": an apply of 10 000 changes
+/// logs one readable line, not 170 kB.
+fn some<'a>(set: impl Iterator<Item = &'a (String, String)>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut more = 0;
+    for (s, i) in set {
+        if out.len() < 10 {
+            out.push(format!("{s}/{i}"));
+        } else {
+            more += 1;
+        }
+    }
+    if more > 0 {
+        out.push(format!("… and {more} more"));
+    }
+    out
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {

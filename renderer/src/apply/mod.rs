@@ -109,6 +109,21 @@ pub struct Report {
     pub errors: Vec<String>,
     /// Lines of rendered configs a check rejected (for quarantine).
     pub rejected_lines: Vec<String>,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// Time spent per step of an apply (for the apply log line).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timings {
+    /// Handlebars.
+    pub render: Duration,
+    /// Comparing the new config with the running one.
+    pub plan: Duration,
+    /// Runtime API commands, up to the last `enable server` (the change is live then).
+    pub runtime: Duration,
+    /// `show servers state` afterwards.
+    pub verify: Duration,
 }
 
 /// A file check running in the background: the file of a state HAProxy already runs.
@@ -190,6 +205,7 @@ impl Applier {
         for t in &mut self.targets {
             let started = std::time::Instant::now();
             let rendered = renderer.render_with(&t.name, ctx);
+            report.timings.render += started.elapsed();
             m.render_seconds.observe(started.elapsed().as_secs_f64());
             let bytes = match rendered {
                 Ok(b) => {
@@ -225,7 +241,10 @@ impl Applier {
             {
                 let old = String::from_utf8_lossy(old);
                 let new = String::from_utf8_lossy(&bytes);
-                match runtime::plan(&old, &new) {
+                let started = std::time::Instant::now();
+                let planned = runtime::plan(&old, &new);
+                report.timings.plan += started.elapsed();
+                match planned {
                     Some(plan) if plan.too_big(&self.runtime_limits).is_some() => {
                         info!(
                             reason = plan.too_big(&self.runtime_limits).unwrap_or_default(),
@@ -234,10 +253,14 @@ impl Applier {
                     }
                     Some(plan) => {
                         let started = std::time::Instant::now();
-                        let applied = match runtime::execute(cli, &plan, self.drain_timeout).await {
+                        let executed = runtime::execute(cli, &plan, self.drain_timeout).await;
+                        report.timings.runtime += started.elapsed();
+                        let verified = std::time::Instant::now();
+                        let applied = match executed {
                             Ok(()) => runtime::verify(cli, &plan).await,
                             Err(e) => Err(e),
                         };
+                        report.timings.verify += verified.elapsed();
                         m.runtime_seconds.observe(started.elapsed().as_secs_f64());
                         match applied {
                             Ok(()) => {

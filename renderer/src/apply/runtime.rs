@@ -583,26 +583,9 @@ async fn server_ids(cli: &MasterCli, servers: &[Server]) -> Result<Vec<u32>, Run
 
 /// Current sessions (`scur`) of server `sid` of `backend`.
 async fn sessions(cli: &MasterCli, backend: &str, sid: u32) -> Result<u64, RuntimeError> {
-    let csv = cli
-        .worker_command(&format!("show stat {backend} 4 {sid}"))
-        .await?;
-    let mut lines = csv.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .unwrap_or("")
-        .trim_start_matches("# ")
-        .split(',')
-        .collect();
-    let col = |name: &str| header.iter().position(|h| *h == name);
-    let (Some(sv_col), Some(scur_col)) = (col("sid"), col("scur")) else {
-        return Err(RuntimeError::Mismatch(
-            "unexpected `show stat` output".into(),
-        ));
-    };
-    Ok(lines
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .find(|f| f.get(sv_col) == Some(&sid.to_string().as_str()))
-        .and_then(|f| f.get(scur_col)?.parse().ok())
+    Ok(stat_row(cli, backend, sid)
+        .await?
+        .and_then(|r| r.get("scur")?.parse().ok())
         .unwrap_or(0))
 }
 
@@ -666,10 +649,55 @@ fn parse_servers_state(out: &str) -> Result<ServersState, RuntimeError> {
     Ok(servers)
 }
 
-/// Checks, with `show servers state`, that HAProxy runs what `plan` meant: every added or
-/// updated server with the config's address, port and weight, no removed one, and as many
-/// servers in each touched backend as the new config has.
+/// Checks that HAProxy runs what `plan` meant: every added or updated server with the
+/// config's address, port and weight, no removed one. Servers with an `id` are asked
+/// about one by one (`show stat <backend> 4 <id>`, ~0.3 ms each); otherwise the backend's
+/// whole `show servers state` is read (~750 kB and ~25 ms at 10 000 servers), which
+/// also checks the backend's server count.
 pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
+    let present: Vec<&Server> = plan
+        .add
+        .iter()
+        .chain(plan.update.iter().map(|(_, n)| n))
+        .collect();
+    let gone: Vec<&Server> = plan
+        .remove
+        .iter()
+        .filter(|s| {
+            !present
+                .iter()
+                .any(|p| p.backend == s.backend && p.name == s.name)
+        })
+        .collect();
+    let id = |s: &Server| s.keyword("id").and_then(|v| v.parse::<u32>().ok());
+    if present.iter().chain(&gone).all(|s| id(s).is_some()) {
+        for s in &present {
+            let row = stat_row(cli, &s.backend, id(s).unwrap_or(0)).await?;
+            let want = format!("{}:{}", s.addr, s.port);
+            let weight = s.weight().unwrap_or("1");
+            let ok = row.as_ref().is_some_and(|r| {
+                r.get("svname").map(String::as_str) == Some(s.name.as_str())
+                    && (s.addr.parse::<std::net::IpAddr>().is_err() || r.get("addr") == Some(&want))
+                    && r.get("uweight").map(String::as_str) == Some(weight)
+            });
+            if !ok {
+                return Err(RuntimeError::Mismatch(format!(
+                    "{}/{}: running {row:?}, config {want} weight {weight}",
+                    s.backend, s.name
+                )));
+            }
+        }
+        for s in &gone {
+            let row = stat_row(cli, &s.backend, id(s).unwrap_or(0)).await?;
+            if row.is_some_and(|r| r.get("svname") == Some(&s.name)) {
+                return Err(RuntimeError::Mismatch(format!(
+                    "{}/{}: still running after its removal",
+                    s.backend, s.name
+                )));
+            }
+        }
+        return Ok(());
+    }
     for be in plan.backends() {
         let running = servers_state(cli, &be).await?;
         let want = plan.backend_info.get(&be).map_or(0, |b| b.servers);
@@ -679,11 +707,9 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
                 running.len()
             )));
         }
-        if let Some(s) = plan
-            .remove
+        if let Some(s) = gone
             .iter()
             .filter(|s| s.backend == be)
-            .filter(|s| !plan.add.iter().any(|a| a.backend == be && a.name == s.name))
             .find(|s| running.contains_key(&s.name))
         {
             return Err(RuntimeError::Mismatch(format!(
@@ -691,12 +717,7 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
                 s.name
             )));
         }
-        let present = plan
-            .add
-            .iter()
-            .chain(plan.update.iter().map(|(_, n)| n))
-            .filter(|s| s.backend == be);
-        for s in present {
+        for s in present.iter().filter(|s| s.backend == be) {
             let Some(r) = running.get(&s.name) else {
                 return Err(RuntimeError::Mismatch(format!(
                     "{be}/{}: not running",
@@ -715,6 +736,36 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
         }
     }
     Ok(())
+}
+
+/// The `show stat` row of server `sid` of `backend` by column name, `None` when there is
+/// no such server.
+async fn stat_row(
+    cli: &MasterCli,
+    backend: &str,
+    sid: u32,
+) -> Result<Option<BTreeMap<String, String>>, RuntimeError> {
+    let csv = cli
+        .worker_command(&format!("show stat {backend} 4 {sid}"))
+        .await?;
+    Ok(parse_stat_row(&csv, sid))
+}
+
+fn parse_stat_row(csv: &str, sid: u32) -> Option<BTreeMap<String, String>> {
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+    let sid = sid.to_string();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split(','))
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        })
+        .find(|row| {
+            row.get("sid") == Some(&sid) && row.get("svname").is_some_and(|n| n != "BACKEND")
+        })
 }
 
 #[cfg(test)]
@@ -855,6 +906,16 @@ mod tests {
         let backends = backend_info(&lines);
         assert_eq!(backends["b"].cookie_key.as_deref(), Some("d"));
         assert!(backends["b"].dynamic_cookie);
+    }
+
+    #[test]
+    fn a_stat_row_is_read_by_column_name() {
+        let csv = "# pxname,svname,qcur,scur,weight,sid,addr,uweight\nnodes,s2,0,3,1,20001,127.0.0.1:3001,1\n\n";
+        let row = parse_stat_row(csv, 20001).unwrap();
+        assert_eq!(row["scur"], "3");
+        assert_eq!(row["addr"], "127.0.0.1:3001");
+        assert!(parse_stat_row(csv, 7).is_none());
+        assert!(parse_stat_row("# pxname,svname,sid\n", 1).is_none());
     }
 
     #[test]
