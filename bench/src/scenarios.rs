@@ -594,26 +594,9 @@ async fn storm_at_scale(s: &ScaleEnv, n: usize) -> Vec<Row> {
     let lb = &s.e.lb;
     let (r0, failed0, _) = lb.proc_state().await;
     let checks0 = checks_run(lb).await;
-    let mut c = s.e.etcd.client().await;
     let port = |i: usize| 30000 + (i % 30000) as u16;
     let t = Instant::now();
-    let ids: Vec<usize> = (0..n).collect();
-    for chunk in ids.chunks(100) {
-        let ops: Vec<etcd_client::TxnOp> = chunk
-            .iter()
-            .map(|i| {
-                let id = format!("n{i:05}");
-                let mut inst = registry::Instance::new("webapp", &id, "127.0.0.1", port(*i));
-                inst.weight = 0;
-                etcd_client::TxnOp::put(
-                    registry::instance_key("/services", "webapp", &id),
-                    inst.encode(),
-                    None,
-                )
-            })
-            .collect();
-        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
-    }
+    e2e::lb::put_filler_on(&s.e.etcd, "webapp", "n", n, port).await;
     let written = t.elapsed();
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut live_at = None;

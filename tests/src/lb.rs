@@ -273,6 +273,17 @@ pub struct LiveServer {
 /// up (closed: nothing listens there), weight 0 (in the config, never sent traffic), in
 /// transactions of 100 puts.
 pub async fn put_filler(etcd: &Etcd, service: &str, prefix: &str, n: usize) {
+    put_filler_on(etcd, service, prefix, n, |i| 10000 + (i % 50000) as u16).await
+}
+
+/// [`put_filler`] with instance `i` on port `port(i)`.
+pub async fn put_filler_on(
+    etcd: &Etcd,
+    service: &str,
+    prefix: &str,
+    n: usize,
+    port: impl Fn(usize) -> u16,
+) {
     let mut c = etcd.client().await;
     let ids: Vec<usize> = (0..n).collect();
     for chunk in ids.chunks(100) {
@@ -280,8 +291,7 @@ pub async fn put_filler(etcd: &Etcd, service: &str, prefix: &str, n: usize) {
             .iter()
             .map(|i| {
                 let id = format!("{prefix}{i:05}");
-                let port = 10000 + (i % 50000) as u16;
-                let mut inst = registry::Instance::new(service, &id, "127.0.0.1", port);
+                let mut inst = registry::Instance::new(service, &id, "127.0.0.1", port(*i));
                 inst.weight = 0;
                 etcd_client::TxnOp::put(
                     registry::instance_key("/services", service, &id),

@@ -385,23 +385,13 @@ impl Applier {
         let current = t.running.as_deref() == Some(done.bytes.as_slice());
         match done.result {
             Ok(staged) if !current => t.file.discard(&staged),
-            Ok(staged) => {
-                let started = std::time::Instant::now();
-                let committed = t.file.commit(&staged);
-                m.write_seconds.observe(started.elapsed().as_secs_f64());
-                match committed {
-                    Ok(()) => {
-                        debug!(dest = %t.file.dest.display(), took = ?done.took, "config checked and written");
-                        t.last = Some(done.bytes);
-                        out.written = true;
-                    }
-                    Err(e) => {
-                        t.file.discard(&staged);
-                        error!(error = %e, "cannot write the config; HAProxy runs it, the file keeps the last good one");
-                        out.errors.push(e.to_string());
-                    }
+            Ok(staged) => match write(t, &staged, done.bytes, &m) {
+                Ok(()) => {
+                    debug!(dest = %t.file.dest.display(), took = ?done.took, "config checked and written");
+                    out.written = true;
                 }
-            }
+                Err(e) => out.errors.push(e.to_string()),
+            },
             // An older state: whatever is wrong with it, the current one gets its own check.
             Err(_) if !current => {}
             Err(e) => {
@@ -463,14 +453,25 @@ async fn check_and_write(t: &mut Target, bytes: &[u8], m: &Metrics) -> Result<()
     let staged = checked.inspect_err(|e| {
         error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected; keeping the last good config");
     })?;
+    write(t, &staged, bytes.to_vec(), m)
+}
+
+/// Moves a checked, staged file into place; `bytes` (its content) become `t.last`. A file
+/// that cannot be written leaves the last good one in place.
+fn write(
+    t: &mut Target,
+    staged: &std::path::Path,
+    bytes: Vec<u8>,
+    m: &Metrics,
+) -> Result<(), file::FileError> {
     let started = std::time::Instant::now();
-    let committed = t.file.commit(&staged);
+    let committed = t.file.commit(staged);
     m.write_seconds.observe(started.elapsed().as_secs_f64());
     if let Err(e) = committed {
-        t.file.discard(&staged);
-        error!(error = %e, "cannot write the config; keeping the last good config");
+        t.file.discard(staged);
+        error!(dest = %t.file.dest.display(), error = %e, "cannot write the config; the file keeps the last good one");
         return Err(e);
     }
-    t.last = Some(bytes.to_vec());
+    t.last = Some(bytes);
     Ok(())
 }

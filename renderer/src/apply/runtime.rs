@@ -527,7 +527,7 @@ async fn wait_drained(
     let deadline = Instant::now() + timeout;
     // Each server is asked about by its numeric id: `show stat` of a whole backend is
     // ~300 bytes per server (10 000 servers: 3 MB, 100 ms of the worker's time per poll).
-    let ids = server_ids(cli, servers).await?;
+    let ids = numeric_ids(cli, servers).await?;
     loop {
         let mut busy = Vec::new();
         for (s, sid) in servers.iter().zip(&ids) {
@@ -555,7 +555,7 @@ async fn wait_drained(
 
 /// The numeric ids (`srv_id`) of `servers`: their `id` keyword, else what HAProxy gave them
 /// (`show servers state`, once per backend that needs it).
-async fn server_ids(cli: &MasterCli, servers: &[Server]) -> Result<Vec<u32>, RuntimeError> {
+async fn numeric_ids(cli: &MasterCli, servers: &[Server]) -> Result<Vec<u32>, RuntimeError> {
     let mut states: BTreeMap<&str, ServersState> = BTreeMap::new();
     let mut ids = Vec::new();
     for s in servers {
