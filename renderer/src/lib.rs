@@ -75,6 +75,10 @@ async fn load_templates(config: &Config) -> Result<(Renderer, Vec<Target>), Erro
     for spec in &config.templates {
         let name = renderer.add_file(&spec.source)?;
         let file = FileTarget::new(spec.dest.clone(), spec.check.clone());
+        let stale = file.remove_stale_staged();
+        if stale > 0 {
+            info!(dest = %spec.dest.display(), stale, "removed staged files left by a renderer that stopped mid-check");
+        }
         targets.push(Target::new(name, file));
     }
     Ok((renderer, targets))

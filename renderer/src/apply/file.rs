@@ -57,6 +57,39 @@ impl FileTarget {
         }
     }
 
+    /// Removes staged files a renderer that died mid-check left next to the destination
+    /// (`.<name>.staged-<pid>[-<seq>]` whose process is gone); returns how many.
+    pub fn remove_stale_staged(&self) -> usize {
+        let Some(name) = self
+            .dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+        else {
+            return 0;
+        };
+        let prefix = format!(".{name}.staged-");
+        let dir = match self.dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = file.strip_prefix(&prefix) else {
+                continue;
+            };
+            let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if pid.is_some() && !alive && std::fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// The destination's current content, if it exists.
     pub fn current(&self) -> Option<Vec<u8>> {
         std::fs::read(&self.dest).ok()
@@ -218,6 +251,25 @@ pub fn offending_line(output: &str, staged: &str, bytes: &[u8]) -> Option<(usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn staged_files_of_dead_renderers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = FileTarget::new(dir.path().join("app.cfg"), None);
+        // No such process: pids above /proc/sys/kernel/pid_max (4 194 304 at most).
+        let dead = dir.path().join(".app.cfg.staged-999999999-3");
+        let dead_old = dir.path().join(".app.cfg.staged-999999998");
+        let ours = dir
+            .path()
+            .join(format!(".app.cfg.staged-{}-1", std::process::id()));
+        let other = dir.path().join(".other.cfg.staged-999999999-1");
+        for f in [&dead, &dead_old, &ours, &other] {
+            std::fs::write(f, "x").unwrap();
+        }
+        assert_eq!(t.remove_stale_staged(), 2);
+        assert!(!dead.exists() && !dead_old.exists());
+        assert!(ours.exists() && other.exists());
+    }
 
     #[tokio::test]
     async fn check_failure_keeps_the_old_file_and_names_the_line() {
