@@ -189,15 +189,7 @@ impl Daemon {
         if report.errors.is_empty() {
             self.applied_set = now_set;
         }
-        record_apply(
-            &self.metrics,
-            &self.state,
-            &self.model,
-            &self.quarantine,
-            &self.applier,
-            &report,
-            started.elapsed(),
-        );
+        self.record(&report, started.elapsed());
         if !self.cookie_key_checked && report.errors.is_empty() {
             self.cookie_key_checked = true;
             warn_public_cookie_key(&self.applier);
@@ -247,21 +239,26 @@ impl Daemon {
             errors: outcome.errors,
             ..Default::default()
         };
-        record_apply(
-            &self.metrics,
-            &self.state,
-            &self.model,
-            &self.quarantine,
-            &self.applier,
-            &report,
-            started.elapsed(),
-        );
+        self.record(&report, started.elapsed());
         info!(
             revision = self.model.revision,
             instances = self.model.len(),
             applied = report.reload.unwrap_or("unchanged"),
             errors = report.errors.len(),
             "apply"
+        );
+    }
+
+    /// Updates metrics, readiness and `/status` after an apply or a background check.
+    fn record(&self, report: &apply::Report, took: Duration) {
+        record_apply(
+            &self.metrics,
+            &self.state,
+            &self.model,
+            &self.quarantine,
+            &self.applier,
+            report,
+            took,
         );
     }
 
