@@ -817,6 +817,9 @@ async fn scale(o: &Opts) -> Vec<Row> {
             ));
             let mut times = Vec::new();
             for k in 0..3 {
+                // Isolated joins: each after a quiet period longer than --wait-min (a join
+                // within 50 ms of the previous reload is merged into a burst on purpose).
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 times.push(s.join(k).await);
             }
             let apply = percentile(&times, 50.0);

@@ -15,9 +15,11 @@
 //! Besides the model's data, templates see `haproxy.version` (the HAProxy they are
 //! rendered for, e.g. "3.0.11"; "" when unknown), to compare with `version_at_least`.
 
-use std::path::Path;
+mod each;
 
 use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use handlebars::template::{Parameter, Template, TemplateElement};
 use handlebars::{
@@ -48,6 +50,10 @@ pub struct Renderer {
     named_services: BTreeSet<String>,
     /// What templates see as `haproxy`.
     haproxy: Value,
+    /// The texts `{{#each}}` items rendered to (see [`each`]).
+    each_cache: Arc<Mutex<each::Cache>>,
+    /// A template uses partials or decorators: `{{#each}}` renders every item every time.
+    plain_each: bool,
 }
 
 impl Default for Renderer {
@@ -59,29 +65,55 @@ impl Default for Renderer {
 impl Renderer {
     /// An empty registry with the config-file settings and helpers.
     pub fn new() -> Self {
+        Self::build(true)
+    }
+
+    /// `cached_each`: `{{#each}}` reuses the text of unchanged items (false: handlebars'
+    /// own, the reference the cache is tested against).
+    fn build(cached_each: bool) -> Self {
         let mut hbs = Handlebars::new();
         hbs.register_escape_fn(handlebars::no_escape);
         hbs.set_strict_mode(true);
-        hbs.register_helper("default", Box::new(DefaultHelper));
-        hbs.register_helper("join", Box::new(join));
-        hbs.register_helper("json", Box::new(json));
-        hbs.register_helper("instances", Box::new(InstancesHelper));
-        hbs.register_helper("by_tag", Box::new(by_tag));
-        hbs.register_helper("by_meta", Box::new(by_meta));
-        hbs.register_helper("sort_by", Box::new(sort_by));
-        hbs.register_helper("version_at_least", Box::new(version_at_least));
-        hbs.register_helper("dynamic_cookie", Box::new(dynamic_cookie));
-        hbs.register_helper("dynamic_cookie_keyword", Box::new(dynamic_cookie_keyword));
+        let ours: [(&str, Box<dyn HelperDef + Send + Sync>); 10] = [
+            ("default", Box::new(DefaultHelper)),
+            ("join", Box::new(join)),
+            ("json", Box::new(json)),
+            ("instances", Box::new(InstancesHelper)),
+            ("by_tag", Box::new(by_tag)),
+            ("by_meta", Box::new(by_meta)),
+            ("sort_by", Box::new(sort_by)),
+            ("version_at_least", Box::new(version_at_least)),
+            ("dynamic_cookie", Box::new(dynamic_cookie)),
+            ("dynamic_cookie_keyword", Box::new(dynamic_cookie_keyword)),
+        ];
+        for (name, helper) in ours {
+            hbs.register_helper(name, helper);
+        }
+        let each_cache = Arc::new(Mutex::new(each::Cache::default()));
+        if cached_each {
+            hbs.register_helper("each", Box::new(each::CachedEach(each_cache.clone())));
+        }
         Renderer {
             hbs,
             named_services: BTreeSet::new(),
             haproxy: serde_json::json!({"version": ""}),
+            each_cache,
+            plain_each: false,
         }
     }
 
     /// Sets the HAProxy version templates see as `haproxy.version` ("" = unknown).
     pub fn set_haproxy_version(&mut self, version: &str) {
         self.haproxy = serde_json::json!({ "version": version });
+    }
+
+    /// `{{#each}}` items served from the cache and rendered, since the last call.
+    pub fn take_each_stats(&self) -> (u64, u64) {
+        self.lock_cache().take_stats()
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, each::Cache> {
+        self.each_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The `services.<name>` names the loaded templates use.
@@ -97,6 +129,8 @@ impl Renderer {
         };
         let tree = Template::compile(text).map_err(compile_error)?;
         collect_services(&tree, &mut self.named_services);
+        self.plain_each |= each::needs_plain_each(&tree);
+        self.lock_cache().reset(self.plain_each);
         self.hbs
             .register_template_string(name, text)
             .map_err(compile_error)
@@ -145,8 +179,9 @@ impl Renderer {
 
     /// Renders `name` in `ctx` (from [`Renderer::context`]).
     pub fn render_with(&self, name: &str, ctx: &Context) -> Result<Vec<u8>, RenderFailure> {
-        self.hbs
-            .render_with_context(name, ctx)
+        let rendered = self.hbs.render_with_context(name, ctx);
+        self.lock_cache().finish(name);
+        rendered
             .map(String::into_bytes)
             .map_err(|e: RenderError| RenderFailure::Render {
                 name: name.to_string(),
