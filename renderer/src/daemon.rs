@@ -4,7 +4,7 @@
 //! is checked and written in the background, one check at a time, never in front of the
 //! next live change.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -37,7 +37,7 @@ pub struct Daemon {
     /// A full listing has been applied.
     synced: bool,
     /// The instances in the last applied config (for the apply log's added/removed).
-    applied_set: BTreeSet<(String, String)>,
+    applied_set: Applied,
     quarantine: Quarantine,
     cookie_key_checked: bool,
     metrics: metrics::Metrics,
@@ -65,7 +65,7 @@ impl Daemon {
             renderer,
             applier,
             synced: false,
-            applied_set: BTreeSet::new(),
+            applied_set: Applied::new(),
             quarantine: Quarantine::default(),
             cookie_key_checked: false,
             metrics,
@@ -94,6 +94,17 @@ impl Daemon {
         let far = || Instant::now() + Duration::from_secs(86_400);
         let result = loop {
             let deadline = self.coalescer.deadline();
+            if deadline.is_some_and(|d| d <= Instant::now()) && !shutdown.is_cancelled() {
+                // Due now: apply without a timer (tokio's timers fire on the next whole
+                // millisecond, which was a fifth of a join's put → served).
+                while let Ok(u) = rx.try_recv() {
+                    self.on_update(u);
+                }
+                if let Err(e) = self.apply().await {
+                    break Err(e);
+                }
+                continue;
+            }
             let check_due = self.check.is_none() && self.applier.files_due();
             let mut haproxy_exit = self.applier.haproxy().map(|c| c.exit_watch());
             let exited = async {
@@ -178,17 +189,17 @@ impl Daemon {
         } else {
             self.coalescer.applied_live();
         }
-        let mut now_set = instance_set(&self.model);
-        now_set.retain(|(s, i)| {
-            !self
-                .quarantine
-                .contains(&registry::instance_key(&self.config.prefix, s, i))
-        });
-        let added = some(now_set.difference(&self.applied_set));
-        let removed = some(self.applied_set.difference(&now_set));
-        if report.errors.is_empty() {
-            self.applied_set = now_set;
-        }
+        let quarantine = &self.quarantine;
+        let prefix = &self.config.prefix;
+        let admitted = |s: &str, i: &str| {
+            quarantine.is_empty() || !quarantine.contains(&registry::instance_key(prefix, s, i))
+        };
+        let (added, removed) = diff_applied(
+            &mut self.applied_set,
+            &self.model,
+            admitted,
+            report.errors.is_empty(),
+        );
         self.record(&report, started.elapsed());
         if !self.cookie_key_checked && report.errors.is_empty() {
             self.cookie_key_checked = true;
@@ -278,24 +289,6 @@ impl Daemon {
     }
 }
 
-/// `service/id` of up to 10 instances, then "… and N more": an apply of 10 000 changes
-/// logs one readable line, not 170 kB.
-fn some<'a>(set: impl Iterator<Item = &'a (String, String)>) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut more = 0;
-    for (s, i) in set {
-        if out.len() < 10 {
-            out.push(format!("{s}/{i}"));
-        } else {
-            more += 1;
-        }
-    }
-    if more > 0 {
-        out.push(format!("… and {more} more"));
-    }
-    out
-}
-
 fn exit_code(status: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     match status.code().or_else(|| status.signal().map(|s| 128 + s)) {
@@ -365,12 +358,94 @@ fn apply_update_inner(model: &mut Model, update: Update, synced: &mut bool) -> b
     }
 }
 
-fn instance_set(model: &Model) -> BTreeSet<(String, String)> {
-    model
-        .services()
-        .iter()
-        .flat_map(|(s, ids)| ids.keys().map(move |i| (s.clone(), i.clone())))
-        .collect()
+/// The instances of the last applied config: service → ids.
+type Applied = BTreeMap<String, BTreeSet<String>>;
+
+/// What the model admits (`admitted`: not quarantined) that `applied` lacks, and the
+/// reverse, as [`some`] lists them; with `commit`, `applied` becomes the model's set.
+/// Walks both in order and copies only services that differ: at 100 000 instances,
+/// rebuilding the whole set per apply took longer than the render.
+fn diff_applied(
+    applied: &mut Applied,
+    model: &Model,
+    admitted: impl Fn(&str, &str) -> bool,
+    commit: bool,
+) -> (Vec<String>, Vec<String>) {
+    let (mut added, mut removed) = (Listing::default(), Listing::default());
+    let mut changed: Vec<(String, BTreeSet<String>)> = Vec::new();
+    let empty_ids = BTreeMap::new();
+    let empty_set = BTreeSet::new();
+    let names: BTreeSet<&String> = model.services().keys().chain(applied.keys()).collect();
+    for name in names {
+        let now = model.services().get(name).unwrap_or(&empty_ids);
+        let was = applied.get(name).unwrap_or(&empty_set);
+        let mut now_ids = now.keys().filter(|i| admitted(name, i)).peekable();
+        let mut was_ids = was.iter().peekable();
+        let mut differs = false;
+        loop {
+            let order = match (now_ids.peek(), was_ids.peek()) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(n), Some(w)) => n.cmp(w),
+            };
+            match order {
+                std::cmp::Ordering::Equal => {
+                    now_ids.next();
+                    was_ids.next();
+                }
+                std::cmp::Ordering::Less => {
+                    if let Some(n) = now_ids.next() {
+                        added.push(name, n);
+                    }
+                    differs = true;
+                }
+                std::cmp::Ordering::Greater => {
+                    if let Some(w) = was_ids.next() {
+                        removed.push(name, w);
+                    }
+                    differs = true;
+                }
+            }
+        }
+        if differs && commit {
+            let ids = now.keys().filter(|i| admitted(name, i)).cloned().collect();
+            changed.push((name.to_string(), ids));
+        }
+    }
+    for (name, ids) in changed {
+        if ids.is_empty() {
+            applied.remove(&name);
+        } else {
+            applied.insert(name, ids);
+        }
+    }
+    (added.done(), removed.done())
+}
+
+/// `service/id` of up to 10 instances, then "… and N more": an apply of 10 000 changes
+/// logs one readable line, not 170 kB.
+#[derive(Default)]
+struct Listing {
+    names: Vec<String>,
+    more: usize,
+}
+
+impl Listing {
+    fn push(&mut self, service: &str, id: &str) {
+        if self.names.len() < 10 {
+            self.names.push(format!("{service}/{id}"));
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn done(mut self) -> Vec<String> {
+        if self.more > 0 {
+            self.names.push(format!("… and {} more", self.more));
+        }
+        self.names
+    }
 }
 
 /// Updates metrics, readiness and the `/status` document after an apply.
@@ -455,5 +530,52 @@ fn record_apply(
     });
     if let Ok(mut s) = state.status.lock() {
         *s = doc;
+    }
+}
+
+#[cfg(test)]
+mod diff_tests {
+    use super::*;
+
+    #[test]
+    fn applied_set_follows_the_model_and_lists_the_difference() {
+        let mut model = Model::new("/services");
+        let put = |m: &mut Model, s: &str, i: &str| {
+            let v = registry::Instance::new(s, i, "10.0.0.1", 80).encode();
+            m.put(&registry::instance_key("/services", s, i), v.as_bytes());
+        };
+        for i in ["a", "b", "c"] {
+            put(&mut model, "web", i);
+        }
+        let mut applied = Applied::new();
+        let all = |_: &str, _: &str| true;
+        let (added, removed) = diff_applied(&mut applied, &model, all, true);
+        assert_eq!((added.len(), removed.len()), (3, 0));
+        model.delete(&registry::instance_key("/services", "web", "b"));
+        put(&mut model, "api", "x");
+        // Not committed (the apply failed): the difference stays.
+        for _ in 0..2 {
+            let (added, removed) = diff_applied(&mut applied, &model, all, false);
+            assert_eq!(
+                (added, removed),
+                (vec!["api/x".to_string()], vec!["web/b".to_string()])
+            );
+        }
+        let (added, _) = diff_applied(&mut applied, &model, all, true);
+        assert_eq!(added, ["api/x"]);
+        assert_eq!(
+            diff_applied(&mut applied, &model, all, true),
+            (vec![], vec![])
+        );
+        // A quarantined instance is not applied: it counts as removed.
+        let (_, removed) = diff_applied(&mut applied, &model, |s, i| (s, i) != ("web", "c"), true);
+        assert_eq!(removed, ["web/c"]);
+        // Many changes: ten names, then a count.
+        for i in 0..25 {
+            put(&mut model, "bulk", &format!("i{i:02}"));
+        }
+        let (added, _) = diff_applied(&mut applied, &model, all, true);
+        assert_eq!(added.len(), 11);
+        assert_eq!(added[10], "… and 16 more");
     }
 }

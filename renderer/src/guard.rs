@@ -40,6 +40,10 @@ impl Quarantine {
         self.entries.contains_key(key)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// The quarantined keys and HAProxy's message for each (for `/status`).
     pub fn messages(&self) -> impl Iterator<Item = (&String, &String)> {
         self.entries.iter().map(|(k, (_, msg))| (k, msg))

@@ -109,14 +109,23 @@ impl FileTarget {
     }
 
     /// Writes `bytes` to a staged file and runs the check on it. Returns the staged path.
-    pub async fn stage_and_check(&self, bytes: &[u8]) -> Result<PathBuf, FileError> {
+    pub async fn stage_and_check(
+        &self,
+        bytes: &[u8],
+        background: bool,
+    ) -> Result<PathBuf, FileError> {
         let staged = self.staged_path();
-        write_synced(&staged, bytes).map_err(|source| FileError::Write {
-            path: staged.display().to_string(),
-            source,
-        })?;
+        // fsync off the runtime's threads: they also carry the live path.
+        let (path, data) = (staged.clone(), bytes.to_vec());
+        tokio::task::spawn_blocking(move || write_synced(&path, &data))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| FileError::Write {
+                path: staged.display().to_string(),
+                source,
+            })?;
         if let Some(cmd) = &self.check {
-            if let Err(e) = run_check(cmd, &staged, bytes).await {
+            if let Err(e) = run_check(cmd, &staged, bytes, background).await {
                 let _ = std::fs::remove_file(&staged);
                 return Err(e);
             }
@@ -148,13 +157,22 @@ impl FileTarget {
             }
         }
         if let Some(dir) = self.dest.parent() {
-            // Make the rename durable; failure here is not worth failing the apply.
-            if let Ok(d) = std::fs::File::open(if dir.as_os_str().is_empty() {
-                Path::new(".")
+            // Make the rename durable; failure here is not worth failing the apply. In the
+            // background where there is a runtime: the file is in place already, and the
+            // fsync (milliseconds on a disk etcd also writes to) must not hold up the loop.
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
             } else {
-                dir
-            }) {
-                let _ = d.sync_all();
+                dir.to_path_buf()
+            };
+            let sync = move || {
+                if let Ok(d) = std::fs::File::open(&dir) {
+                    let _ = d.sync_all();
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(sync)),
+                Err(_) => sync(),
             }
         }
         Ok(())
@@ -180,14 +198,32 @@ fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-async fn run_check(cmd: &str, staged: &Path, bytes: &[u8]) -> Result<(), FileError> {
+/// `nice`, to run background checks at a lower CPU priority than the live path.
+const NICE: &str = "/usr/bin/nice";
+
+/// Runs the check command on `staged`. `background`: the check of a state HAProxy already
+/// runs, started at nice 10 — at 20 changes a second, `haproxy -c` at normal priority on
+/// two cores put the live path's p99 at 11 ms.
+async fn run_check(
+    cmd: &str,
+    staged: &Path,
+    bytes: &[u8],
+    background: bool,
+) -> Result<(), FileError> {
     let staged_str = staged.display().to_string();
     let line = if cmd.contains("{}") {
         cmd.replace("{}", &shell_quote(&staged_str))
     } else {
         format!("{cmd} {}", shell_quote(&staged_str))
     };
-    let child = Command::new("sh")
+    let mut command = if background && Path::new(NICE).exists() {
+        let mut c = Command::new(NICE);
+        c.args(["-n", "10", "sh"]);
+        c
+    } else {
+        Command::new("sh")
+    };
+    let child = command
         .arg("-c")
         .arg(&line)
         .stdin(Stdio::null())
@@ -281,7 +317,7 @@ mod tests {
             Some("grep -q good {} || { echo [ALERT] parsing [{}:2] : bad >&2; exit 1; }".into()),
         );
         let err = t
-            .stage_and_check(b"line one\nbad line\n")
+            .stage_and_check(b"line one\nbad line\n", false)
             .await
             .unwrap_err();
         let msg = err.to_string();
@@ -293,7 +329,7 @@ mod tests {
             "staged file removed"
         );
 
-        let staged = t.stage_and_check(b"good\n").await.unwrap();
+        let staged = t.stage_and_check(b"good\n", true).await.unwrap();
         t.commit(&staged).unwrap();
         assert_eq!(std::fs::read_to_string(&dest).unwrap(), "good\n");
         assert_eq!(

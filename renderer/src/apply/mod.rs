@@ -145,7 +145,7 @@ impl CheckJob {
     /// Stages and checks the file (to be passed to [`Applier::finish_check`]).
     pub async fn run(self) -> CheckDone {
         let started = std::time::Instant::now();
-        let result = self.file.stage_and_check(&self.bytes).await;
+        let result = self.file.stage_and_check(&self.bytes, true).await;
         CheckDone {
             index: self.index,
             bytes: self.bytes,
@@ -448,7 +448,7 @@ impl Applier {
 /// Stages and checks `bytes`, then writes them to `t`'s destination.
 async fn check_and_write(t: &mut Target, bytes: &[u8], m: &Metrics) -> Result<(), file::FileError> {
     let started = std::time::Instant::now();
-    let checked = t.file.stage_and_check(bytes).await;
+    let checked = t.file.stage_and_check(bytes, false).await;
     m.check_seconds.observe(started.elapsed().as_secs_f64());
     let staged = checked.inspect_err(|e| {
         error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected; keeping the last good config");
