@@ -47,7 +47,22 @@ struct Args {
     /// reload), to compare the two paths without a hand-written --lb-cmd.
     #[arg(long)]
     no_runtime_api: bool,
-    /// Scenarios to run (default: all): convergence, deregister, crash, reload, storm,
+    /// `chaos` only: the seed of the fault schedule.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// `chaos` only: how long faults are injected (the last 12 s heal).
+    #[arg(long, default_value = "90s", value_parser = registry::duration::parse_duration)]
+    duration: std::time::Duration,
+    /// `chaos` only: freeze load balancer 1's renderer after the first fault, for good; the
+    /// run must then report violations (proves the checker can fail).
+    #[arg(long)]
+    sabotage: bool,
+    /// `chaos` only: write the timeline (faults, registry and live sizes) as SVG.
+    #[arg(long, value_name = "FILE")]
+    timeline_svg: Option<std::path::PathBuf>,
+    /// Scenarios to run (default: all but chaos): chaos (a seeded run of random faults
+    /// against 3 etcd members, 2 load balancers and 8 registered web apps, with an invariant
+    /// checker; exits 1 on a violation, or under --sabotage on none), convergence, deregister, crash, reload, storm,
     /// scale, wide (100 000 instances in 1 000 services), footprint, outage, frozen (3-member etcd: frozen members and leader), idle
     /// (10 idle minutes against a default etcd; 30 s with --quick).
     scenarios: Vec<String>,
@@ -97,6 +112,28 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    if args.scenarios.iter().any(|s| s == "chaos") {
+        let o = e2e::chaos::Options {
+            sabotage: args.sabotage,
+            ..e2e::chaos::Options::new(args.seed, args.duration)
+        };
+        eprintln!("schedule: {:?}", e2e::chaos::schedule(&o));
+        let report = rt.block_on(e2e::chaos::run(&o));
+        println!("{}", report.summary());
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&report.json()).unwrap();
+            std::fs::write(path, text).expect("write JSON");
+        }
+        if let Some(path) = &args.timeline_svg {
+            std::fs::write(path, report.svg()).expect("write SVG");
+        }
+        let ok = if o.sabotage {
+            !report.violations_of(1).is_empty()
+        } else {
+            report.violations.is_empty()
+        };
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     let all = [
         "convergence",
         "deregister",

@@ -155,6 +155,15 @@ pub struct Args {
     #[arg(long, env = "RENDERER_STOP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub stop_timeout: Duration,
 
+    /// Guard rail: when every instance of a service that had two or more disappears at once,
+    /// keep its servers this long, waiting for them to register again, before emptying it
+    /// (WARN). etcd before 3.4.28/3.5.11 can revoke every lease at once when a stalled
+    /// leader resumes (etcd #15247), and registrars register again within a second; found
+    /// by `bench chaos`. Like Eureka's self-preservation, but only for a service emptied.
+    /// 0 = off.
+    #[arg(long, env = "RENDERER_EMPTY_HOLD", default_value = "3s", value_parser = parse_duration)]
+    pub empty_hold: Duration,
+
     /// Guard rail: refuse to apply a render that leaves SERVICE with fewer than N instances
     /// (keeps the last good config and logs loudly). Repeatable, SERVICE=N.
     #[arg(long = "min-instances", env = "RENDERER_MIN_INSTANCES", value_delimiter = ',', value_parser = parse_min)]
@@ -247,6 +256,7 @@ pub struct Config {
     pub vars: BTreeMap<String, String>,
     pub wait_min: Duration,
     pub wait_max: Duration,
+    pub empty_hold: Duration,
     pub resync: Option<Duration>,
     pub once: bool,
     pub dry_run: bool,
@@ -336,6 +346,7 @@ impl Config {
             vars: args.vars.into_iter().collect(),
             wait_min: args.wait_min,
             wait_max: args.wait_max,
+            empty_hold: args.empty_hold,
             resync: (!args.resync.is_zero()).then_some(args.resync),
             once: args.once || args.dry_run,
             dry_run: args.dry_run,

@@ -47,6 +47,9 @@ pub struct Daemon {
     /// No background check starts before this: each is followed by a pause as long as
     /// it took, so checks of a large config under a storm use at most half a core.
     next_check_at: Instant,
+    /// `--empty-hold`: a service lost every instance at once; nothing is applied before
+    /// this unless they come back.
+    hold_until: Option<Instant>,
 }
 
 impl Daemon {
@@ -72,6 +75,7 @@ impl Daemon {
             state,
             check: None,
             next_check_at: Instant::now(),
+            hold_until: None,
         }
     }
 
@@ -93,14 +97,21 @@ impl Daemon {
     ) -> Result<i32, Error> {
         let far = || Instant::now() + Duration::from_secs(86_400);
         let result = loop {
-            let deadline = self.coalescer.deadline();
+            if self.hold_until.is_some() && emptied(&self.applied_set, &self.model).is_none() {
+                info!("instances are back; applying");
+                self.hold_until = None;
+            }
+            let deadline = self
+                .coalescer
+                .deadline()
+                .map(|d| self.hold_until.map_or(d, |h| d.max(h)));
             if deadline.is_some_and(|d| d <= Instant::now()) && !shutdown.is_cancelled() {
                 // Due now: apply without a timer (tokio's timers fire on the next whole
                 // millisecond, which was a fifth of a join's put → served).
                 while let Ok(u) = rx.try_recv() {
                     self.on_update(u);
                 }
-                if let Err(e) = self.apply().await {
+                if let Err(e) = self.apply_unless_held().await {
                     break Err(e);
                 }
                 continue;
@@ -139,7 +150,7 @@ impl Daemon {
                     while let Ok(u) = rx.try_recv() {
                         self.on_update(u);
                     }
-                    if let Err(e) = self.apply().await {
+                    if let Err(e) = self.apply_unless_held().await {
                         break Err(e);
                     }
                 }
@@ -170,6 +181,31 @@ impl Daemon {
         if apply_update(&mut self.model, u, &mut self.synced, &self.metrics) {
             self.coalescer.changed(Instant::now());
         }
+    }
+
+    /// [`Daemon::apply`], unless a service that had two or more instances lost all of them
+    /// at once: then its servers stay for `--empty-hold`, waiting for them to register
+    /// again (the loop re-checks on every change and applies as soon as one is back).
+    async fn apply_unless_held(&mut self) -> Result<(), Error> {
+        let hold = self.config.empty_hold;
+        if !hold.is_zero() {
+            if let Some((service, had)) = emptied(&self.applied_set, &self.model) {
+                let now = Instant::now();
+                match self.hold_until {
+                    None => {
+                        warn!(%service, instances = had, ?hold, "every instance of the service left at once; keeping its servers while they may register again (--empty-hold)");
+                        self.hold_until = Some(now + hold);
+                        return Ok(());
+                    }
+                    Some(until) if now < until => return Ok(()),
+                    Some(_) => {
+                        warn!(%service, instances = had, "the service stayed empty for --empty-hold; emptying it");
+                    }
+                }
+            }
+        }
+        self.hold_until = None;
+        self.apply().await
     }
 
     /// Renders and applies the model.
@@ -361,6 +397,17 @@ fn apply_update_inner(model: &mut Model, update: Update, synced: &mut bool) -> b
 /// The instances of the last applied config: service → ids.
 type Applied = BTreeMap<String, BTreeSet<String>>;
 
+/// A service that had two or more instances applied and has none in the model now, with
+/// how many it had.
+fn emptied(applied: &Applied, model: &Model) -> Option<(String, usize)> {
+    applied
+        .iter()
+        .find(|(name, ids)| {
+            ids.len() >= 2 && model.services().get(*name).is_none_or(|now| now.is_empty())
+        })
+        .map(|(name, ids)| (name.clone(), ids.len()))
+}
+
 /// What the model admits (`admitted`: not quarantined) that `applied` lacks, and the
 /// reverse, as [`some`] lists them; with `commit`, `applied` becomes the model's set.
 /// Walks both in order and copies only services that differ: at 100 000 instances,
@@ -536,6 +583,29 @@ fn record_apply(
 #[cfg(test)]
 mod diff_tests {
     use super::*;
+
+    #[test]
+    fn a_service_is_emptied_when_two_or_more_applied_instances_are_all_gone() {
+        let mut model = Model::new("/services");
+        let key = |s: &str, i: &str| registry::instance_key("/services", s, i);
+        for (s, i) in [("web", "a"), ("web", "b"), ("solo", "x")] {
+            let v = registry::Instance::new(s, i, "10.0.0.1", 80).encode();
+            model.put(&key(s, i), v.as_bytes());
+        }
+        let mut applied = Applied::new();
+        diff_applied(&mut applied, &model, |_, _| true, true);
+        assert_eq!(emptied(&applied, &model), None);
+        // A one-instance service leaving is ordinary; one of two leaving too.
+        model.delete(&key("solo", "x"));
+        model.delete(&key("web", "a"));
+        assert_eq!(emptied(&applied, &model), None);
+        model.delete(&key("web", "b"));
+        assert_eq!(emptied(&applied, &model), Some(("web".to_string(), 2)));
+        // One is back: not empty any more.
+        let v = registry::Instance::new("web", "b", "10.0.0.1", 80).encode();
+        model.put(&key("web", "b"), v.as_bytes());
+        assert_eq!(emptied(&applied, &model), None);
+    }
 
     #[test]
     fn applied_set_follows_the_model_and_lists_the_difference() {

@@ -112,8 +112,9 @@ impl Cluster {
                 "--logger",
                 "zap",
                 "--log-level",
-                "warn",
-            ]);
+            ])
+            // E2E_ETCD_LOG=info shows elections and lease revocations when diagnosing.
+            .arg(std::env::var("E2E_ETCD_LOG").unwrap_or_else(|_| "warn".into()));
         m.starts += 1;
         m.proc = Some(Proc::spawn(
             &format!("etcd-{}-{}", m.name, m.starts),

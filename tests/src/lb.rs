@@ -198,24 +198,52 @@ impl Lb {
     /// The current worker's servers in backend `nodes` as HAProxy runs them (`show servers
     /// state`, read by column name): name → (address, port, weight, in maintenance).
     pub async fn live_servers(&self) -> BTreeMap<String, LiveServer> {
-        let out = self.master_cli("@1 show servers state nodes").await;
-        let mut lines = out.lines();
-        let header: Vec<&str> = lines
-            .by_ref()
-            .find(|l| l.starts_with("# "))
-            .map(|l| l.trim_start_matches("# ").split_whitespace().collect())
-            .unwrap_or_default();
-        let col = |name: &str| header.iter().position(|h| *h == name);
-        let cols = (
-            col("srv_name"),
-            col("srv_addr"),
-            col("srv_port"),
-            col("srv_uweight"),
-            col("srv_admin_state"),
-        );
-        let (Some(n), Some(a), Some(p), Some(w), Some(adm)) = cols else {
-            return BTreeMap::new();
-        };
+        live_servers_at(&self.master).await
+    }
+
+    /// Server names in the config file's `server` lines.
+    pub fn config_servers(&self) -> Vec<String> {
+        config_servers_in(&self.config())
+    }
+
+    /// Number of "apply" lines the renderer logged so far.
+    pub fn applies(&self) -> usize {
+        self.proc
+            .log()
+            .lines()
+            .filter(|l| l.contains(" apply ") || l.contains("apply revision"))
+            .count()
+    }
+}
+
+/// The servers of backend `nodes` in the current worker of the HAProxy whose master CLI is
+/// at `master` (`show servers state`, read by column name); empty when it does not answer.
+pub async fn live_servers_at(master: &Path) -> BTreeMap<String, LiveServer> {
+    try_live_servers_at(master).await.unwrap_or_default()
+}
+
+/// [`live_servers_at`], `None` when HAProxy gave no `show servers state` answer (e.g. its
+/// master is re-executing for a reload) — which is not the same as no servers.
+pub async fn try_live_servers_at(master: &Path) -> Option<BTreeMap<String, LiveServer>> {
+    let out = master_cli(master, "@1 show servers state nodes").await;
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .by_ref()
+        .find(|l| l.starts_with("# "))
+        .map(|l| l.trim_start_matches("# ").split_whitespace().collect())
+        .unwrap_or_default();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let cols = (
+        col("srv_name"),
+        col("srv_addr"),
+        col("srv_port"),
+        col("srv_uweight"),
+        col("srv_admin_state"),
+    );
+    let (Some(n), Some(a), Some(p), Some(w), Some(adm)) = cols else {
+        return None;
+    };
+    Some(
         lines
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .filter(|f| f.len() >= header.len())
@@ -232,32 +260,22 @@ impl Lb {
                     },
                 )
             })
-            .collect()
-    }
+            .collect(),
+    )
+}
 
-    /// Server names in the config file's `server` lines.
-    pub fn config_servers(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .config()
-            .lines()
-            .filter_map(|l| {
-                l.trim()
-                    .strip_prefix("server ")
-                    .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
-            })
-            .collect();
-        names.sort();
-        names
-    }
-
-    /// Number of "apply" lines the renderer logged so far.
-    pub fn applies(&self) -> usize {
-        self.proc
-            .log()
-            .lines()
-            .filter(|l| l.contains(" apply ") || l.contains("apply revision"))
-            .count()
-    }
+/// Server names in the `server` lines of a config, sorted.
+pub fn config_servers_in(config: &str) -> Vec<String> {
+    let mut names: Vec<String> = config
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("server ")
+                .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// One server as HAProxy runs it.
@@ -285,6 +303,17 @@ pub async fn put_filler_on(
     port: impl Fn(usize) -> u16,
 ) {
     let mut c = etcd.client().await;
+    put_filler_via(&mut c, service, prefix, n, port).await
+}
+
+/// [`put_filler_on`] through a client of the caller's (e.g. on a cluster).
+pub async fn put_filler_via(
+    c: &mut etcd_client::Client,
+    service: &str,
+    prefix: &str,
+    n: usize,
+    port: impl Fn(usize) -> u16,
+) {
     let ids: Vec<usize> = (0..n).collect();
     for chunk in ids.chunks(100) {
         let ops: Vec<etcd_client::TxnOp> = chunk

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)]
 
+pub mod chaos;
 pub mod cluster;
 pub mod etcd;
 pub mod http;

@@ -319,6 +319,70 @@ async fn a_service_that_loses_its_last_instance_renders_empty() {
     );
 }
 
+/// Found by the chaos run: etcd 3.4.23 (Debian 12) can revoke every lease at once when a
+/// stalled leader resumes (etcd #15247); the registrars register again within a second,
+/// but the backend was emptied meanwhile (~2 000 failed requests). Now the servers of a
+/// service that lost every instance at once stay for `--empty-hold`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_emptied_at_once_keeps_its_servers_while_they_register_again() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b: Vec<Backend> = (0..4)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    for x in &b {
+        put_instance(&etcd, "webapp", &x.id, x.port).await;
+    }
+    let lb = Lb::start(dir.path(), &etcd, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s0", "s1", "s2", "s3"], T).await;
+    let load = Load::start(lb.http_port, 6, 4, false);
+
+    // Every lease revoked at once, then the registrars register again 300 ms later.
+    etcd.etcdctl(&["del", "--prefix", "/services/webapp/"]);
+    let gone = std::time::Instant::now();
+    let mut least = usize::MAX;
+    while gone.elapsed() < Duration::from_millis(300) {
+        least = least.min(lb.running_servers().await.len());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for x in &b {
+        put_instance(&etcd, "webapp", &x.id, x.port).await;
+    }
+    stays(Duration::from_secs(2), "all four servers stay", || async {
+        lb.running_servers().await.len() == 4
+    })
+    .await;
+    assert_eq!(
+        least, 4,
+        "the backend kept its servers while they were gone"
+    );
+    let result = load.finish();
+    assert_eq!(result.failed(), 0, "{}", result.raw);
+    assert!(lb
+        .proc
+        .log()
+        .contains("every instance of the service left at once"));
+
+    // Gone for good: emptied after the hold (3 s), not before.
+    etcd.etcdctl(&["del", "--prefix", "/services/webapp/"]);
+    let gone = std::time::Instant::now();
+    stays(
+        Duration::from_millis(2500),
+        "servers kept during the hold",
+        || async { lb.running_servers().await.len() == 4 },
+    )
+    .await;
+    eventually(T, "emptied after the hold", || async {
+        lb.running_servers().await.is_empty().then_some(())
+    })
+    .await;
+    let took = gone.elapsed();
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    assert!(lb.proc.log().contains("stayed empty for --empty-hold"));
+    wait_config(&lb, &[]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_records_are_skipped_and_never_reach_haproxy() {
     let dir = temp_dir();
