@@ -48,8 +48,12 @@ pub struct Daemon {
     /// it took, so checks of a large config under a storm use at most half a core.
     next_check_at: Instant,
     /// `--empty-hold`: a service lost every instance at once; nothing is applied before
-    /// this unless they come back.
-    hold_until: Option<Instant>,
+    /// this unless they all come back: (until, service, how many it had).
+    hold: Option<(Instant, String, usize)>,
+    /// Per service, the most instances applied within the last `--empty-hold` (and when):
+    /// a mass revocation reaches the watch as several events, applied one by one, so
+    /// "at once" is judged over that window, not over one apply.
+    peaks: BTreeMap<String, (usize, Instant)>,
 }
 
 impl Daemon {
@@ -75,7 +79,8 @@ impl Daemon {
             state,
             check: None,
             next_check_at: Instant::now(),
-            hold_until: None,
+            hold: None,
+            peaks: BTreeMap::new(),
         }
     }
 
@@ -97,14 +102,17 @@ impl Daemon {
     ) -> Result<i32, Error> {
         let far = || Instant::now() + Duration::from_secs(86_400);
         let result = loop {
-            if self.hold_until.is_some() && emptied(&self.applied_set, &self.model).is_none() {
-                info!("instances are back; applying");
-                self.hold_until = None;
+            if let Some((_, service, had)) = &self.hold {
+                let now = self.model.services().get(service).map_or(0, BTreeMap::len);
+                if now >= *had {
+                    info!(%service, instances = now, "the service's instances are back; applying");
+                    self.hold = None;
+                }
             }
             let deadline = self
                 .coalescer
                 .deadline()
-                .map(|d| self.hold_until.map_or(d, |h| d.max(h)));
+                .map(|d| self.hold.as_ref().map_or(d, |h| d.max(h.0)));
             if deadline.is_some_and(|d| d <= Instant::now()) && !shutdown.is_cancelled() {
                 // Due now: apply without a timer (tokio's timers fire on the next whole
                 // millisecond, which was a fifth of a join's put → served).
@@ -189,22 +197,22 @@ impl Daemon {
     async fn apply_unless_held(&mut self) -> Result<(), Error> {
         let hold = self.config.empty_hold;
         if !hold.is_zero() {
-            if let Some((service, had)) = emptied(&self.applied_set, &self.model) {
-                let now = Instant::now();
-                match self.hold_until {
-                    None => {
-                        warn!(%service, instances = had, ?hold, "every instance of the service left at once; keeping its servers while they may register again (--empty-hold)");
-                        self.hold_until = Some(now + hold);
-                        return Ok(());
-                    }
-                    Some(until) if now < until => return Ok(()),
-                    Some(_) => {
-                        warn!(%service, instances = had, "the service stayed empty for --empty-hold; emptying it");
-                    }
+            let now = Instant::now();
+            if self.hold.is_none() {
+                if let Some((service, had)) = emptied(&self.applied_set, &self.peaks, &self.model) {
+                    warn!(%service, instances = had, ?hold, "every instance of the service left at once; keeping its servers while they may register again (--empty-hold)");
+                    self.hold = Some((now + hold, service, had));
                 }
             }
+            if let Some((until, service, had)) = &self.hold {
+                if now < *until {
+                    return Ok(());
+                }
+                let back = self.model.services().get(service).map_or(0, BTreeMap::len);
+                warn!(%service, instances = back, had, "the service did not get its instances back within --empty-hold; applying");
+            }
         }
-        self.hold_until = None;
+        self.hold = None;
         self.apply().await
     }
 
@@ -235,6 +243,12 @@ impl Daemon {
             &self.model,
             admitted,
             report.errors.is_empty(),
+        );
+        note_peaks(
+            &mut self.peaks,
+            &self.applied_set,
+            Instant::now(),
+            self.config.empty_hold,
         );
         self.record(&report, started.elapsed());
         if !self.cookie_key_checked && report.errors.is_empty() {
@@ -397,15 +411,35 @@ fn apply_update_inner(model: &mut Model, update: Update, synced: &mut bool) -> b
 /// The instances of the last applied config: service → ids.
 type Applied = BTreeMap<String, BTreeSet<String>>;
 
-/// A service that had two or more instances applied and has none in the model now, with
-/// how many it had.
-fn emptied(applied: &Applied, model: &Model) -> Option<(String, usize)> {
-    applied
-        .iter()
-        .find(|(name, ids)| {
-            ids.len() >= 2 && model.services().get(*name).is_none_or(|now| now.is_empty())
-        })
-        .map(|(name, ids)| (name.clone(), ids.len()))
+/// A service with at least one instance applied and none in the model, that had two or
+/// more applied within the last `--empty-hold` ([`note_peaks`]), with that many.
+fn emptied(
+    applied: &Applied,
+    peaks: &BTreeMap<String, (usize, Instant)>,
+    model: &Model,
+) -> Option<(String, usize)> {
+    applied.iter().find_map(|(name, ids)| {
+        let had = peaks.get(name).map_or(0, |p| p.0).max(ids.len());
+        let gone = model.services().get(name).is_none_or(|now| now.is_empty());
+        (had >= 2 && gone).then(|| (name.clone(), had))
+    })
+}
+
+/// Keeps, per service, the most instances applied within the last `window`.
+fn note_peaks(
+    peaks: &mut BTreeMap<String, (usize, Instant)>,
+    applied: &Applied,
+    now: Instant,
+    window: Duration,
+) {
+    peaks.retain(|name, (_, at)| applied.contains_key(name) || now.duration_since(*at) < window);
+    for (name, ids) in applied {
+        let n = ids.len();
+        let peak = peaks.entry(name.clone()).or_insert((n, now));
+        if n >= peak.0 || now.duration_since(peak.1) >= window {
+            *peak = (n, now);
+        }
+    }
 }
 
 /// What the model admits (`admitted`: not quarantined) that `applied` lacks, and the
@@ -585,26 +619,47 @@ mod diff_tests {
     use super::*;
 
     #[test]
-    fn a_service_is_emptied_when_two_or_more_applied_instances_are_all_gone() {
+    fn a_service_is_emptied_when_two_or_more_recent_instances_are_all_gone() {
         let mut model = Model::new("/services");
         let key = |s: &str, i: &str| registry::instance_key("/services", s, i);
-        for (s, i) in [("web", "a"), ("web", "b"), ("solo", "x")] {
+        let put = |m: &mut Model, s: &str, i: &str| {
             let v = registry::Instance::new(s, i, "10.0.0.1", 80).encode();
-            model.put(&key(s, i), v.as_bytes());
+            m.put(&key(s, i), v.as_bytes());
+        };
+        for (s, i) in [("web", "a"), ("web", "b"), ("web", "c"), ("solo", "x")] {
+            put(&mut model, s, i);
         }
+        let (t0, window) = (Instant::now(), Duration::from_secs(3));
         let mut applied = Applied::new();
-        diff_applied(&mut applied, &model, |_, _| true, true);
-        assert_eq!(emptied(&applied, &model), None);
-        // A one-instance service leaving is ordinary; one of two leaving too.
+        let mut peaks = BTreeMap::new();
+        let mut commit = |applied: &mut Applied, model: &Model, at: Instant| {
+            diff_applied(applied, model, |_, _| true, true);
+            note_peaks(&mut peaks, applied, at, window);
+            peaks.clone()
+        };
+        let p = commit(&mut applied, &model, t0);
+        assert_eq!(emptied(&applied, &p, &model), None);
+        // A one-instance service leaving is ordinary; some of three leaving too.
         model.delete(&key("solo", "x"));
         model.delete(&key("web", "a"));
-        assert_eq!(emptied(&applied, &model), None);
         model.delete(&key("web", "b"));
-        assert_eq!(emptied(&applied, &model), Some(("web".to_string(), 2)));
+        assert_eq!(emptied(&applied, &p, &model), None);
+        // Those removals are applied one by one (as watch events arrive)…
+        let p = commit(&mut applied, &model, t0 + Duration::from_millis(10));
+        // …and the last one goes: the three of 10 ms ago count.
+        model.delete(&key("web", "c"));
+        let t1 = t0 + Duration::from_millis(20);
+        assert_eq!(emptied(&applied, &p, &model), Some(("web".to_string(), 3)));
         // One is back: not empty any more.
-        let v = registry::Instance::new("web", "b", "10.0.0.1", 80).encode();
-        model.put(&key("web", "b"), v.as_bytes());
-        assert_eq!(emptied(&applied, &model), None);
+        put(&mut model, "web", "b");
+        assert_eq!(emptied(&applied, &p, &model), None);
+        model.delete(&key("web", "b"));
+        // A service that shrank to one long ago and now loses it: ordinary.
+        commit(&mut applied, &model, t1 + window);
+        put(&mut model, "web", "c");
+        let p = commit(&mut applied, &model, t1 + window * 2);
+        model.delete(&key("web", "c"));
+        assert_eq!(emptied(&applied, &p, &model), None);
     }
 
     #[test]

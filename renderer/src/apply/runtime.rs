@@ -409,6 +409,29 @@ pub async fn execute(
     plan: &Plan,
     drain_timeout: Duration,
 ) -> Result<(), RuntimeError> {
+    // New servers first, so that a backend never runs out of servers between a leave and
+    // a join of the same plan (removals first left it empty when its last server was
+    // replaced by another: 503s); a server replaced under the same name must go first.
+    let replaced = |s: &Server| {
+        plan.remove
+            .iter()
+            .any(|r| r.backend == s.backend && r.name == s.name)
+    };
+    let (later, first): (Vec<&Server>, Vec<&Server>) = plan.add.iter().partition(|s| replaced(s));
+    let mut backend_wide: Vec<&str> = Vec::new();
+    add_servers(cli, plan, &first, &mut backend_wide).await?;
+    for (_, n) in &plan.update {
+        let id = format!("{}/{}", n.backend, n.name);
+        send(
+            cli,
+            &format!("set server {id} addr {} port {}", n.addr, n.port),
+            |a| a.is_empty() || a.contains("changed") || a.contains("no need to change"),
+        )
+        .await?;
+        if let Some(w) = n.weight() {
+            send(cli, &format!("set server {id} weight {w}"), quiet).await?;
+        }
+    }
     // Drain every leaving server at once, then wait for all of them.
     for s in &plan.remove {
         send(
@@ -430,20 +453,23 @@ pub async fn execute(
         }
         delete(cli, s).await?;
     }
-    for (_, n) in &plan.update {
-        let id = format!("{}/{}", n.backend, n.name);
-        send(
-            cli,
-            &format!("set server {id} addr {} port {}", n.addr, n.port),
-            |a| a.is_empty() || a.contains("changed") || a.contains("no need to change"),
-        )
-        .await?;
-        if let Some(w) = n.weight() {
-            send(cli, &format!("set server {id} weight {w}"), quiet).await?;
-        }
+    add_servers(cli, plan, &later, &mut backend_wide).await?;
+    for be in backend_wide {
+        // A hostname's dynamic cookie is derived only when asked, for the whole backend.
+        send(cli, &format!("enable dynamic-cookie backend {be}"), quiet).await?;
     }
-    let mut backend_wide: Vec<&str> = Vec::new();
-    for s in &plan.add {
+    Ok(())
+}
+
+/// Adds `servers` (in maintenance, address set, health and server enabled); collects the
+/// backends that need their dynamic cookies recomputed (hostnames).
+async fn add_servers<'a>(
+    cli: &MasterCli,
+    plan: &'a Plan,
+    servers: &[&'a Server],
+    backend_wide: &mut Vec<&'a str>,
+) -> Result<(), RuntimeError> {
+    for s in servers {
         let id = format!("{}/{}", s.backend, s.name);
         let cookie = plan.cookie(s);
         let (addr, keywords) = match &cookie {
@@ -467,10 +493,6 @@ pub async fn execute(
         if cookie == Cookie::BackendWide && !backend_wide.contains(&s.backend.as_str()) {
             backend_wide.push(&s.backend);
         }
-    }
-    for be in backend_wide {
-        // A hostname's dynamic cookie is derived only when asked, for the whole backend.
-        send(cli, &format!("enable dynamic-cookie backend {be}"), quiet).await?;
     }
     Ok(())
 }
