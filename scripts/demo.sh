@@ -53,9 +53,15 @@ pids=()
 cleanup() {
   trap - EXIT INT TERM  # run once, whichever signal or exit got here
   echo "==> stopping" >&2
-  # Web apps first (graceful: leases revoked), then the load balancer, then etcd: each
-  # waited for, so nothing logs a lost etcd connection on the way down.
-  for ((i=${#pids[@]}-1; i>=0; i--)); do
+  # The load balancer first (the demo is over: its backend is not emptied on the way
+  # down, which would hold the servers for --empty-hold and warn), then the web apps
+  # (graceful: leases revoked), then etcd: each waited for, so nothing logs a lost etcd
+  # connection on the way down. pids: etcd, renderer, web apps.
+  order=()
+  [ ${#pids[@]} -gt 1 ] && order+=(1)
+  for ((i=${#pids[@]}-1; i>=2; i--)); do order+=("$i"); done
+  [ ${#pids[@]} -gt 0 ] && order+=(0)
+  for i in "${order[@]}"; do
     kill -TERM "${pids[$i]}" 2>/dev/null || true
     wait "${pids[$i]}" 2>/dev/null || true
   done

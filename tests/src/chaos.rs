@@ -446,32 +446,8 @@ impl System {
     /// Cuts member 0 off from its peers, or heals it: iptables in its namespace drops every
     /// peer connection both ways; clients still reach it (it has no quorum, so no leader).
     fn partition(&self, on: bool) {
-        let op = if on { "-A" } else { "-D" };
-        let (p0, p1, p2) = (self.peer_ports[0], self.peer_ports[1], self.peer_ports[2]);
-        for (chain, dir, port) in [
-            ("INPUT", "--dport", p0),
-            ("OUTPUT", "--sport", p0),
-            ("OUTPUT", "--dport", p1),
-            ("INPUT", "--sport", p1),
-            ("OUTPUT", "--dport", p2),
-            ("INPUT", "--sport", p2),
-        ] {
-            let status = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &self.ns.name,
-                    "iptables",
-                    op,
-                    chain,
-                    "-p",
-                    "tcp",
-                ])
-                .args([dir, &port.to_string(), "-j", "DROP"])
-                .status()
-                .expect("iptables (apt-get install iptables)");
-            assert!(status.success(), "iptables {op} {chain} failed");
-        }
+        let others = [self.peer_ports[1], self.peer_ports[2]];
+        self.ns.cut_peers(self.peer_ports[0], &others, on);
     }
 }
 

@@ -61,6 +61,30 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Cuts the etcd member in this namespace (peer port `own`) off from its peers (peer
+    /// ports `others`), or heals it (`on` false): iptables in the namespace drops both
+    /// directions of every peer connection; clients still reach the member.
+    pub fn cut_peers(&self, own: u16, others: &[u16], on: bool) {
+        let op = if on { "-A" } else { "-D" };
+        let mut rules = vec![("INPUT", "--dport", own), ("OUTPUT", "--sport", own)];
+        for p in others {
+            rules.push(("OUTPUT", "--dport", *p));
+            rules.push(("INPUT", "--sport", *p));
+        }
+        for (chain, dir, port) in rules {
+            let status = Command::new("ip")
+                .args([
+                    "netns", "exec", &self.name, "iptables", op, chain, "-p", "tcp",
+                ])
+                .args([dir, &port.to_string(), "-j", "DROP"])
+                .status()
+                .expect("iptables (apt-get install iptables)");
+            assert!(status.success(), "iptables {op} {chain} in {}", self.name);
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

@@ -429,38 +429,8 @@ async fn a_partitioned_member_does_not_stall_the_renderer() {
     // directions of every peer connection): clients can still reach it, but it has no
     // quorum and so no leader.
     let peer_rules = |op: &str| {
-        let (p0, p1, p2) = (
-            cluster.peer_port(0),
-            cluster.peer_port(1),
-            cluster.peer_port(2),
-        );
-        for (chain, dir, port) in [
-            ("INPUT", "--dport", p0),
-            ("OUTPUT", "--sport", p0),
-            ("OUTPUT", "--dport", p1),
-            ("INPUT", "--sport", p1),
-            ("OUTPUT", "--dport", p2),
-            ("INPUT", "--sport", p2),
-        ] {
-            let status = Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &ns.name,
-                    "iptables",
-                    op,
-                    chain,
-                    "-p",
-                    "tcp",
-                    dir,
-                    &port.to_string(),
-                    "-j",
-                    "DROP",
-                ])
-                .status()
-                .unwrap();
-            assert!(status.success(), "iptables in the test namespace");
-        }
+        let others = [cluster.peer_port(1), cluster.peer_port(2)];
+        ns.cut_peers(cluster.peer_port(0), &others, op == "-A");
     };
     peer_rules("-A");
     let t = Instant::now();
