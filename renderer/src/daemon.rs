@@ -193,7 +193,7 @@ impl Daemon {
 
     /// [`Daemon::apply`], unless a service that had two or more instances lost all of them
     /// at once: then its servers stay for `--empty-hold`, waiting for them to register
-    /// again (the loop re-checks on every change and applies as soon as one is back).
+    /// again (the loop re-checks on every change and applies once all of them are back).
     async fn apply_unless_held(&mut self) -> Result<(), Error> {
         let hold = self.config.empty_hold;
         if !hold.is_zero() {
