@@ -95,7 +95,8 @@ pub struct Args {
     #[arg(long, env = "REGISTRAR_TTL", default_value = "10s", value_parser = parse_duration)]
     pub ttl: Duration,
 
-    /// Register only while GET URL answers 2xx/3xx (http:// only).
+    /// Register only while GET URL answers 2xx/3xx (http:// or https://; redirects are
+    /// followed, up to 5).
     #[arg(
         long,
         env = "REGISTRAR_HEALTH_HTTP",
@@ -103,6 +104,16 @@ pub struct Args {
         conflicts_with = "health_tcp"
     )]
     pub health_http: Option<String>,
+
+    /// CA certificate(s) (PEM) that an https:// --health-http must be signed by, instead
+    /// of the system's roots.
+    #[arg(
+        long,
+        env = "REGISTRAR_HEALTH_CACERT",
+        value_name = "FILE",
+        requires = "health_http"
+    )]
+    pub health_cacert: Option<std::path::PathBuf>,
 
     /// Register only while a TCP connect to HOST:PORT succeeds.
     #[arg(long, env = "REGISTRAR_HEALTH_TCP", value_name = "HOST:PORT")]
@@ -183,8 +194,8 @@ pub enum ConfigError {
     Hostname(String),
     #[error("cannot detect this host's address ({0}); pass --address")]
     Address(String),
-    #[error("{0}")]
-    Health(String),
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
     #[error("--health-interval and --health-timeout must be greater than zero")]
     HealthTiming,
 }
@@ -223,8 +234,8 @@ impl Config {
         instance.validate()?;
 
         let health = match (args.health_http, args.health_tcp) {
-            (Some(url), _) => Some(HealthCheck::http(&url).map_err(ConfigError::Health)?),
-            (None, Some(addr)) => Some(HealthCheck::tcp(&addr).map_err(ConfigError::Health)?),
+            (Some(url), _) => Some(HealthCheck::http(&url, args.health_cacert.as_deref())?),
+            (None, Some(addr)) => Some(HealthCheck::tcp(&addr)?),
             (None, None) => None,
         };
         if args.health_interval.is_zero() || args.health_timeout.is_zero() {
@@ -342,7 +353,8 @@ mod tests {
             &["--meta", "novalue"],
             &["--tag", "a b"],
             &["--weight", "300"],
-            &["--health-http", "https://x/"],
+            &["--health-http", "ftp://x/"],
+            &["--health-cacert", "/nonexistent"],
             &["--prefix", "services"],
         ] {
             assert!(args(bad).is_err(), "{bad:?}");

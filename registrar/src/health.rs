@@ -4,105 +4,150 @@
 //! The verdict is published on a `watch` channel: `true` = register, `false` = stay (or
 //! become) deregistered. Without a check the verdict is always `true`.
 
+use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// One way of asking the app whether it is healthy.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum HealthCheck {
-    /// `GET path` on `host:port`; 2xx and 3xx pass.
+    /// `GET url` (http or https, redirects followed up to 5); a final 2xx or 3xx passes.
     Http {
-        host: String,
-        port: u16,
-        path: String,
+        url: reqwest::Url,
+        client: reqwest::Client,
     },
     /// A TCP connect to `addr` passes.
     Tcp { addr: String },
 }
 
-impl HealthCheck {
-    /// Parses `http://host[:port][/path]`.
-    pub fn http(url: &str) -> Result<HealthCheck, String> {
-        let rest = url
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("--health-http {url:?}: only http:// URLs are supported"))?;
-        let (hostport, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = split_host_port(hostport, 80)
-            .ok_or_else(|| format!("--health-http {url:?}: bad host or port"))?;
-        if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return Err(format!("--health-http {url:?}: bad path"));
+impl PartialEq for HealthCheck {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (HealthCheck::Http { url: a, .. }, HealthCheck::Http { url: b, .. }) => a == b,
+            (HealthCheck::Tcp { addr: a }, HealthCheck::Tcp { addr: b }) => a == b,
+            _ => false,
         }
+    }
+}
+
+/// A health-check flag that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("--health-http {url:?}: {why}")]
+    Url { url: String, why: String },
+    #[error("--health-tcp {0:?}: expected HOST:PORT")]
+    Tcp(String),
+    #[error("--health-cacert {path}: {why}")]
+    CaCert { path: String, why: String },
+}
+
+/// Why one probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connect {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    /// The request failed (connection, TLS, redirects): the whole cause chain.
+    #[error("{0}")]
+    Request(String),
+    #[error("HTTP status {0}")]
+    Status(u16),
+}
+
+impl HealthCheck {
+    /// Parses `http(s)://host[:port][/path]`; `https` trusts `cacert` (PEM, one or more
+    /// certificates) when given, else the system's roots.
+    pub fn http(url: &str, cacert: Option<&Path>) -> Result<HealthCheck, HealthError> {
+        let bad = |why: &str| HealthError::Url {
+            url: url.to_string(),
+            why: why.to_string(),
+        };
+        let parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(bad("only http:// and https:// URLs are supported"));
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(bad("no host"));
+        }
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
+            .no_proxy()
+            .user_agent("registrar")
+            .redirect(reqwest::redirect::Policy::limited(5))
+            // A fresh connection per check: a wedged listener fails it.
+            .pool_max_idle_per_host(0);
+        if let Some(path) = cacert {
+            let ca_error = |why: String| HealthError::CaCert {
+                path: path.display().to_string(),
+                why,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ca_error(registry::etcd::error_chain(&e)))?;
+            if certs.is_empty() {
+                return Err(ca_error("no PEM certificate in the file".into()));
+            }
+            builder = builder.tls_built_in_root_certs(false);
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
+            .build()
+            .map_err(|e| bad(&registry::etcd::error_chain(&e)))?;
         Ok(HealthCheck::Http {
-            host,
-            port,
-            path: path.to_string(),
+            url: parsed,
+            client,
         })
     }
 
     /// Parses `host:port`.
-    pub fn tcp(addr: &str) -> Result<HealthCheck, String> {
+    pub fn tcp(addr: &str) -> Result<HealthCheck, HealthError> {
         let (host, port) = split_host_port(addr, 0)
             .filter(|(_, p)| *p != 0)
-            .ok_or_else(|| format!("--health-tcp {addr:?}: expected HOST:PORT"))?;
+            .ok_or_else(|| HealthError::Tcp(addr.to_string()))?;
         Ok(HealthCheck::Tcp {
             addr: join_host_port(&host, port),
         })
     }
 
     /// Runs the check once.
-    pub async fn probe(&self, timeout: Duration) -> Result<(), String> {
+    pub async fn probe(&self, timeout: Duration) -> Result<(), ProbeError> {
         match tokio::time::timeout(timeout, self.probe_inner()).await {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
+            Err(_) => Err(ProbeError::Timeout(timeout)),
         }
     }
 
-    async fn probe_inner(&self) -> Result<(), String> {
+    async fn probe_inner(&self) -> Result<(), ProbeError> {
         match self {
-            HealthCheck::Tcp { addr } => TcpStream::connect(addr)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("connect {addr}: {e}")),
-            HealthCheck::Http { host, port, path } => {
-                let addr = join_host_port(host, *port);
-                let mut s = TcpStream::connect(&addr)
+            HealthCheck::Tcp { addr } => {
+                TcpStream::connect(addr)
                     .await
-                    .map_err(|e| format!("connect {addr}: {e}"))?;
-                let req = format!(
-                    "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: registrar\r\nConnection: close\r\n\r\n"
-                );
-                s.write_all(req.as_bytes())
+                    .map(|_| ())
+                    .map_err(|source| ProbeError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })
+            }
+            HealthCheck::Http { url, client } => {
+                let response = client
+                    .get(url.clone())
+                    .send()
                     .await
-                    .map_err(|e| format!("write: {e}"))?;
-                let mut buf = [0u8; 64];
-                let mut n = 0;
-                while n < 12 {
-                    let r = s
-                        .read(&mut buf[n..])
-                        .await
-                        .map_err(|e| format!("read: {e}"))?;
-                    if r == 0 {
-                        break;
-                    }
-                    n += r;
-                }
-                let head = String::from_utf8_lossy(&buf[..n]);
-                let code: u16 = head
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|c| c.parse().ok())
-                    .ok_or_else(|| format!("not an HTTP response: {head:?}"))?;
+                    .map_err(|e| ProbeError::Request(registry::etcd::error_chain(&e)))?;
+                let code = response.status().as_u16();
                 if (200..400).contains(&code) {
                     Ok(())
                 } else {
-                    Err(format!("HTTP status {code}"))
+                    Err(ProbeError::Status(code))
                 }
             }
         }
@@ -215,24 +260,25 @@ pub async fn run_checks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn parses_targets() {
+        let url = |c: HealthCheck| match c {
+            HealthCheck::Http { url, .. } => url.to_string(),
+            HealthCheck::Tcp { addr } => addr,
+        };
         assert_eq!(
-            HealthCheck::http("http://127.0.0.1:3000/health").unwrap(),
-            HealthCheck::Http {
-                host: "127.0.0.1".into(),
-                port: 3000,
-                path: "/health".into()
-            }
+            url(HealthCheck::http("http://127.0.0.1:3000/health", None).unwrap()),
+            "http://127.0.0.1:3000/health"
         );
         assert_eq!(
-            HealthCheck::http("http://app").unwrap(),
-            HealthCheck::Http {
-                host: "app".into(),
-                port: 80,
-                path: "/".into()
-            }
+            url(HealthCheck::http("http://app", None).unwrap()),
+            "http://app/"
+        );
+        assert_eq!(
+            url(HealthCheck::http("https://app:8443/h", None).unwrap()),
+            "https://app:8443/h"
         );
         assert_eq!(
             HealthCheck::tcp("[::1]:80").unwrap(),
@@ -240,8 +286,18 @@ mod tests {
                 addr: "[::1]:80".into()
             }
         );
-        assert!(HealthCheck::http("https://x").is_err());
-        assert!(HealthCheck::http("http://x:99999/").is_err());
+        assert!(HealthCheck::http("ftp://x", None).is_err());
+        assert!(HealthCheck::http("http://x:99999/", None).is_err());
+        assert!(HealthCheck::http("/health", None).is_err());
+        let missing = HealthCheck::http("https://x", Some(Path::new("/nonexistent/ca.pem")));
+        assert!(missing
+            .unwrap_err()
+            .to_string()
+            .starts_with("--health-cacert /nonexistent/ca.pem:"));
+        let not_pem = tempfile_with(b"not a certificate\n");
+        let err = HealthCheck::http("https://x", Some(&not_pem)).unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+        let _ = std::fs::remove_file(not_pem);
         assert!(HealthCheck::tcp("localhost").is_err());
     }
 
@@ -277,7 +333,17 @@ mod tests {
             .probe(t)
             .await
             .is_ok());
-        let http = HealthCheck::http(&format!("http://127.0.0.1:{port}/health")).unwrap();
-        assert_eq!(http.probe(t).await.unwrap_err(), "HTTP status 503");
+        let http = HealthCheck::http(&format!("http://127.0.0.1:{port}/health"), None).unwrap();
+        assert_eq!(
+            http.probe(t).await.unwrap_err().to_string(),
+            "HTTP status 503"
+        );
+    }
+
+    fn tempfile_with(bytes: &[u8]) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("registrar-health-{}.pem", std::process::id()));
+        std::fs::write(&path, bytes).unwrap();
+        path
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use etcd_client::{
     Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
-use registry::etcd::{error_chain, is_lease_not_found, Backoff, FailOver, Member};
+use registry::etcd::{error_chain, is_lease_not_found, is_refusal, Backoff, FailOver, Member};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -115,7 +115,7 @@ impl Registration {
                     }
                     continue;
                 }
-                Err(RegisterError::Etcd(e)) if refused(&e) => {
+                Err(RegisterError::Etcd(e)) if is_refusal(&e) => {
                     let msg = format!("etcd refused the registration: {}", error_chain(&e));
                     error!(error = %msg, "check --user and its role: it needs write access to the key");
                     return Err(msg);
@@ -397,12 +397,6 @@ impl Registration {
             .observe(started.elapsed().as_secs_f64());
         result
     }
-}
-
-/// Errors that retrying cannot fix.
-fn refused(e: &etcd_client::Error) -> bool {
-    let msg = error_chain(e);
-    msg.contains("permission denied") || msg.contains("authentication failed")
 }
 
 /// Sleeps `d` unless `stop` fires first; returns true when stopped.

@@ -407,30 +407,52 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
+/// The gRPC status code etcd answered with; `None` when the call failed below gRPC
+/// (connection, TLS handshake, timeout).
+pub fn grpc_code(e: &etcd_client::Error) -> Option<tonic::Code> {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => Some(status.code()),
+        _ => None,
+    }
+}
+
+/// True for answers retrying cannot change: etcd's `PermissionDenied` (the role lacks the
+/// key range) and `InvalidArgument` (its code for "authentication failed, invalid user ID
+/// or password", and for requests it will never accept).
+pub fn is_refusal(e: &etcd_client::Error) -> bool {
+    matches!(
+        grpc_code(e),
+        Some(tonic::Code::PermissionDenied | tonic::Code::InvalidArgument)
+    )
+}
+
 /// Sorts an etcd error into fatal (credentials, certificates, permissions) or transient.
 pub fn classify(endpoints: &str, e: &etcd_client::Error) -> ConnectError {
     let message = error_chain(e);
-    let lower = message.to_ascii_lowercase();
-    if lower.contains("authentication failed") || lower.contains("invalid user id or password") {
-        ConnectError::Fatal(format!(
-            "etcd authentication failed for the given --user/password: {message}"
-        ))
-    } else if lower.contains("permission denied") {
-        ConnectError::Fatal(format!("etcd permission denied: {message}"))
-    } else if lower.contains("certificate")
-        || lower.contains("tls")
-        || lower.contains("handshake")
-        || lower.contains("unknownissuer")
-    {
-        ConnectError::Fatal(format!(
+    match grpc_code(e) {
+        Some(tonic::Code::InvalidArgument) => ConnectError::Fatal(format!(
+            "etcd refused the credentials (check --user and the password): {message}"
+        )),
+        Some(tonic::Code::PermissionDenied) => {
+            ConnectError::Fatal(format!("etcd permission denied: {message}"))
+        }
+        None if tls_failure(&message) => ConnectError::Fatal(format!(
             "etcd TLS failed (certificate not trusted or not accepted): {message}"
-        ))
-    } else {
-        ConnectError::Unavailable {
+        )),
+        _ => ConnectError::Unavailable {
             endpoints: endpoints.to_string(),
             message,
-        }
+        },
     }
+}
+
+/// A handshake failure has no gRPC status: it happens below gRPC, and tonic's transport
+/// error carries rustls' message only as text.
+fn tls_failure(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    ["certificate", "tls", "handshake", "unknownissuer"]
+        .iter()
+        .any(|w| lower.contains(w))
 }
 
 /// Runs one etcd call bounded by `limit`; running out of time becomes an I/O `TimedOut`
@@ -449,9 +471,11 @@ pub async fn within<T>(
     }
 }
 
-/// True when etcd says the lease does not exist (expired, revoked, or the store was replaced).
+/// True when etcd says the lease does not exist (expired, revoked, or the store was
+/// replaced): `NotFound` is the code of "requested lease not found", the only thing the
+/// lease and key calls we make can fail to find.
 pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    error_chain(e).contains("lease not found")
+    grpc_code(e) == Some(tonic::Code::NotFound)
 }
 
 /// Capped exponential backoff for reconnect loops: 100 ms doubling up to `max`.
@@ -496,5 +520,45 @@ mod tests {
         assert_eq!(delays[5], Duration::from_secs(1));
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn errors_are_classified_by_their_grpc_code() {
+        let status =
+            |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
+        let lost = status(
+            tonic::Code::NotFound,
+            "etcdserver: requested lease not found",
+        );
+        assert!(is_lease_not_found(&lost));
+        // The text alone does not make it one.
+        assert!(!is_lease_not_found(&status(
+            tonic::Code::Unavailable,
+            "lease not found"
+        )));
+        let denied = status(
+            tonic::Code::PermissionDenied,
+            "etcdserver: permission denied",
+        );
+        assert!(is_refusal(&denied));
+        assert!(matches!(classify("e", &denied), ConnectError::Fatal(_)));
+        let auth = status(
+            tonic::Code::InvalidArgument,
+            "etcdserver: authentication failed, invalid user ID or password",
+        );
+        assert!(
+            matches!(classify("e", &auth), ConnectError::Fatal(m) if m.contains("credentials"))
+        );
+        let busy = status(tonic::Code::Unavailable, "etcdserver: leader changed");
+        assert!(!is_refusal(&busy));
+        assert!(matches!(
+            classify("e", &busy),
+            ConnectError::Unavailable { .. }
+        ));
+        let io = etcd_client::Error::IoError(std::io::Error::other("connection refused"));
+        assert!(matches!(
+            classify("e", &io),
+            ConnectError::Unavailable { .. }
+        ));
     }
 }

@@ -312,7 +312,7 @@ impl Daemon {
 
     /// Updates metrics, readiness and `/status` after an apply or a background check.
     fn record(&self, report: &apply::Report, took: Duration) {
-        record_apply(
+        metrics::record_apply(
             &self.metrics,
             &self.state,
             &self.model,
@@ -526,91 +526,6 @@ impl Listing {
             self.names.push(format!("… and {} more", self.more));
         }
         self.names
-    }
-}
-
-/// Updates metrics, readiness and the `/status` document after an apply.
-fn record_apply(
-    m: &metrics::Metrics,
-    state: &metrics::State,
-    model: &Model,
-    quarantine: &Quarantine,
-    applier: &Applier,
-    report: &apply::Report,
-    took: std::time::Duration,
-) {
-    let ok = report.errors.is_empty();
-    let result = if ok { "ok" } else { "error" };
-    m.applies
-        .get_or_create(&metrics::ResultLabel {
-            result: result.into(),
-        })
-        .inc();
-    m.revision.set(model.revision);
-    m.instances.clear();
-    for (service, ids) in model.services() {
-        m.instances
-            .get_or_create(&metrics::ServiceLabel {
-                service: service.clone(),
-            })
-            .set(ids.len() as i64);
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    if ok {
-        state
-            .applied
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        m.last_apply.set(now);
-        if let Some(bytes) = applier.targets.first().and_then(|t| t.last.as_deref()) {
-            m.config_hash.set(metrics::hash53(bytes));
-        }
-    }
-    let skipped: serde_json::Map<String, serde_json::Value> = model
-        .skipped()
-        .iter()
-        .map(|(k, s)| {
-            (
-                k.clone(),
-                serde_json::json!({"reason": s.reason, "error": s.message}),
-            )
-        })
-        .collect();
-    let services: serde_json::Map<String, serde_json::Value> = model
-        .services()
-        .iter()
-        .map(|(name, ids)| {
-            let list: Vec<String> = ids
-                .values()
-                .map(|i| format!("{} {}:{}", i.id, i.address, i.port))
-                .collect();
-            (name.clone(), serde_json::json!(list))
-        })
-        .collect();
-    let doc = serde_json::json!({
-        "revision": model.revision,
-        "services": services,
-        "skipped": skipped,
-        "quarantined": quarantine
-            .messages()
-            .map(|(k, msg)| (k.clone(), serde_json::json!(msg)))
-            .collect::<serde_json::Map<_, _>>(),
-        "file_pending": applier.files_due(),
-        "last_apply": {
-            "unix_time": now,
-            "ok": ok,
-            "how": report.reload.unwrap_or("unchanged"),
-            "deferred": report.deferred,
-            "written": report.written,
-            "runtime_changes": report.runtime_changes,
-            "took_ms": took.as_secs_f64() * 1000.0,
-            "errors": report.errors,
-        },
-    });
-    if let Ok(mut s) = state.status.lock() {
-        *s = doc;
     }
 }
 

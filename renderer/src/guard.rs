@@ -52,13 +52,46 @@ impl Quarantine {
     /// Quarantines the record `line` (of a config a check rejected with `message`) most
     /// likely comes from; returns its key, `None` when no record can be blamed.
     pub fn pin(&mut self, model: &Model, line: &str, message: &str) -> Option<String> {
-        let key = model.culprit(line, &self.keys())?;
+        let key = culprit(model, line, &self.keys())?;
         warn!(%key, error = %message, "quarantined registry record: the config check fails because of it; applying without it");
         let inst = model.get(&key)?.clone();
         self.entries
             .insert(key.clone(), (inst, message.to_string()));
         Some(key)
     }
+}
+
+/// Which instance (not in `exclude`) most likely produced `line` of a rendered config
+/// (the line `haproxy -c` rejected, see [`crate::apply::haproxy::rejected_line`]): a
+/// `server <id>` line naming it, else a line with its address:port, else one holding one
+/// of its tags or meta values as a word.
+pub fn culprit(model: &Model, line: &str, exclude: &BTreeSet<String>) -> Option<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let all = || {
+        model
+            .services()
+            .values()
+            .flat_map(std::collections::BTreeMap::values)
+            .filter(|i| !exclude.contains(&model.key_of(i)))
+    };
+    let by_name =
+        all().find(|i| words.first() == Some(&"server") && words.get(1) == Some(&i.id.as_str()));
+    let by_addr = || {
+        let target = |i: &registry::Instance| format!("{}:{}", i.address, i.port);
+        all().find(|i| words.contains(&target(i).as_str()))
+    };
+    let by_value = || {
+        all().find(|i| {
+            i.tags
+                .iter()
+                .chain(i.meta.values())
+                .any(|v| !v.is_empty() && words.contains(&v.as_str()))
+        })
+    };
+    by_name
+        .or_else(by_addr)
+        .or_else(by_value)
+        .map(|i| model.key_of(i))
 }
 
 /// The guarded apply: `--min-instances` refuses renders that would drop a service too low;

@@ -227,6 +227,127 @@ impl State {
     }
 }
 
+impl State {
+    /// What `--metrics-addr` serves: `registry`, readiness and `/status` from this state.
+    pub fn endpoint(self: &Arc<Self>, registry: Registry) -> observe::Endpoint {
+        let (ready, status) = (self.clone(), self.clone());
+        observe::Endpoint {
+            registry: Arc::new(registry),
+            ready: Arc::new(move || ready.ready()),
+            status: Some(Arc::new(move || {
+                status
+                    .status
+                    .lock()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            })),
+        }
+    }
+}
+
+/// Mirrors the watch's liveness into readiness and the `watch_live` gauge until `stop`.
+pub async fn mirror_live(
+    mut live: tokio::sync::watch::Receiver<bool>,
+    state: Arc<State>,
+    metrics: Metrics,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let now = *live.borrow_and_update();
+        state.set_live(now);
+        metrics.watch_live.set(i64::from(now));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = live.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Updates metrics, readiness and the `/status` document after an apply.
+pub fn record_apply(
+    m: &Metrics,
+    state: &State,
+    model: &crate::model::Model,
+    quarantine: &crate::guard::Quarantine,
+    applier: &crate::apply::Applier,
+    report: &crate::apply::Report,
+    took: std::time::Duration,
+) {
+    let ok = report.errors.is_empty();
+    let result = if ok { "ok" } else { "error" };
+    m.applies
+        .get_or_create(&ResultLabel {
+            result: result.into(),
+        })
+        .inc();
+    m.revision.set(model.revision);
+    m.instances.clear();
+    for (service, ids) in model.services() {
+        m.instances
+            .get_or_create(&ServiceLabel {
+                service: service.clone(),
+            })
+            .set(ids.len() as i64);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    if ok {
+        state
+            .applied
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        m.last_apply.set(now);
+        if let Some(bytes) = applier.targets.first().and_then(|t| t.last.as_deref()) {
+            m.config_hash.set(hash53(bytes));
+        }
+    }
+    let skipped: serde_json::Map<String, serde_json::Value> = model
+        .skipped()
+        .iter()
+        .map(|(k, s)| {
+            (
+                k.clone(),
+                serde_json::json!({"reason": s.reason, "error": s.message}),
+            )
+        })
+        .collect();
+    let services: serde_json::Map<String, serde_json::Value> = model
+        .services()
+        .iter()
+        .map(|(name, ids)| {
+            let list: Vec<String> = ids
+                .values()
+                .map(|i| format!("{} {}:{}", i.id, i.address, i.port))
+                .collect();
+            (name.clone(), serde_json::json!(list))
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "revision": model.revision,
+        "services": services,
+        "skipped": skipped,
+        "quarantined": quarantine
+            .messages()
+            .map(|(k, msg)| (k.clone(), serde_json::json!(msg)))
+            .collect::<serde_json::Map<_, _>>(),
+        "file_pending": applier.files_due(),
+        "last_apply": {
+            "unix_time": now,
+            "ok": ok,
+            "how": report.reload.unwrap_or("unchanged"),
+            "deferred": report.deferred,
+            "written": report.written,
+            "runtime_changes": report.runtime_changes,
+            "took_ms": took.as_secs_f64() * 1000.0,
+            "errors": report.errors,
+        },
+    });
+    if let Ok(mut s) = state.status.lock() {
+        *s = doc;
+    }
+}
+
 /// FNV-1a, truncated to 53 bits so it survives a float gauge.
 pub fn hash53(bytes: &[u8]) -> i64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

@@ -268,37 +268,6 @@ impl Model {
     pub fn get(&self, key: &str) -> Option<&Instance> {
         self.lookup(key)
     }
-
-    /// Which instance (not in `exclude`) most likely produced `line` of a rendered config:
-    /// a `server <id>` line naming it, else a line with its address:port, else one holding
-    /// one of its tags or meta values as a word.
-    pub fn culprit(&self, line: &str, exclude: &BTreeSet<String>) -> Option<String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let all = || {
-            self.services
-                .values()
-                .flat_map(BTreeMap::values)
-                .filter(|i| !exclude.contains(&self.key_of(i)))
-        };
-        let by_name = all()
-            .find(|i| words.first() == Some(&"server") && words.get(1) == Some(&i.id.as_str()));
-        let by_addr = || {
-            let target = |i: &Instance| format!("{}:{}", i.address, i.port);
-            all().find(|i| words.contains(&target(i).as_str()))
-        };
-        let by_value = || {
-            all().find(|i| {
-                i.tags
-                    .iter()
-                    .chain(i.meta.values())
-                    .any(|v| !v.is_empty() && words.contains(&v.as_str()))
-            })
-        };
-        by_name
-            .or_else(by_addr)
-            .or_else(by_value)
-            .map(|i| self.key_of(i))
-    }
 }
 
 /// Stable numeric ids for the instances of one service (`server_id` in template data, for
@@ -415,11 +384,14 @@ mod tests {
         assert_eq!(cut, 1);
         assert_eq!(data["instances"].as_array().unwrap().len(), 3);
         assert_eq!(
-            m.culprit("server c 10.0.0.1:80 check bogus", &BTreeSet::new())
+            crate::guard::culprit(&m, "server c 10.0.0.1:80 check bogus", &BTreeSet::new())
                 .as_deref(),
             Some("/services/web/c")
         );
-        assert_eq!(m.culprit("unrelated line", &BTreeSet::new()), None);
+        assert_eq!(
+            crate::guard::culprit(&m, "unrelated line", &BTreeSet::new()),
+            None
+        );
     }
 
     #[test]

@@ -6,11 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use registry::etcd::EtcdArgs;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
 
 use crate::model::Model;
-use crate::watch::Watcher;
 
 /// Flags of `renderer status`.
 #[derive(Debug, Parser)]
@@ -32,11 +29,7 @@ pub struct StatusArgs {
 /// Builds the report. Errors only when etcd cannot be read.
 pub async fn report(args: &StatusArgs) -> Result<String, String> {
     let client = args.etcd.connect().await.map_err(|e| e.to_string())?;
-    let (tx, _rx) = mpsc::channel(1);
-    let (live, _) = watch::channel(false);
-    let watcher = Watcher::new(client, &args.prefix, args.etcd.dial_timeout, None, tx, live);
-    let (store, kvs) = watcher
-        .list()
+    let (store, kvs) = crate::watch::list(&client, &args.prefix, args.etcd.dial_timeout)
         .await
         .map_err(|e| registry::etcd::error_chain(&e))?;
     let mut model = Model::new(&args.prefix);
@@ -110,25 +103,24 @@ pub async fn report(args: &StatusArgs) -> Result<String, String> {
 }
 
 async fn get_status(addr: &str) -> Result<serde_json::Value, String> {
-    let addr = addr
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let fetch = async {
-        let mut s = tokio::net::TcpStream::connect(&addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"GET /status HTTP/1.1\r\nHost: renderer\r\nConnection: close\r\n\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf)
-            .await
-            .map_err(|e| e.to_string())?;
-        let body = buf.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        serde_json::from_str(body).map_err(|e| format!("bad /status answer: {e}"))
+    let base = if addr.contains("://") {
+        addr.trim_end_matches('/').to_string()
+    } else {
+        format!("http://{}", addr.trim_end_matches('/'))
     };
-    tokio::time::timeout(Duration::from_secs(5), fetch)
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response = client
+        .get(format!("{base}/status"))
+        .send()
         .await
-        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| registry::etcd::error_chain(&e))?;
+    if !response.status().is_success() {
+        return Err(format!("/status answered {}", response.status()));
+    }
+    let body = response.text().await.map_err(|e| e.to_string())?;
+    serde_json::from_str(&body).map_err(|e| format!("bad /status answer: {e}"))
 }

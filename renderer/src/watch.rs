@@ -366,43 +366,8 @@ impl Watcher {
     }
 
     /// Lists the whole prefix at one revision, page by page.
-    pub async fn list(&self) -> Result<(Store, Vec<(String, Vec<u8>)>), etcd_client::Error> {
-        let mut kv = self.etcd.client().kv_client();
-        let end = prefix_end(self.root.as_bytes());
-        let mut from = self.root.as_bytes().to_vec();
-        let mut store: Option<Store> = None;
-        let mut kvs = Vec::new();
-        loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if let Some(s) = store {
-                opts = opts.with_revision(s.revision);
-            }
-            let resp = self.timed(kv.get(from.clone(), Some(opts))).await?;
-            if store.is_none() {
-                store = Some(header_store(resp.header()));
-            }
-            for item in resp.kvs() {
-                kvs.push((
-                    String::from_utf8_lossy(item.key()).into_owned(),
-                    item.value().to_vec(),
-                ));
-            }
-            match (resp.more(), resp.kvs().last()) {
-                (true, Some(lastkv)) => {
-                    from = lastkv.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
-            }
-        }
-        Ok((
-            store.unwrap_or(Store {
-                cluster_id: 0,
-                raft_term: 0,
-                revision: 0,
-            }),
-            kvs,
-        ))
+    pub async fn list(&self) -> Result<Listing, etcd_client::Error> {
+        list_root(&self.etcd, &self.root, self.request_timeout).await
     }
 
     async fn timed<T>(
@@ -411,6 +376,110 @@ impl Watcher {
     ) -> Result<T, etcd_client::Error> {
         registry::etcd::within(self.request_timeout, "etcd request", fut).await
     }
+}
+
+/// The content of the prefix at one revision: the store it was read from, and key → value.
+pub type Listing = (Store, Vec<(String, Vec<u8>)>);
+
+/// Lists everything under `prefix` (`renderer status`, `--once`), each request bounded by
+/// `timeout`.
+pub async fn list(
+    etcd: &Member,
+    prefix: &str,
+    timeout: Duration,
+) -> Result<Listing, etcd_client::Error> {
+    list_root(etcd, &registry::key::root_prefix(prefix), timeout).await
+}
+
+/// Lists the whole prefix `root` at one revision, page by page.
+async fn list_root(
+    etcd: &Member,
+    root: &str,
+    timeout: Duration,
+) -> Result<Listing, etcd_client::Error> {
+    let mut kv = etcd.client().kv_client();
+    let end = prefix_end(root.as_bytes());
+    let mut from = root.as_bytes().to_vec();
+    let mut store: Option<Store> = None;
+    let mut kvs = Vec::new();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if let Some(s) = store {
+            opts = opts.with_revision(s.revision);
+        }
+        let resp =
+            registry::etcd::within(timeout, "etcd request", kv.get(from.clone(), Some(opts)))
+                .await?;
+        if store.is_none() {
+            store = Some(header_store(resp.header()));
+        }
+        for item in resp.kvs() {
+            kvs.push((
+                String::from_utf8_lossy(item.key()).into_owned(),
+                item.value().to_vec(),
+            ));
+        }
+        match (resp.more(), resp.kvs().last()) {
+            (true, Some(lastkv)) => {
+                from = lastkv.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    let empty = Store {
+        cluster_id: 0,
+        raft_term: 0,
+        revision: 0,
+    };
+    Ok((store.unwrap_or(empty), kvs))
+}
+
+/// Connects to `config`'s etcd (retrying while it is unreachable, unless `--once`; fatal on
+/// bad credentials or certificates) and follows the registry into `tx` until `stop`.
+pub async fn follow(
+    config: crate::Config,
+    tx: mpsc::Sender<Update>,
+    live: watch::Sender<bool>,
+    metrics: crate::metrics::Metrics,
+    stop: CancellationToken,
+) -> Result<(), crate::Error> {
+    let Some(client) = connect(&config, &stop).await? else {
+        return Ok(());
+    };
+    Watcher::new(
+        client,
+        &config.prefix,
+        config.etcd.dial_timeout,
+        config.resync,
+        tx,
+        live,
+    )
+    .with_metrics(metrics)
+    .run(stop)
+    .await;
+    Ok(())
+}
+
+/// One member of `config`'s etcd; `None` when `stop` came first.
+pub async fn connect(
+    config: &crate::Config,
+    stop: &CancellationToken,
+) -> Result<Option<Member>, crate::Error> {
+    use registry::etcd::ConnectError;
+    let attempt = if config.once {
+        config.etcd.connect().await.map(Some)
+    } else {
+        let waiting = "keeping the last config";
+        config
+            .etcd
+            .connect_retrying(stop, Duration::from_secs(2), waiting)
+            .await
+    };
+    attempt.map_err(|e| match e {
+        ConnectError::Fatal(msg) => crate::Error::EtcdSetup(msg),
+        e @ ConnectError::Unavailable { .. } => crate::Error::EtcdUnavailable(e.to_string()),
+    })
 }
 
 enum Follow {

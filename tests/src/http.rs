@@ -1,9 +1,6 @@
-//! A minimal HTTP/1.1 client for tests: one GET on a fresh connection, bounded in time.
+//! The tests' HTTP client (reqwest): one GET on a fresh connection, bounded in time.
 
 use std::time::Duration;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// A response: status code, headers (lower-case names), body.
 #[derive(Debug, Clone)]
@@ -28,46 +25,50 @@ impl Response {
     }
 }
 
-/// `GET path` on 127.0.0.1:port with `Connection: close`, optional cookie.
+////// `GET path` on 127.0.0.1:port on a fresh connection (`Connection: close`, so every
+/// request is balanced anew), optional cookie, at most 5 s.
 pub async fn get(port: u16, path: &str, cookie: Option<&str>) -> Result<Response, String> {
-    let fut = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let cookie = cookie
-            .map(|c| format!("Cookie: {c}\r\n"))
-            .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n{cookie}Connection: close\r\n\r\n");
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        parse(&buf)
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut)
-        .await
-        .map_err(|_| "timeout".to_string())?
-}
-
-fn parse(buf: &[u8]) -> Result<Response, String> {
-    let text = String::from_utf8_lossy(buf);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("no header end")?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default()
+    });
+    let mut req = client
+        .get(format!("http://127.0.0.1:{port}{path}"))
+        .header("connection", "close");
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let resp = req.send().await.map_err(|e| {
+        if e.is_timeout() {
+            "timeout".to_string()
+        } else {
+            registry::etcd::error_chain(&e)
+        }
+    })?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
+    let body = resp
+        .text()
+        .await
+        .map_err(|e| registry::etcd::error_chain(&e))?;
     Ok(Response {
         status,
         headers,
-        body: body.to_string(),
+        body,
     })
 }

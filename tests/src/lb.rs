@@ -182,16 +182,8 @@ impl Lb {
 
     /// Server names in the current worker's backend `nodes` (runtime state).
     pub async fn running_servers(&self) -> Vec<String> {
-        let out = self.master_cli("@1 show servers state nodes").await;
-        let mut names: Vec<String> = out
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() > 4).then(|| f[3].to_string())
-            })
-            .collect();
-        names.sort();
+        // BTreeMap keys: already sorted.
+        let names: Vec<String> = self.live_servers().await.into_keys().collect();
         names
     }
 
@@ -226,39 +218,18 @@ pub async fn live_servers_at(master: &Path) -> BTreeMap<String, LiveServer> {
 /// master is re-executing for a reload) — which is not the same as no servers.
 pub async fn try_live_servers_at(master: &Path) -> Option<BTreeMap<String, LiveServer>> {
     let out = master_cli(master, "@1 show servers state nodes").await;
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines
-        .by_ref()
-        .find(|l| l.starts_with("# "))
-        .map(|l| l.trim_start_matches("# ").split_whitespace().collect())
-        .unwrap_or_default();
-    let col = |name: &str| header.iter().position(|h| *h == name);
-    let cols = (
-        col("srv_name"),
-        col("srv_addr"),
-        col("srv_port"),
-        col("srv_uweight"),
-        col("srv_admin_state"),
-    );
-    let (Some(n), Some(a), Some(p), Some(w), Some(adm)) = cols else {
-        return None;
-    };
+    let servers = renderer::apply::haproxy::parse_servers_state(&out)?;
     Some(
-        lines
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .filter(|f| f.len() >= header.len())
-            .map(|f| {
-                let admin: u32 = f[adm].parse().unwrap_or(0);
-                (
-                    f[n].to_string(),
-                    LiveServer {
-                        addr: f[a].to_string(),
-                        port: f[p].parse().unwrap_or(0),
-                        weight: f[w].parse().unwrap_or(0),
-                        // SRV_ADMF_MAINT (include/haproxy/server-t.h)
-                        maint: admin & 0x23 != 0,
-                    },
-                )
+        servers
+            .into_iter()
+            .map(|(name, s)| {
+                let server = LiveServer {
+                    port: s.port.parse().unwrap_or(0),
+                    weight: s.weight.parse().unwrap_or(0),
+                    maint: s.in_maintenance(),
+                    addr: s.addr,
+                };
+                (name, server)
             })
             .collect(),
     )

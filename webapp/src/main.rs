@@ -2,9 +2,8 @@
 //!
 //! `GET /` answers `{"hello":"world","id":…,"host":…,"ip":…,"sessionViews":N}` and sets a
 //! session cookie so sticky sessions through HAProxy are visible; `GET /health` answers
-//! `ok`; `GET /slow?ms=N` answers after N ms (for drain tests). HTTP/1.1 keep-alive is
-//! supported. SIGTERM/SIGINT stop accepting and let in-flight requests finish (up to 10 s).
-//! It is deliberately tiny: a hand-written HTTP/1.1 subset over tokio, no framework.
+//! `ok`; `GET /slow?ms=N` answers after N ms (for drain tests). Served by axum (HTTP/1.1,
+//! keep-alive). SIGTERM/SIGINT stop accepting and let in-flight requests finish (up to 10 s).
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -13,9 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::serve::IncomingStream;
+use axum::Router;
 use clap::Parser;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Debug, Parser)]
@@ -43,7 +48,6 @@ struct App {
     next_sid: AtomicU64,
 }
 
-const MAX_HEADER: usize = 16 * 1024;
 const SESSION_COOKIE: &str = "webapp.sid";
 
 fn main() {
@@ -93,29 +97,50 @@ async fn serve(args: Args) -> i32 {
         return 1;
     };
     eprintln!("webapp {} listening on {}:{}", app.id, args.bind, args.port);
-    let inflight = Arc::new(tokio::sync::Semaphore::new(10_000));
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
-                let app = app.clone();
-                let Ok(permit) = inflight.clone().acquire_owned().await else { continue };
-                tokio::spawn(async move {
-                    let _ = handle(stream, peer, app).await;
-                    drop(permit);
-                });
+    let id = app.id.clone();
+    let instance = HeaderValue::from_str(&app.id).unwrap_or(HeaderValue::from_static("invalid"));
+    let router = Router::new()
+        .route("/health", get(|| async { "ok\n" }))
+        .route("/", get(hello))
+        .route("/slow", get(slow))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .layer(axum::middleware::map_response(move |mut r: Response| {
+            let id = instance.clone();
+            async move {
+                r.headers_mut().insert("x-instance-id", id);
+                r
             }
+        }))
+        .with_state(app);
+    let stopping = Arc::new(tokio::sync::Notify::new());
+    let signalled = stopping.clone();
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<Local>(),
+    )
+    .with_graceful_shutdown(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
+        eprintln!("webapp {id}: stopping, waiting for in-flight requests");
+        signalled.notify_one();
+    });
+    // In-flight requests get up to 10 s after the signal.
+    let bound = async {
+        stopping.notified().await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    };
+    tokio::select! {
+        r = server => match r {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("webapp: {e}");
+                1
+            }
+        },
+        _ = bound => 0,
     }
-    drop(listener);
-    eprintln!(
-        "webapp {}: stopping, waiting for in-flight requests",
-        app.id
-    );
-    let _ = tokio::time::timeout(Duration::from_secs(10), inflight.acquire_many(10_000)).await;
-    0
 }
 
 /// A per-process starting point for session ids, so two instances rarely collide.
@@ -127,118 +152,68 @@ fn seed() -> u64 {
     t ^ (u64::from(std::process::id()) << 32)
 }
 
-async fn handle(mut stream: TcpStream, _peer: SocketAddr, app: Arc<App>) -> std::io::Result<()> {
-    let local_ip = stream.local_addr()?.ip().to_string();
-    let mut buf = Vec::with_capacity(1024);
-    loop {
-        // Read one request head.
-        let head_end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            if buf.len() > MAX_HEADER {
-                return Ok(());
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap_or("");
-        let mut parts = request_line.split_whitespace();
-        let method = parts.next().unwrap_or("");
-        let target = parts.next().unwrap_or("/").to_string();
-        let version = parts.next().unwrap_or("HTTP/1.0");
-        let mut keep_alive = version == "HTTP/1.1";
-        let mut cookie_sid = None;
-        let mut body_len = 0usize;
-        for line in lines {
-            let Some((name, value)) = line.split_once(':') else {
-                continue;
-            };
-            let value = value.trim();
-            match name.trim().to_ascii_lowercase().as_str() {
-                "connection" => keep_alive = value.eq_ignore_ascii_case("keep-alive"),
-                "content-length" => body_len = value.parse().unwrap_or(0),
-                "cookie" => {
-                    cookie_sid = value.split(';').find_map(|c| {
-                        let (k, v) = c.trim().split_once('=')?;
-                        (k == SESSION_COOKIE).then(|| v.to_string())
-                    })
-                }
-                _ => {}
-            }
-        }
-        // Discard any body (bounded).
-        let total = head_end + body_len.min(1 << 20);
-        while buf.len() < total {
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        buf.drain(..total);
+/// `GET /`: who answered, and this session's view count.
+async fn hello(
+    State(app): State<Arc<App>>,
+    ConnectInfo(local): ConnectInfo<Local>,
+    headers: HeaderMap,
+) -> Response {
+    answer(&app, local, &headers)
+}
 
-        let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
-        let (status, content_type, body, set_cookie) = match (method, path) {
-            ("GET" | "HEAD", "/health") => ("200 OK", "text/plain", "ok\n".to_string(), None),
-            ("GET" | "HEAD", "/" | "/slow") => {
-                if path == "/slow" {
-                    let ms: u64 = query
-                        .split('&')
-                        .find_map(|kv| kv.strip_prefix("ms="))
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(1000)
-                        .min(30_000);
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                }
-                let (sid, views, new) = app.view(cookie_sid);
-                let body = serde_json::json!({
-                    "hello": "world",
-                    "id": app.id,
-                    "host": app.host,
-                    "ip": local_ip,
-                    "sessionViews": views,
-                })
-                .to_string()
-                    + "\n";
-                let cookie = new.then(|| format!("{SESSION_COOKIE}={sid}; Path=/; HttpOnly"));
-                ("200 OK", "application/json", body, cookie)
-            }
-            _ => (
-                "404 Not Found",
-                "text/plain",
-                "not found\n".to_string(),
-                None,
-            ),
-        };
-        let mut resp = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nX-Instance-Id: {}\r\n",
-            body.len(),
-            app.id
-        );
-        if let Some(c) = set_cookie {
-            resp.push_str(&format!("Set-Cookie: {c}\r\n"));
-        }
-        resp.push_str(if keep_alive {
-            "Connection: keep-alive\r\n\r\n"
-        } else {
-            "Connection: close\r\n\r\n"
+/// `GET /slow?ms=N`: `/` after N ms (default 1000, at most 30 000).
+async fn slow(
+    State(app): State<Arc<App>>,
+    ConnectInfo(local): ConnectInfo<Local>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let ms: u64 = q
+        .get("ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+        .min(30_000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    answer(&app, local, &headers)
+}
+
+/// The address a connection came in on (the "ip" of the answer).
+#[derive(Clone, Copy)]
+struct Local(Option<SocketAddr>);
+
+impl Connected<IncomingStream<'_, TcpListener>> for Local {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        Local(stream.io().local_addr().ok())
+    }
+}
+
+fn answer(app: &App, local: Local, headers: &HeaderMap) -> Response {
+    let cookie_sid = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == SESSION_COOKIE).then(|| v.to_string())
         });
-        if method != "HEAD" {
-            resp.push_str(&body);
-        }
-        stream.write_all(resp.as_bytes()).await?;
-        if !keep_alive {
-            return Ok(());
+    let (sid, views, new) = app.view(cookie_sid);
+    let body = serde_json::json!({
+        "hello": "world",
+        "id": app.id,
+        "host": app.host,
+        "ip": local.0.map(|a| a.ip().to_string()).unwrap_or_default(),
+        "sessionViews": views,
+    })
+    .to_string()
+        + "\n";
+    let mut resp = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if new {
+        if let Ok(v) = HeaderValue::from_str(&format!("{SESSION_COOKIE}={sid}; Path=/; HttpOnly")) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
         }
     }
+    resp
 }
 
 impl App {
@@ -262,8 +237,4 @@ impl App {
         sessions.insert(sid.clone(), 1);
         (sid, 1, true)
     }
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }

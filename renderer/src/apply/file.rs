@@ -251,13 +251,8 @@ async fn run_check(
     }
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stdout));
-    let alerts: Vec<&str> = text.lines().filter(|l| l.contains("ALERT")).collect();
-    let summary = if alerts.is_empty() {
-        text.trim().chars().take(2000).collect::<String>()
-    } else {
-        alerts.join(" | ").chars().take(2000).collect()
-    };
-    let offending = offending_line(&text, &staged_str, bytes);
+    let summary = super::haproxy::check_summary(&text);
+    let offending = super::haproxy::rejected_line(&text, &staged_str, bytes);
     Err(FileError::Check {
         command: line,
         line: offending
@@ -267,21 +262,6 @@ async fn run_check(
         output: format!("{} ({})", summary, out.status),
         offending: offending.map(|(_, l)| l),
     })
-}
-
-/// Finds `[<staged>:N]` (HAProxy's "parsing [file:N]") in the check output and returns
-/// line N of the rendered bytes.
-pub fn offending_line(output: &str, staged: &str, bytes: &[u8]) -> Option<(usize, String)> {
-    let marker = format!("{staged}:");
-    let start = output.find(&marker)? + marker.len();
-    let digits: String = output[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    let n: usize = digits.parse().ok()?;
-    let text = String::from_utf8_lossy(bytes);
-    let line = text.lines().nth(n.checked_sub(1)?)?;
-    Some((n, line.trim().chars().take(300).collect()))
 }
 
 #[cfg(test)]
@@ -336,15 +316,5 @@ mod tests {
             std::fs::read_to_string(dir.path().join("app.cfg.prev")).unwrap(),
             "old\n"
         );
-    }
-
-    #[test]
-    fn finds_haproxy_style_line_numbers() {
-        let out = "[ALERT]    (1) : config : parsing [/tmp/x.cfg:3] : unknown keyword 'evil'";
-        assert_eq!(
-            offending_line(out, "/tmp/x.cfg", b"a\nb\n  evil thing\n"),
-            Some((3, "evil thing".to_string()))
-        );
-        assert_eq!(offending_line("nothing", "/tmp/x.cfg", b"a"), None);
     }
 }

@@ -490,6 +490,90 @@ pub async fn run_reload_command(command: &str, timeout: Duration) -> Result<(), 
     }
 }
 
+/// One server as `show servers state` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerState {
+    pub id: Option<u32>,
+    pub addr: String,
+    pub port: String,
+    pub weight: String,
+    /// `srv_admin_state`: SRV_ADMF_* flags (include/haproxy/server-t.h).
+    pub admin: u32,
+}
+
+impl ServerState {
+    /// In maintenance, whoever put it there (SRV_ADMF_FMAINT | IMAINT | CMAINT).
+    pub fn in_maintenance(&self) -> bool {
+        self.admin & 0x23 != 0
+    }
+}
+
+/// A backend's servers by name.
+pub type ServersState = std::collections::BTreeMap<String, ServerState>;
+
+/// Reads `show servers state [backend]` by the column names of its header line (`# be_id
+/// be_name srv_id srv_name srv_addr … srv_admin_state srv_uweight … srv_port …`), not by
+/// position; `None` when the answer has no such header.
+pub fn parse_servers_state(out: &str) -> Option<ServersState> {
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .by_ref()
+        .find(|l| l.starts_with("# "))
+        .map(|l| l.trim_start_matches("# ").split_whitespace().collect())?;
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (c_id, c_name, c_addr, c_port) = (
+        col("srv_id")?,
+        col("srv_name")?,
+        col("srv_addr")?,
+        col("srv_port")?,
+    );
+    let (c_weight, c_admin) = (col("srv_uweight")?, col("srv_admin_state")?);
+    let mut servers = ServersState::new();
+    for line in lines {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < header.len() || f[0].starts_with('#') {
+            continue;
+        }
+        servers.insert(
+            f[c_name].to_string(),
+            ServerState {
+                id: f[c_id].parse().ok(),
+                addr: f[c_addr].to_string(),
+                port: f[c_port].to_string(),
+                weight: f[c_weight].to_string(),
+                admin: f[c_admin].parse().unwrap_or(0),
+            },
+        );
+    }
+    Some(servers)
+}
+
+/// The `[ALERT]` lines of `haproxy -c` output joined (or the whole output when there are
+/// none), at most 2 000 characters.
+pub fn check_summary(output: &str) -> String {
+    let alerts: Vec<&str> = output.lines().filter(|l| l.contains("ALERT")).collect();
+    if alerts.is_empty() {
+        output.trim().chars().take(2000).collect()
+    } else {
+        alerts.join(" | ").chars().take(2000).collect()
+    }
+}
+
+/// Finds `[<file>:N]` (HAProxy's "parsing [file:N]") in `haproxy -c` output and returns
+/// N and line N of the checked `bytes`.
+pub fn rejected_line(output: &str, file: &str, bytes: &[u8]) -> Option<(usize, String)> {
+    let marker = format!("{file}:");
+    let start = output.find(&marker)? + marker.len();
+    let digits: String = output[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let n: usize = digits.parse().ok()?;
+    let text = String::from_utf8_lossy(bytes);
+    let line = text.lines().nth(n.checked_sub(1)?)?;
+    Some((n, line.trim().chars().take(300).collect()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -555,5 +639,38 @@ mod tests {
         assert_eq!(t.workers, vec![(13342, 0)]);
         assert_eq!(t.current_worker(), Some(13342));
         assert!(ProcTable::parse("garbage").is_none());
+    }
+    #[test]
+    fn servers_state_is_read_by_column_name() {
+        // HAProxy 2.6.12, `show servers state nodes` (columns after srv_port trimmed).
+        let out = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord\n3 nodes 20001 new1 127.0.0.1 2 0 1 1 9 6 3 4 6 0 0 1 - 3001 -\n3 nodes 7 b0 10.0.0.2 2 0 100 100 9 6 3 4 6 0 0 0 - 80 -\n";
+        let st = parse_servers_state(out).unwrap();
+        assert_eq!(
+            st["new1"],
+            ServerState {
+                id: Some(20001),
+                addr: "127.0.0.1".into(),
+                port: "3001".into(),
+                weight: "1".into(),
+                admin: 0,
+            }
+        );
+        assert_eq!(st["b0"].weight, "100");
+        assert!(parse_servers_state("garbage\n").is_none());
+        assert!(!st["b0"].in_maintenance());
+    }
+
+    #[test]
+    fn finds_haproxy_style_line_numbers() {
+        let out = "[ALERT]    (1) : config : parsing [/tmp/x.cfg:3] : unknown keyword 'evil'";
+        assert_eq!(
+            rejected_line(out, "/tmp/x.cfg", b"a\nb\n  evil thing\n"),
+            Some((3, "evil thing".to_string()))
+        );
+        assert_eq!(rejected_line("nothing", "/tmp/x.cfg", b"a"), None);
+        assert_eq!(
+            check_summary("noise\n[ALERT] one\n[ALERT] two\n"),
+            "[ALERT] one | [ALERT] two"
+        );
     }
 }

@@ -198,6 +198,35 @@ fn count(
 }
 
 impl Applier {
+    /// The applier `config` asks for. `once` (--once): no HAProxy of our own to start, so
+    /// exec mode only writes files.
+    pub fn from_config(
+        config: &crate::Config,
+        targets: Vec<Target>,
+        metrics: Metrics,
+        once: bool,
+    ) -> Applier {
+        use crate::ReloadMode;
+        let reloader = match &config.reload {
+            ReloadMode::None => Reloader::None,
+            ReloadMode::Exec { .. } if once => Reloader::None,
+            ReloadMode::Exec { .. } => Reloader::Exec(None),
+            ReloadMode::Master(path) => Reloader::Master(MasterCli::new(path)),
+            ReloadMode::Command { command, timeout } => Reloader::Command {
+                command: command.clone(),
+                timeout: *timeout,
+            },
+        };
+        Applier {
+            targets,
+            reloader,
+            runtime_api: config.runtime_api,
+            runtime_limits: config.runtime_limits,
+            drain_timeout: config.drain_timeout,
+            metrics,
+        }
+    }
+
     pub async fn apply(&mut self, renderer: &Renderer, ctx: &handlebars::Context) -> Report {
         let mut report = Report::default();
         let mut need_reload = false;

@@ -10,7 +10,7 @@ use thiserror::Error;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-use super::haproxy::{HaproxyError, MasterCli};
+use super::haproxy::{self, HaproxyError, MasterCli, ServersState};
 
 /// A `server` line of a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -611,64 +611,16 @@ async fn sessions(cli: &MasterCli, backend: &str, sid: u32) -> Result<u64, Runti
         .unwrap_or(0))
 }
 
-/// One server as `show servers state` reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct ServerState {
-    id: Option<u32>,
-    addr: String,
-    port: String,
-    weight: String,
-}
-
-/// A backend's servers by name, from `show servers state <backend>`.
-type ServersState = BTreeMap<String, ServerState>;
-
 async fn servers_state(cli: &MasterCli, backend: &str) -> Result<ServersState, RuntimeError> {
     let out = cli
         .worker_command(&format!("show servers state {backend}"))
         .await?;
-    parse_servers_state(&out)
-}
-
-/// Reads `show servers state` by the column names of its header line (`# be_id be_name
-/// srv_id srv_name srv_addr … srv_uweight … srv_port …`), not by position.
-fn parse_servers_state(out: &str) -> Result<ServersState, RuntimeError> {
-    let mut lines = out.lines();
-    let header: Vec<&str> = lines
-        .by_ref()
-        .find(|l| l.starts_with("# "))
-        .map(|l| l.trim_start_matches("# ").split_whitespace().collect())
-        .unwrap_or_default();
-    let col = |name: &str| header.iter().position(|h| *h == name);
-    let (Some(c_id), Some(c_name), Some(c_addr), Some(c_port), Some(c_weight)) = (
-        col("srv_id"),
-        col("srv_name"),
-        col("srv_addr"),
-        col("srv_port"),
-        col("srv_uweight"),
-    ) else {
-        return Err(RuntimeError::Mismatch(format!(
+    haproxy::parse_servers_state(&out).ok_or_else(|| {
+        RuntimeError::Mismatch(format!(
             "unexpected `show servers state` output: {}",
             out.chars().take(200).collect::<String>()
-        )));
-    };
-    let mut servers = BTreeMap::new();
-    for line in lines {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < header.len() || f[0].starts_with('#') {
-            continue;
-        }
-        servers.insert(
-            f[c_name].to_string(),
-            ServerState {
-                id: f[c_id].parse().ok(),
-                addr: f[c_addr].to_string(),
-                port: f[c_port].to_string(),
-                weight: f[c_weight].to_string(),
-            },
-        );
-    }
-    Ok(servers)
+        ))
+    })
 }
 
 /// Checks that HAProxy runs what `plan` meant: every added or updated server with the
@@ -938,24 +890,6 @@ mod tests {
         assert_eq!(row["addr"], "127.0.0.1:3001");
         assert!(parse_stat_row(csv, 7).is_none());
         assert!(parse_stat_row("# pxname,svname,sid\n", 1).is_none());
-    }
-
-    #[test]
-    fn servers_state_is_read_by_column_name() {
-        // HAProxy 2.6.12, `show servers state nodes` (columns after srv_port trimmed).
-        let out = "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord\n3 nodes 20001 new1 127.0.0.1 2 0 1 1 9 6 3 4 6 0 0 1 - 3001 -\n3 nodes 7 b0 10.0.0.2 2 0 100 100 9 6 3 4 6 0 0 0 - 80 -\n";
-        let st = parse_servers_state(out).unwrap();
-        assert_eq!(
-            st["new1"],
-            ServerState {
-                id: Some(20001),
-                addr: "127.0.0.1".into(),
-                port: "3001".into(),
-                weight: "1".into()
-            }
-        );
-        assert_eq!(st["b0"].weight, "100");
-        assert!(parse_servers_state("garbage\n").is_err());
     }
 
     #[test]
