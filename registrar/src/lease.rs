@@ -115,7 +115,7 @@ impl Registration {
                     }
                     continue;
                 }
-                Err(RegisterError::Etcd(e)) if is_refusal(&e) => {
+                Err(RegisterError::Etcd(e)) if after_failure(&e) == Next::GiveUp => {
                     let msg = format!("etcd refused the registration: {}", error_chain(&e));
                     error!(error = %msg, "check --user and its role: it needs write access to the key");
                     return Err(msg);
@@ -237,21 +237,16 @@ impl Registration {
 
     /// Keeps `lease` alive and follows the health verdict until the lease is lost or `stop`.
     async fn keep(&mut self, lease: i64, stop: &CancellationToken) -> SessionEnd {
-        let ttl = Duration::from_secs(self.ttl as u64);
-        let period = ttl / 3;
-        // Until etcd confirms otherwise, the lease is alive for at most one TTL.
-        let mut expires = Instant::now() + ttl;
+        let mut schedule = Schedule::new(Duration::from_secs(self.ttl as u64), Instant::now());
         let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
         let mut key_present = true;
         let mut want_present = *self.health.borrow_and_update();
-        let mut next_keep_alive = Instant::now() + period;
         let mut next_presence_try = Instant::now();
-        let mut overdue_warned = false;
         loop {
             let wake = if want_present != key_present {
-                next_keep_alive.min(next_presence_try)
+                schedule.next.min(next_presence_try)
             } else {
-                next_keep_alive
+                schedule.next
             };
             tokio::select! {
                 _ = stop.cancelled() => return SessionEnd::Shutdown,
@@ -279,17 +274,15 @@ impl Registration {
                     }
                 }
             }
-            if Instant::now() < next_keep_alive {
+            if Instant::now() < schedule.next {
                 continue;
             }
             match self.keep_alive_once(lease, &mut stream).await {
                 Ok(remaining) if remaining > 0 => {
-                    if overdue_warned {
-                        overdue_warned = false;
+                    let remaining = Duration::from_secs(remaining as u64);
+                    if schedule.answered(Instant::now(), remaining) {
                         info!(member = %self.etcd.endpoint(), "keep-alive answered again; the lease was kept");
                     }
-                    expires = Instant::now() + Duration::from_secs(remaining as u64);
-                    next_keep_alive = Instant::now() + period;
                 }
                 Ok(_) => return SessionEnd::LeaseLost,
                 Err(e) if is_lease_not_found(&e) => return SessionEnd::LeaseLost,
@@ -297,22 +290,16 @@ impl Registration {
                     stream = None;
                     self.metrics.keepalive_failures.inc();
                     let failed_on = self.etcd.endpoint();
-                    // Past our own estimate of the expiry the lease may still be alive: a
-                    // newly elected leader restarts every lease's TTL. Only etcd's answer
-                    // (TTL 0 or "lease not found") ends this lease.
-                    if Instant::now() >= expires && !overdue_warned {
-                        overdue_warned = true;
+                    let overdue = schedule.overdue(Instant::now());
+                    if overdue {
                         warn!(error = %error_chain(&e), member = %failed_on, "no keep-alive answered for longer than the TTL; the key may have expired");
                     } else {
                         debug!(error = %error_chain(&e), member = %failed_on, "keep-alive failed; trying another etcd member");
                     }
-                    // Straight away when we moved to another member; a short pause when
-                    // the same member is all there is.
-                    next_keep_alive = match self.etcd.fail_over_unless(stop).await {
+                    match self.etcd.fail_over_unless(stop).await {
                         FailOver::Stopped => return SessionEnd::Shutdown,
-                        FailOver::Moved => Instant::now(),
-                        FailOver::Stayed => Instant::now() + Duration::from_millis(200).min(period),
-                    };
+                        moved => schedule.failed(Instant::now(), moved == FailOver::Moved),
+                    }
                 }
             }
         }
@@ -399,10 +386,172 @@ impl Registration {
     }
 }
 
+/// When to send a lease's keep-alives, and whether a missing answer has been missing for
+/// longer than the lease can live. Pure: the caller passes the clock in.
+#[derive(Debug, Clone)]
+struct Schedule {
+    /// TTL/3: three chances to renew before the lease can expire.
+    period: Duration,
+    /// Our estimate of the lease's expiry: one TTL after etcd last confirmed it.
+    expires: Instant,
+    /// When the next keep-alive is due.
+    next: Instant,
+    /// The "may have expired" warning was given and not yet taken back.
+    overdue_warned: bool,
+}
+
+impl Schedule {
+    /// A lease granted at `now`.
+    fn new(ttl: Duration, now: Instant) -> Self {
+        let period = ttl / 3;
+        Schedule {
+            period,
+            expires: now + ttl,
+            next: now + period,
+            overdue_warned: false,
+        }
+    }
+
+    /// etcd answered at `now` with `remaining` TTL. True when this takes back an earlier
+    /// "may have expired" warning.
+    fn answered(&mut self, now: Instant, remaining: Duration) -> bool {
+        self.expires = now + remaining;
+        self.next = now + self.period;
+        std::mem::take(&mut self.overdue_warned)
+    }
+
+    /// A keep-alive failed at `now`: true the first time that is past our estimate of the
+    /// expiry (warn once). Past it the lease may still be alive — a newly elected leader
+    /// restarts every lease's TTL — so only etcd's answer (TTL 0, "lease not found") ends it.
+    fn overdue(&mut self, now: Instant) -> bool {
+        let first = now >= self.expires && !self.overdue_warned;
+        self.overdue_warned |= first;
+        first
+    }
+
+    /// After a failure: the next try straight away when we moved to another member, after
+    /// a short pause (200 ms, at most a period) when the same member is all there is.
+    fn failed(&mut self, now: Instant, moved: bool) {
+        self.next = if moved {
+            now
+        } else {
+            now + Duration::from_millis(200).min(self.period)
+        };
+    }
+}
+
+/// What a failed registration leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// etcd refused these credentials or this request: retrying cannot help.
+    GiveUp,
+    /// Anything else (unreachable, timeout, no leader): another member, capped backoff.
+    Retry,
+}
+
+fn after_failure(e: &etcd_client::Error) -> Next {
+    if is_refusal(e) {
+        Next::GiveUp
+    } else {
+        Next::Retry
+    }
+}
+
 /// Sleeps `d` unless `stop` fires first; returns true when stopped.
 pub async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         _ = stop.cancelled() => true,
         _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(3);
+
+    /// Keep-alives every TTL/3 while etcd answers; the estimate of the expiry follows each
+    /// answer's TTL.
+    #[tokio::test(start_paused = true)]
+    async fn keep_alives_go_every_third_of_the_ttl() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(TTL, t0);
+        assert_eq!(s.next, t0 + Duration::from_secs(1));
+        for round in 1..=5u32 {
+            tokio::time::sleep_until(s.next).await;
+            assert_eq!(Instant::now(), t0 + Duration::from_secs(round.into()));
+            assert!(!s.answered(Instant::now(), TTL));
+            assert!(!s.overdue(Instant::now()));
+        }
+        assert_eq!(s.expires, t0 + Duration::from_secs(8));
+    }
+
+    /// Failures retry at once after a fail-over and after 200 ms on the same member; the
+    /// "may have expired" warning comes once, only past the TTL, and is taken back by the
+    /// next answer.
+    #[tokio::test(start_paused = true)]
+    async fn failures_retry_and_warn_once_past_the_ttl() {
+        let t0 = Instant::now();
+        let mut s = Schedule::new(TTL, t0);
+        tokio::time::sleep_until(s.next).await;
+        // The member froze: a fail-over, then the only other member fails too.
+        assert!(!s.overdue(Instant::now()));
+        s.failed(Instant::now(), true);
+        assert_eq!(s.next, Instant::now());
+        let mut warnings = 0;
+        while Instant::now() < t0 + Duration::from_secs(6) {
+            tokio::time::sleep_until(s.next).await;
+            warnings += u32::from(s.overdue(Instant::now()));
+            s.failed(Instant::now(), false);
+            assert_eq!(s.next - Instant::now(), Duration::from_millis(200));
+        }
+        assert_eq!(warnings, 1, "warned once past the TTL");
+        // A new leader restarted the lease: answered, the warning is taken back once.
+        assert!(s.answered(Instant::now(), TTL));
+        assert!(!s.answered(Instant::now(), TTL));
+        // A short TTL: the pause after a failure is at most a period.
+        let mut short = Schedule::new(Duration::from_millis(300), Instant::now());
+        short.failed(Instant::now(), false);
+        assert_eq!(short.next - Instant::now(), Duration::from_millis(100));
+    }
+
+    /// Refusals end the registration; everything else is retried.
+    #[test]
+    fn refusals_give_up_the_rest_is_retried() {
+        let status =
+            |code, msg: &str| etcd_client::Error::GRpcStatus(tonic::Status::new(code, msg));
+        let denied = status(
+            tonic::Code::PermissionDenied,
+            "etcdserver: permission denied",
+        );
+        assert_eq!(after_failure(&denied), Next::GiveUp);
+        let auth = status(
+            tonic::Code::InvalidArgument,
+            "etcdserver: authentication failed",
+        );
+        assert_eq!(after_failure(&auth), Next::GiveUp);
+        for retry in [
+            status(tonic::Code::Unavailable, "etcdserver: no leader"),
+            status(tonic::Code::DeadlineExceeded, "context deadline exceeded"),
+            etcd_client::Error::IoError(std::io::Error::other("connection refused")),
+        ] {
+            assert_eq!(after_failure(&retry), Next::Retry, "{retry}");
+        }
+    }
+
+    /// Capped exponential backoff between registration attempts, reset by a success.
+    #[tokio::test(start_paused = true)]
+    async fn registration_attempts_back_off_to_a_second() {
+        let mut b = Backoff::new(MAX_BACKOFF);
+        let t0 = Instant::now();
+        let mut at = Vec::new();
+        for _ in 0..6 {
+            tokio::time::sleep(b.next_delay()).await;
+            at.push((Instant::now() - t0).as_millis());
+        }
+        assert_eq!(at, [100, 300, 700, 1500, 2500, 3500]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(100));
     }
 }

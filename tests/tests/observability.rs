@@ -167,21 +167,8 @@ async fn registrar_exports_registration_state() {
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
     let port = free_port();
-    let mut cmd = Command::new(bin("registrar"));
-    cmd.args([
-        "--endpoints",
-        &etcd.endpoint(),
-        "--service",
-        "webapp",
-        "--id",
-        "s1",
-        "--port",
-        "3000",
-        "--ttl",
-        "3s",
-        "--metrics-addr",
-        &format!("127.0.0.1:{port}"),
-    ]);
+    let mut cmd = e2e::registrar_command(&etcd.endpoint(), "s1", 3000, "3s");
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
     let _reg = Proc::spawn("registrar", dir.path(), cmd);
     eventually(T, "registered and ready", || async {
         (http::get(port, "/readyz", None).await.ok()?.status == 200).then_some(())

@@ -43,21 +43,7 @@ async fn traffic_follows_registrations_from_etcdctl_and_the_registrar() {
 
     // Through the registrar binary.
     let reg = {
-        let mut cmd = Command::new(bin("registrar"));
-        cmd.args([
-            "--endpoints",
-            &etcd.endpoint(),
-            "--service",
-            "webapp",
-            "--id",
-            "s3",
-            "--address",
-            "127.0.0.1",
-            "--port",
-            &s3.port.to_string(),
-            "--ttl",
-            "5s",
-        ]);
+        let cmd = e2e::registrar_command(&etcd.endpoint(), "s3", s3.port, "5s");
         Proc::spawn("registrar-s3", dir.path(), cmd)
     };
     wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
