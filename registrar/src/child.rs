@@ -49,23 +49,17 @@ impl App {
 
     /// Sends `signal`, waits up to `timeout`, then SIGKILLs.
     pub async fn stop(&mut self, signal: Signal, timeout: Duration) -> std::io::Result<ExitStatus> {
-        self.signal(signal);
-        match tokio::time::timeout(timeout, self.child.wait()).await {
-            Ok(status) => status,
-            Err(_) => {
-                warn!(?timeout, "app did not exit in time; sending SIGKILL");
-                self.signal(Signal::SIGKILL);
-                self.child.wait().await
+        let pid = self.pid;
+        let send = move |s: Signal| {
+            if let Err(e) = kill(pid, s) {
+                warn!(signal = %s, error = %e, "could not signal the app");
             }
-        }
+        };
+        observe::process::stop(send, self.child.wait(), signal, timeout, "the app").await
     }
 }
 
 /// Shell-style exit code: the exit code, or 128 + signal number.
 pub fn exit_code(status: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(1)
+    observe::process::exit_code(status).unwrap_or(1)
 }

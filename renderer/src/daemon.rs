@@ -340,8 +340,7 @@ impl Daemon {
 }
 
 fn exit_code(status: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    match status.code().or_else(|| status.signal().map(|s| 128 + s)) {
+    match observe::process::exit_code(status) {
         Some(0) | None => 1, // HAProxy exiting on its own is a failure for a load balancer.
         Some(c) => c,
     }

@@ -5,11 +5,9 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::process::Command;
 use tracing::warn;
 
 /// How long a check command may run.
@@ -216,36 +214,17 @@ async fn run_check(
     } else {
         format!("{cmd} {}", shell_quote(&staged_str))
     };
-    let mut command = if background && Path::new(NICE).exists() {
-        let mut c = Command::new(NICE);
-        c.args(["-n", "10", "sh"]);
-        c
+    let prefix: &[&str] = if background && Path::new(NICE).exists() {
+        &[NICE, "-n", "10"]
     } else {
-        Command::new("sh")
+        &[]
     };
-    let child = command
-        .arg("-c")
-        .arg(&line)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(CHECK_TIMEOUT, child).await {
-        Ok(Ok(out)) => out,
-        Ok(Err(e)) => {
-            return Err(FileError::CheckRun {
-                command: line,
-                message: e.to_string(),
-            })
-        }
-        Err(_) => {
-            return Err(FileError::CheckRun {
-                command: line,
-                message: format!("timed out after {CHECK_TIMEOUT:?}"),
-            })
-        }
-    };
+    let out = observe::process::shell(prefix, &line, CHECK_TIMEOUT)
+        .await
+        .map_err(|e| FileError::CheckRun {
+            command: line.clone(),
+            message: e.to_string(),
+        })?;
     if out.status.success() {
         return Ok(());
     }

@@ -448,37 +448,20 @@ impl HaproxyChild {
 
     /// Passes `sig` on and waits up to `timeout` before SIGKILL.
     pub async fn stop(&self, sig: Signal, timeout: Duration) -> ExitStatus {
-        self.signal(sig);
-        match tokio::time::timeout(timeout, self.wait()).await {
-            Ok(s) => s,
-            Err(_) => {
-                warn!(?timeout, "HAProxy did not stop in time; SIGKILL");
-                self.signal(Signal::SIGKILL);
-                self.wait().await
-            }
-        }
+        observe::process::stop(|s| self.signal(s), self.wait(), sig, timeout, "HAProxy").await
     }
 }
 
 /// Runs a user-supplied reload command with a timeout.
 pub async fn run_reload_command(command: &str, timeout: Duration) -> Result<(), HaproxyError> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
     let err = |message: String| HaproxyError::Command {
         command: command.to_string(),
         message,
     };
-    match tokio::time::timeout(timeout, out).await {
-        Err(_) => Err(err(format!("timed out after {timeout:?}"))),
-        Ok(Err(e)) => Err(err(e.to_string())),
-        Ok(Ok(o)) if o.status.success() => Ok(()),
-        Ok(Ok(o)) => Err(err(format!(
+    match observe::process::shell(&[], command, timeout).await {
+        Err(e) => Err(err(e.to_string())),
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(err(format!(
             "{}: {}",
             o.status,
             String::from_utf8_lossy(&o.stderr)
