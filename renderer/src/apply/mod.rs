@@ -3,6 +3,8 @@
 //! reloads it, confirming that the reload took; [`runtime`] applies membership-only
 //! changes through HAProxy's runtime API without a reload.
 
+#[cfg(test)]
+mod fake;
 pub mod file;
 pub mod haproxy;
 pub mod runtime;
@@ -503,4 +505,208 @@ fn write(
     }
     t.last = Some(bytes);
     Ok(())
+}
+
+/// The apply choice over a fake master CLI ([`fake`]): live through the runtime API, a
+/// reload when more than servers changed, a reload when HAProxy refuses a live change, the
+/// undo when the file of a partial live change is rejected, a failed reload reported.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::fake::FakeMaster;
+    use super::*;
+    use crate::model::Model;
+    use std::collections::BTreeMap;
+
+    const TEMPLATE: &str = "global\n    maxconn 100\ndefaults\n    mode http\nbackend web\n    balance {{vars.balance}}\n{{#each services.web}}    server {{id}} {{address}}:{{port}} weight {{weight}} id {{server_id}}\n{{/each}}";
+
+    struct Setup {
+        applier: Applier,
+        renderer: Renderer,
+        model: Model,
+        vars: BTreeMap<String, String>,
+        fake: FakeMaster,
+        dest: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Setup {
+        /// An applier whose HAProxy (the fake) runs web/a and web/b, applied by a reload.
+        async fn new(check: Option<&str>) -> Setup {
+            let dir = tempfile::tempdir().unwrap();
+            let tpl = dir.path().join("t.hbs");
+            std::fs::write(&tpl, TEMPLATE).unwrap();
+            let dest = dir.path().join("haproxy.cfg");
+            let mut renderer = Renderer::new();
+            let name = renderer.add_file(&tpl).unwrap();
+            let fake = FakeMaster::start(dir.path(), dest.clone());
+            let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
+            let target = Target::new(name, FileTarget::new(dest.clone(), check.map(String::from)));
+            let applier = Applier {
+                targets: vec![target],
+                reloader: Reloader::Master(MasterCli::new(&fake.socket)),
+                runtime_api: true,
+                runtime_limits: runtime::Limits::default(),
+                drain_timeout: Duration::from_secs(1),
+                metrics,
+            };
+            let vars = BTreeMap::from([("balance".to_string(), "roundrobin".to_string())]);
+            let mut s = Setup {
+                applier,
+                renderer,
+                model: Model::new("/services"),
+                vars,
+                fake,
+                dest,
+                _dir: dir,
+            };
+            s.put("a", 3001);
+            s.put("b", 3002);
+            let r = s.apply().await;
+            assert!(r.reloaded && r.errors.is_empty(), "{r:?}");
+            assert_eq!(s.fake.names(), ["web/a", "web/b"]);
+            s.fake.with(|f| f.commands.clear());
+            s
+        }
+
+        fn put(&mut self, id: &str, port: u16) {
+            let v = registry::Instance::new("web", id, "10.0.0.1", port).encode();
+            self.model.put(
+                &registry::instance_key("/services", "web", id),
+                v.as_bytes(),
+            );
+        }
+
+        fn delete(&mut self, id: &str) {
+            self.model
+                .delete(&registry::instance_key("/services", "web", id));
+        }
+
+        async fn apply(&mut self) -> Report {
+            let ctx = self.renderer.context(self.model.template_data(&self.vars));
+            self.applier.apply(&self.renderer, &ctx).await
+        }
+
+        fn reloads(&self) -> u32 {
+            self.fake.with(|f| f.reloads)
+        }
+
+        fn file(&self) -> String {
+            std::fs::read_to_string(&self.dest).unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_join_goes_live_and_its_file_follows() {
+        let mut s = Setup::new(None).await;
+        s.put("c", 3003);
+        let r = s.apply().await;
+        assert_eq!(
+            (r.reload, r.reloaded, r.runtime_changes),
+            (Some("runtime API"), false, 1),
+            "{r:?}"
+        );
+        assert_eq!(s.reloads(), 1, "no reload for a join");
+        assert_eq!(s.fake.names(), ["web/a", "web/b", "web/c"]);
+        let c = s.fake.with(|f| f.servers["web"]["c"].clone());
+        assert_eq!(
+            (c.addr.as_str(), c.port, c.weight, c.admin),
+            ("10.0.0.1", 3003, 100, 0)
+        );
+        // The file is HAProxy's state only once the background check wrote it.
+        assert!(!s.file().contains("server c "));
+        assert!(s.applier.files_due());
+        let job = s.applier.next_check().unwrap();
+        let outcome = s.applier.finish_check(job.run().await).await;
+        assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
+        assert!(s.file().contains("server c 10.0.0.1:3003"));
+        assert_eq!(s.reloads(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_leave_drains_then_deletes() {
+        let mut s = Setup::new(None).await;
+        s.delete("b");
+        let r = s.apply().await;
+        assert_eq!(
+            (r.reload, r.runtime_changes),
+            (Some("runtime API"), 1),
+            "{r:?}"
+        );
+        assert_eq!(s.fake.names(), ["web/a"]);
+        let commands = s.fake.with(|f| f.commands.clone());
+        let at = |c: &str| {
+            commands
+                .iter()
+                .position(|x| x == c)
+                .unwrap_or_else(|| panic!("{c} not sent: {commands:?}"))
+        };
+        assert!(at("set server web/b state drain") < at("set server web/b state maint"));
+        assert!(at("set server web/b state maint") < at("del server web/b"));
+        assert_eq!(s.reloads(), 1);
+    }
+
+    #[tokio::test]
+    async fn more_than_servers_changed_reloads() {
+        let mut s = Setup::new(None).await;
+        s.vars.insert("balance".into(), "leastconn".into());
+        s.put("c", 3003);
+        let r = s.apply().await;
+        assert!(r.reloaded && r.errors.is_empty(), "{r:?}");
+        assert_eq!(r.reload, Some("master CLI reload"));
+        assert_eq!(s.reloads(), 2);
+        assert!(
+            s.fake.with(|f| f.commands.is_empty()),
+            "no runtime command for a reload"
+        );
+        assert!(s.file().contains("balance leastconn") && s.file().contains("server c "));
+        assert_eq!(s.fake.names(), ["web/a", "web/b", "web/c"]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_live_change_falls_back_to_a_reload() {
+        let mut s = Setup::new(None).await;
+        s.fake.with(|f| f.refuse_add = true);
+        s.put("c", 3003);
+        let r = s.apply().await;
+        assert_eq!((r.runtime_fallbacks, r.reloaded), (1, true), "{r:?}");
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(s.reloads(), 2);
+        assert_eq!(
+            s.fake.names(),
+            ["web/a", "web/b", "web/c"],
+            "the reload ran the new file"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_partial_live_change_whose_file_is_rejected_is_undone() {
+        // The check rejects any file with a server c: the live add was refused half-way,
+        // so HAProxy goes back to the last good file by a reload.
+        let mut s = Setup::new(Some("! grep -q 'server c ' {}")).await;
+        s.fake.with(|f| f.refuse_add = true);
+        s.put("c", 3003);
+        let r = s.apply().await;
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.reloaded, "undone by a reload: {r:?}");
+        assert_eq!(s.reloads(), 2);
+        assert_eq!(s.fake.names(), ["web/a", "web/b"]);
+        assert!(!s.file().contains("server c "));
+    }
+
+    #[tokio::test]
+    async fn a_failed_reload_is_reported() {
+        let mut s = Setup::new(None).await;
+        s.fake.with(|f| f.fail_reload = true);
+        s.vars.insert("balance".into(), "leastconn".into());
+        let r = s.apply().await;
+        assert!(!r.reloaded, "{r:?}");
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("reload"), "{:?}", r.errors);
+        assert_eq!(
+            s.fake.names(),
+            ["web/a", "web/b"],
+            "the old worker keeps running"
+        );
+    }
 }
