@@ -436,7 +436,9 @@ pub fn classify(endpoints: &str, e: &etcd_client::Error) -> ConnectError {
         Some(tonic::Code::PermissionDenied) => {
             ConnectError::Fatal(format!("etcd permission denied: {message}"))
         }
-        None if tls_failure(&message) => ConnectError::Fatal(format!(
+        // tonic reports a failed handshake as `Unavailable`/`Unknown` (or as a transport
+        // error with no status), with rustls' reason only in the message.
+        _ if tls_failure(&message) => ConnectError::Fatal(format!(
             "etcd TLS failed (certificate not trusted or not accepted): {message}"
         )),
         _ => ConnectError::Unavailable {
@@ -446,8 +448,8 @@ pub fn classify(endpoints: &str, e: &etcd_client::Error) -> ConnectError {
     }
 }
 
-/// A handshake failure has no gRPC status: it happens below gRPC, and tonic's transport
-/// error carries rustls' message only as text.
+/// A handshake failure happens below gRPC: whatever status tonic gives it, rustls' reason
+/// is only in the text.
 fn tls_failure(message: &str) -> bool {
     let lower = message.to_ascii_lowercase();
     ["certificate", "tls", "handshake", "unknownissuer"]
@@ -473,9 +475,14 @@ pub async fn within<T>(
 
 /// True when etcd says the lease does not exist (expired, revoked, or the store was
 /// replaced): `NotFound` is the code of "requested lease not found", the only thing the
-/// lease and key calls we make can fail to find.
+/// lease and key calls we make can fail to find. Opening a keep-alive stream for a lease
+/// etcd no longer has is answered with TTL 0, which etcd-client turns into its own
+/// `LeaseKeepAliveError("lease not found")` (no gRPC status to read).
 pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
-    grpc_code(e) == Some(tonic::Code::NotFound)
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(m) => m == "lease not found",
+        _ => grpc_code(e) == Some(tonic::Code::NotFound),
+    }
 }
 
 /// Capped exponential backoff for reconnect loops: 100 ms doubling up to `max`.
@@ -555,6 +562,11 @@ mod tests {
             classify("e", &busy),
             ConnectError::Unavailable { .. }
         ));
+        let tls = status(
+            tonic::Code::Unavailable,
+            "error trying to connect: invalid peer certificate: UnknownIssuer",
+        );
+        assert!(matches!(classify("e", &tls), ConnectError::Fatal(m) if m.contains("TLS")));
         let io = etcd_client::Error::IoError(std::io::Error::other("connection refused"));
         assert!(matches!(
             classify("e", &io),

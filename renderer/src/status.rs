@@ -26,12 +26,35 @@ pub struct StatusArgs {
     pub renderer: String,
 }
 
+/// Why `renderer status` has no report: only the registry is required.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Connect(#[from] registry::etcd::ConnectError),
+    #[error("listing {prefix}: {message}")]
+    List { prefix: String, message: String },
+}
+
+/// Why the running renderer's `/status` could not be read (reported, not fatal).
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("{0}")]
+    Http(String),
+    #[error("/status answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("bad /status answer: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
 /// Builds the report. Errors only when etcd cannot be read.
-pub async fn report(args: &StatusArgs) -> Result<String, String> {
-    let client = args.etcd.connect().await.map_err(|e| e.to_string())?;
+pub async fn report(args: &StatusArgs) -> Result<String, StatusError> {
+    let client = args.etcd.connect().await?;
     let (store, kvs) = crate::watch::list(&client, &args.prefix, args.etcd.dial_timeout)
         .await
-        .map_err(|e| registry::etcd::error_chain(&e))?;
+        .map_err(|e| StatusError::List {
+            prefix: args.prefix.clone(),
+            message: registry::etcd::error_chain(&e),
+        })?;
     let mut model = Model::new(&args.prefix);
     model.reset(
         kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
@@ -102,25 +125,26 @@ pub async fn report(args: &StatusArgs) -> Result<String, String> {
     Ok(out)
 }
 
-async fn get_status(addr: &str) -> Result<serde_json::Value, String> {
+async fn get_status(addr: &str) -> Result<serde_json::Value, FetchError> {
     let base = if addr.contains("://") {
         addr.trim_end_matches('/').to_string()
     } else {
         format!("http://{}", addr.trim_end_matches('/'))
     };
+    let http = |e: reqwest::Error| FetchError::Http(registry::etcd::error_chain(&e));
     let client = reqwest::Client::builder()
         .no_proxy()
         .timeout(Duration::from_secs(5))
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(http)?;
     let response = client
         .get(format!("{base}/status"))
         .send()
         .await
-        .map_err(|e| registry::etcd::error_chain(&e))?;
+        .map_err(http)?;
     if !response.status().is_success() {
-        return Err(format!("/status answered {}", response.status()));
+        return Err(FetchError::Status(response.status()));
     }
-    let body = response.text().await.map_err(|e| e.to_string())?;
-    serde_json::from_str(&body).map_err(|e| format!("bad /status answer: {e}"))
+    let body = response.text().await.map_err(http)?;
+    Ok(serde_json::from_str(&body)?)
 }
