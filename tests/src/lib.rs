@@ -88,13 +88,19 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The registrar binary talking to the etcd at `endpoints` (comma-separated), logging at
+/// `log` (a `RUST_LOG` filter); callers add every other flag.
+pub fn registrar_base(endpoints: &str, log: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("registrar"));
+    cmd.env("RUST_LOG", log).args(["--endpoints", endpoints]);
+    cmd
+}
+
 /// A registrar keeping `webapp/<id>` at 127.0.0.1:`port` with `--ttl ttl` in the etcd at
 /// `endpoints` (comma-separated), logging at INFO; callers add flags.
 pub fn registrar_command(endpoints: &str, id: &str, port: u16, ttl: &str) -> std::process::Command {
-    let mut cmd = std::process::Command::new(bin("registrar"));
-    cmd.env("RUST_LOG", "info").args([
-        "--endpoints",
-        endpoints,
+    let mut cmd = registrar_base(endpoints, "info");
+    cmd.args([
         "--service",
         "webapp",
         "--id",

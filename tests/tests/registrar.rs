@@ -12,11 +12,8 @@ use nix::sys::signal::Signal;
 const KEY: &str = "/services/webapp/s1";
 
 fn registrar(dir: &std::path::Path, name: &str, etcd: &Etcd, args: &[&str]) -> Proc {
-    let mut cmd = Command::new(bin("registrar"));
-    cmd.arg("--endpoints")
-        .arg(etcd.endpoint())
-        .args(args)
-        .env("RUST_LOG", "info,registrar=debug");
+    let mut cmd = e2e::registrar_base(&etcd.endpoint(), "info,registrar=debug");
+    cmd.args(args);
     Proc::spawn(name, dir, cmd)
 }
 

@@ -44,14 +44,11 @@ fn creds(certs: &Path, user: &str, ca: &Path) -> Vec<String> {
 }
 
 fn registrar(dir: &Path, name: &str, etcd: &Etcd, extra: &[String], password_file: &Path) -> Proc {
-    let mut cmd = Command::new(bin("registrar"));
-    cmd.env(
-        "RUST_LOG",
-        "debug,h2=info,hyper=info,tower=info,rustls=info",
-    )
-    .args([
-        "--endpoints",
+    let mut cmd = e2e::registrar_base(
         &etcd.endpoint(),
+        "debug,h2=info,hyper=info,tower=info,rustls=info",
+    );
+    cmd.args([
         "--service",
         "webapp",
         "--address",
