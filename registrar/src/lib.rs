@@ -7,6 +7,7 @@
 
 pub mod child;
 pub mod config;
+pub mod docker;
 pub mod health;
 pub mod lease;
 pub mod metrics;
