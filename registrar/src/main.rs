@@ -8,6 +8,9 @@ use registrar::config::{Args, Config, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
+    if std::env::args_os().nth(1).is_some_and(|a| a == "docker") {
+        docker_main();
+    }
     let args: Args = observe::cli::parse_or_exit();
     observe::init_logging(args.log_format == LogFormat::Json);
     let config = match Config::from_args(args) {
@@ -39,6 +42,53 @@ fn main() {
             Err(e) => {
                 eprintln!("registrar: error: {e:#}");
                 1
+            }
+        }
+    })
+}
+
+/// `registrar docker …`: the daemon that registers labelled containers.
+fn docker_main() -> ! {
+    use clap::Parser;
+    use registrar::docker::{daemon, DockerArgs, DockerConfig};
+    let args = match DockerArgs::try_parse_from(std::env::args_os().skip(1)) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    observe::init_logging(args.log_format == LogFormat::Json);
+    let config = match DockerConfig::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("registrar docker: error: {e}");
+            std::process::exit(EX_USAGE);
+        }
+    };
+    observe::cli::run_and_exit("registrar docker", 2, async {
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            stop.cancel();
+        });
+        match daemon::run(config, shutdown).await {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("registrar docker: error: {e}");
+                EX_USAGE
             }
         }
     })

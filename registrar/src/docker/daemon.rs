@@ -1,0 +1,704 @@
+//! The `registrar docker` loop: subscribe to the engine's container events, sync fully
+//! (register what runs and is eligible, remove this daemon's stale keys), then follow the
+//! events; on losing the socket, do it all again. Every record is bound to one lease the
+//! daemon keeps alive; when it is lost, a new one is granted and everything is put again.
+//!
+//! Each event is judged by the container's state at that moment (`inspect`), not by its
+//! name alone, so events replayed after a reconnect are harmless. The exception is the
+//! first stop signal (`kill` with the container's stop signal, `stop`): the container is
+//! still running then, and is deregistered at once so the load balancer drains it before
+//! it exits.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use bollard::models::{ContainerInspectResponse, EventMessage, HealthStatusEnum};
+use bollard::query_parameters::{EventsOptions, ListContainersOptions};
+use bollard::Docker;
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use registry::etcd::{error_chain, is_lease_not_found, Backoff, ConnectError, Member};
+use registry::Instance;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::labels::{self, Container};
+use super::DockerConfig;
+
+/// Fatal failures: flags or etcd setup that retrying cannot fix.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Signals that mean "stop" whatever the container's own stop signal is.
+const STOP_SIGNALS: [&str; 4] = ["SIGTERM", "SIGKILL", "SIGINT", "SIGQUIT"];
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The daemon's metrics.
+#[derive(Clone, Default)]
+struct Metrics {
+    registered: Gauge,
+    events: Counter,
+    syncs: Counter,
+    docker_connected: Gauge,
+    lease_grants: Counter,
+    skipped: Counter,
+}
+
+impl Metrics {
+    fn register(&self, r: &mut prometheus_client::registry::Registry) {
+        r.register(
+            "registrar_docker_registered",
+            "Containers registered now",
+            self.registered.clone(),
+        );
+        r.register(
+            "registrar_docker_events",
+            "Container events received",
+            self.events.clone(),
+        );
+        r.register(
+            "registrar_docker_syncs",
+            "Full syncs against the engine and etcd",
+            self.syncs.clone(),
+        );
+        r.register(
+            "registrar_docker_connected",
+            "1 while the engine's event stream is up",
+            self.docker_connected.clone(),
+        );
+        r.register(
+            "registrar_lease_grants",
+            "Leases granted",
+            self.lease_grants.clone(),
+        );
+        r.register(
+            "registrar_docker_skipped",
+            "Labelled containers not registered because of a bad label",
+            self.skipped.clone(),
+        );
+    }
+}
+
+/// One registration this daemon holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Held {
+    key: String,
+    value: String,
+}
+
+struct Daemon {
+    config: DockerConfig,
+    etcd: Member,
+    docker: Docker,
+    lease: Option<i64>,
+    /// Container id → what is in etcd for it under our lease.
+    held: BTreeMap<String, Held>,
+    /// Containers that got their stop signal: not registered again until they start.
+    stopping: BTreeSet<String>,
+    /// Containers already reported for a bad label (reported once per container).
+    reported: BTreeSet<String>,
+    /// A write failed: sync again soon.
+    dirty: bool,
+    metrics: Metrics,
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+/// Runs until `shutdown`. Never returns because etcd or Docker is unavailable.
+pub async fn run(config: DockerConfig, shutdown: CancellationToken) -> Result<(), Error> {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Metrics::default();
+    metrics.register(&mut registry);
+    let (ready, ready_rx) = tokio::sync::watch::channel(false);
+    let tasks = CancellationToken::new();
+    if let Some(addr) = config.metrics_addr {
+        let endpoint = observe::Endpoint {
+            registry: std::sync::Arc::new(registry),
+            ready: std::sync::Arc::new(move || {
+                if *ready_rx.borrow() {
+                    Ok(())
+                } else {
+                    Err("not synced with Docker and etcd".into())
+                }
+            }),
+            status: None,
+        };
+        if let Err(e) = observe::serve(addr, endpoint, tasks.clone()).await {
+            warn!(%addr, error = %e, "cannot serve metrics; continuing without them");
+        }
+    }
+    let docker = Docker::connect_with_unix(&config.socket, 30, bollard::API_DEFAULT_VERSION)
+        .map_err(|e| Error::Setup(format!("--docker-host unix://{}: {e}", config.socket)))?;
+    let waiting = "registering nothing until it answers";
+    let etcd = match config
+        .etcd
+        .connect_retrying(&shutdown, Duration::from_secs(1), waiting)
+        .await
+    {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(()),
+        Err(ConnectError::Fatal(m)) => return Err(Error::Setup(m)),
+        Err(e @ ConnectError::Unavailable { .. }) => return Err(Error::Setup(e.to_string())),
+    };
+    let mut daemon = Daemon {
+        config,
+        etcd,
+        docker,
+        lease: None,
+        held: BTreeMap::new(),
+        stopping: BTreeSet::new(),
+        reported: BTreeSet::new(),
+        dirty: false,
+        metrics,
+        ready,
+    };
+    daemon.run(&shutdown).await;
+    tasks.cancel();
+    Ok(())
+}
+
+impl Daemon {
+    async fn run(&mut self, shutdown: &CancellationToken) {
+        let mut backoff = Backoff::new(MAX_BACKOFF);
+        let period = Duration::from_secs(self.config.ttl_secs as u64) / 3;
+        loop {
+            // Events since a second before the sync are replayed: nothing between the
+            // sync's listing and the stream's start is missed.
+            let since = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs().saturating_sub(1))
+                .unwrap_or(0);
+            let filters = HashMap::from([
+                ("type".to_string(), vec!["container".to_string()]),
+                ("label".to_string(), vec![labels::SERVICE.to_string()]),
+            ]);
+            let mut events = self.docker.events(Some(EventsOptions {
+                since: Some(since.to_string()),
+                until: None,
+                filters: Some(filters),
+            }));
+            if let Err(e) = self.sync().await {
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in = ?delay, "full sync failed; retrying");
+                if sleep_or_stop(delay, shutdown).await {
+                    return;
+                }
+                continue;
+            }
+            backoff.reset();
+            self.metrics.docker_connected.set(1);
+            self.ready.send_replace(true);
+            let mut next_keep_alive = Instant::now() + period;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        // The records stay until their TTL: a restarted daemon takes them
+                        // over without a gap; a daemon gone for good lets them expire.
+                        info!(registered = self.held.len(), "stopping; records expire after the TTL unless a new daemon takes them over");
+                        return;
+                    }
+                    event = events.next() => match event {
+                        Some(Ok(event)) => self.on_event(event).await,
+                        Some(Err(e)) => {
+                            warn!(error = %e, "lost the Docker event stream; reconnecting");
+                            break;
+                        }
+                        None => {
+                            warn!("the Docker event stream ended; reconnecting");
+                            break;
+                        }
+                    },
+                    _ = tokio::time::sleep_until(next_keep_alive) => {
+                        next_keep_alive = Instant::now() + match self.keep_alive().await {
+                            Ok(()) => period,
+                            Err(()) => Duration::from_millis(500).min(period),
+                        };
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(1)), if self.dirty => {
+                        if let Err(e) = self.sync().await {
+                            debug!(error = %e, "sync after a failed write failed; retrying");
+                        }
+                    }
+                }
+            }
+            self.metrics.docker_connected.set(0);
+            self.ready.send_replace(false);
+            if sleep_or_stop(backoff.next_delay(), shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Registers every eligible running container, deregisters what is no longer
+    /// eligible, and removes this daemon's keys that no container explains.
+    async fn sync(&mut self) -> Result<(), String> {
+        self.metrics.syncs.inc();
+        let filters = HashMap::from([("label".to_string(), vec![labels::SERVICE.to_string()])]);
+        let running = self
+            .docker
+            .list_containers(Some(ListContainersOptions {
+                all: false,
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| format!("listing containers: {e}"))?;
+        let mut want: BTreeMap<String, Held> = BTreeMap::new();
+        for summary in running {
+            let Some(id) = summary.id else { continue };
+            match self.docker.inspect_container(&id, None).await {
+                Ok(c) => {
+                    if let Some(held) = self.desired(&id, &c) {
+                        want.insert(id, held);
+                    }
+                }
+                Err(e) if not_found(&e) => {}
+                Err(e) => return Err(format!("inspecting {id}: {e}")),
+            }
+        }
+        self.stopping.retain(|id| want.contains_key(id));
+        let gone: Vec<String> = self
+            .held
+            .keys()
+            .filter(|id| !want.contains_key(*id))
+            .cloned()
+            .collect();
+        self.dirty = false;
+        for id in gone {
+            self.deregister(&id).await;
+        }
+        for (id, held) in &want {
+            self.register(id, held.clone()).await;
+        }
+        self.remove_stale(&want).await?;
+        self.metrics.registered.set(self.held.len() as i64);
+        Ok(())
+    }
+
+    /// What `c` should have in etcd now: `None` when it is not eligible (stopping, not
+    /// running, paused, unhealthy or still starting) or its labels are bad.
+    fn desired(&mut self, id: &str, c: &ContainerInspectResponse) -> Option<Held> {
+        let state = c.state.as_ref()?;
+        let running = state.running == Some(true)
+            && state.paused != Some(true)
+            && state.restarting != Some(true);
+        let healthy = match state.health.as_ref().and_then(|h| h.status) {
+            None | Some(HealthStatusEnum::NONE | HealthStatusEnum::EMPTY) => true,
+            Some(HealthStatusEnum::HEALTHY) => true,
+            Some(HealthStatusEnum::STARTING | HealthStatusEnum::UNHEALTHY) => false,
+        };
+        // Labels are judged once the container runs (a created one has no address yet).
+        if !running || self.stopping.contains(id) {
+            return None;
+        }
+        let instance = match labels::instance(&view(c), &self.config.mode, &self.config.owner) {
+            Ok(Some(i)) => i,
+            Ok(None) => return None,
+            Err(e) => {
+                if self.reported.insert(id.to_string()) {
+                    self.metrics.skipped.inc();
+                    warn!(error = %e, "not registering the container: bad label");
+                }
+                return None;
+            }
+        };
+        if !healthy {
+            return None;
+        }
+        Some(Held {
+            key: registry::instance_key(&self.config.prefix, &instance.service, &instance.id),
+            value: instance.encode(),
+        })
+    }
+
+    async fn on_event(&mut self, event: EventMessage) {
+        self.metrics.events.inc();
+        let action = event.action.unwrap_or_default();
+        let actor = event.actor.unwrap_or_default();
+        let Some(id) = actor.id else { return };
+        let attributes = actor.attributes.unwrap_or_default();
+        let name = attributes
+            .get("name")
+            .cloned()
+            .unwrap_or_else(|| id.clone());
+        debug!(%action, container = %name, "event");
+        if action == "start" {
+            self.stopping.remove(&id);
+            self.reported.remove(&id);
+        }
+        if action == "destroy" {
+            self.stopping.remove(&id);
+            self.reported.remove(&id);
+            self.deregister_logged(&id, &name, "destroyed").await;
+            return;
+        }
+        let inspected = match self.docker.inspect_container(&id, None).await {
+            Ok(c) => c,
+            Err(e) if not_found(&e) => {
+                self.deregister_logged(&id, &name, "gone").await;
+                return;
+            }
+            Err(e) => {
+                warn!(container = %name, error = %e, "cannot inspect the container; syncing again");
+                self.dirty = true;
+                return;
+            }
+        };
+        let stop_signal = inspected
+            .config
+            .as_ref()
+            .and_then(|c| c.stop_signal.clone())
+            .unwrap_or_else(|| "SIGTERM".into());
+        let stopping = action == "stop"
+            || (action == "kill"
+                && attributes
+                    .get("signal")
+                    .is_some_and(|s| is_stop_signal(s, &stop_signal)));
+        if stopping {
+            self.stopping.insert(id.clone());
+            self.deregister_logged(&id, &name, "stop signal").await;
+            return;
+        }
+        match self.desired(&id, &inspected) {
+            Some(held) => self.register(&id, held).await,
+            None => self.deregister_logged(&id, &name, &action).await,
+        }
+        self.metrics.registered.set(self.held.len() as i64);
+    }
+
+    async fn deregister_logged(&mut self, id: &str, name: &str, why: &str) {
+        if let Some(held) = self.held.get(id) {
+            info!(container = %name, key = %held.key, %why, "deregistering");
+            self.deregister(id).await;
+        }
+        self.metrics.registered.set(self.held.len() as i64);
+    }
+
+    /// Puts `held` for container `id` under our lease, unless another owner holds the key.
+    async fn register(&mut self, id: &str, held: Held) {
+        if self.held.get(id) == Some(&held) {
+            return;
+        }
+        if let Some((other, _)) = self
+            .held
+            .iter()
+            .find(|(other, h)| h.key == held.key && other.as_str() != id)
+        {
+            error!(key = %held.key, container = %id, holder = %other, "two containers claim the same key; set lb-registry.id");
+            return;
+        }
+        let lease = match self.ensure_lease().await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "cannot get a lease; retrying");
+                self.dirty = true;
+                return;
+            }
+        };
+        match self.put_if_ours(&held, lease).await {
+            Ok(true) => {
+                info!(key = %held.key, value = %held.value, "registered");
+                self.held.insert(id.to_string(), held);
+            }
+            Ok(false) => {
+                error!(key = %held.key, "CONFLICT: the key is held by a registrar that is not this daemon; not overwriting it");
+            }
+            Err(e) if is_lease_not_found(&e) => {
+                self.lease_lost();
+            }
+            Err(e) => {
+                warn!(key = %held.key, error = %error_chain(&e), "registration failed; retrying");
+                self.dirty = true;
+                self.etcd.fail_over().await.ok();
+            }
+        }
+    }
+
+    /// Creates the key, or replaces it when the record there is ours (this daemon's
+    /// owner mark). False when someone else holds it.
+    async fn put_if_ours(&self, held: &Held, lease: i64) -> Result<bool, etcd_client::Error> {
+        let put = TxnOp::put(
+            held.key.clone(),
+            held.value.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                held.key.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![put.clone()])
+            .or_else(vec![TxnOp::get(held.key.clone(), None)]);
+        let resp = self.timed(self.etcd.client().kv_client().txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        let existing = resp.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+            _ => None,
+        });
+        let Some(kv) = existing else {
+            return Ok(false);
+        };
+        if !self.ours(&held.key, kv.value()) {
+            return Ok(false);
+        }
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                held.key.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then(vec![put]);
+        let resp = self.timed(self.etcd.client().kv_client().txn(txn)).await?;
+        Ok(resp.succeeded())
+    }
+
+    /// Deletes container `id`'s key if it is still under our lease.
+    async fn deregister(&mut self, id: &str) {
+        let Some(held) = self.held.remove(id) else {
+            return;
+        };
+        let Some(lease) = self.lease else { return };
+        let txn = Txn::new()
+            .when(vec![Compare::lease(
+                held.key.clone(),
+                CompareOp::Equal,
+                lease,
+            )])
+            .and_then(vec![TxnOp::delete(held.key.clone(), None)]);
+        if let Err(e) = self.timed(self.etcd.client().kv_client().txn(txn)).await {
+            warn!(key = %held.key, error = %error_chain(&e), "deregistration failed; the key expires with the lease unless a sync removes it");
+            self.dirty = true;
+        }
+    }
+
+    /// Removes keys carrying this daemon's owner mark that no running container explains
+    /// (left by an earlier run of this daemon).
+    async fn remove_stale(&mut self, want: &BTreeMap<String, Held>) -> Result<(), String> {
+        let keys: BTreeSet<&str> = want.values().map(|h| h.key.as_str()).collect();
+        let root = registry::key::root_prefix(&self.config.prefix);
+        let resp = self
+            .timed(
+                self.etcd
+                    .client()
+                    .kv_client()
+                    .get(root, Some(GetOptions::new().with_prefix())),
+            )
+            .await
+            .map_err(|e| format!("listing {}: {}", self.config.prefix, error_chain(&e)))?;
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if keys.contains(key.as_str()) {
+                continue;
+            }
+            if !self.ours(&key, kv.value()) {
+                continue;
+            }
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then(vec![TxnOp::delete(key.clone(), None)]);
+            match self.timed(self.etcd.client().kv_client().txn(txn)).await {
+                Ok(_) => info!(%key, "removed a stale record of this daemon"),
+                Err(e) => return Err(format!("removing {key}: {}", error_chain(&e))),
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the record `value` under `key` carries this daemon's owner mark.
+    fn ours(&self, key: &str, value: &[u8]) -> bool {
+        registry::parse_key(&self.config.prefix, key)
+            .and_then(|(service, id)| Instance::decode(service, id, value).ok())
+            .is_some_and(|i| labels::owned_by(&i, &self.config.owner))
+    }
+
+    async fn ensure_lease(&mut self) -> Result<i64, String> {
+        if let Some(l) = self.lease {
+            return Ok(l);
+        }
+        let ttl = self.config.ttl_secs;
+        let grant = self
+            .timed(async { self.etcd.client().lease_grant(ttl, None).await })
+            .await
+            .map_err(|e| error_chain(&e))?;
+        self.metrics.lease_grants.inc();
+        info!(
+            lease = format_args!("{:x}", grant.id()),
+            ttl, "lease granted"
+        );
+        self.lease = Some(grant.id());
+        Ok(grant.id())
+    }
+
+    /// Our lease is gone (expired while etcd was unreachable, or the store was
+    /// replaced): forget what we hold and sync, which grants a new one and puts again.
+    fn lease_lost(&mut self) {
+        if let Some(l) = self.lease.take() {
+            warn!(
+                lease = format_args!("{l:x}"),
+                "lease lost; registering every container again"
+            );
+        }
+        self.held.clear();
+        self.dirty = true;
+    }
+
+    /// One keep-alive round trip. `Err` when it should be tried again soon.
+    async fn keep_alive(&mut self) -> Result<(), ()> {
+        let Some(lease) = self.lease else {
+            return Ok(());
+        };
+        let round = async {
+            let mut c = self.etcd.client();
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            match stream.message().await? {
+                Some(r) => Ok(r.ttl()),
+                None => Ok(-1),
+            }
+        };
+        match self.timed(round).await {
+            Ok(ttl) if ttl > 0 => Ok(()),
+            Ok(0) => {
+                self.lease_lost();
+                Ok(())
+            }
+            Ok(_) => Err(()),
+            Err(e) if is_lease_not_found(&e) => {
+                self.lease_lost();
+                Ok(())
+            }
+            Err(e) => {
+                debug!(error = %error_chain(&e), "keep-alive failed; trying another etcd member");
+                self.etcd.fail_over().await.ok();
+                Err(())
+            }
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, etcd_client::Error> {
+        registry::etcd::within(self.config.etcd.dial_timeout, "etcd request", fut).await
+    }
+}
+
+/// The engine's view of a container, as [`labels::instance`] needs it.
+fn view(c: &ContainerInspectResponse) -> Container {
+    let config = c.config.as_ref();
+    let labels = config
+        .and_then(|c| c.labels.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let mut exposed: Vec<u16> = config
+        .and_then(|c| c.exposed_ports.clone())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p.strip_suffix("/tcp")?.parse().ok())
+        .collect();
+    exposed.sort_unstable();
+    exposed.dedup();
+    let settings = c.network_settings.as_ref();
+    let networks = settings
+        .and_then(|s| s.networks.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(name, ep)| {
+            let ip = ep.ip_address.filter(|ip| !ip.is_empty())?;
+            Some((name, ip))
+        })
+        .collect();
+    let published = settings
+        .and_then(|s| s.ports.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(port, bindings)| {
+            let port: u16 = port.strip_suffix("/tcp")?.parse().ok()?;
+            let host: u16 = bindings?
+                .iter()
+                .find_map(|b| b.host_port.as_deref()?.parse().ok())?;
+            Some((port, host))
+        })
+        .collect();
+    Container {
+        name: c
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_string(),
+        labels,
+        networks,
+        exposed,
+        published,
+    }
+}
+
+/// True when `signal` (as Docker's `kill` event gives it: "15", "SIGTERM" or "TERM") stops
+/// the container: its own stop signal, or one of [`STOP_SIGNALS`].
+fn is_stop_signal(signal: &str, stop_signal: &str) -> bool {
+    let name = |s: &str| -> String {
+        let s = s.trim().to_ascii_uppercase();
+        let s = match s.parse::<i32>() {
+            Ok(n) => nix::sys::signal::Signal::try_from(n)
+                .map(|sig| sig.as_str().to_string())
+                .unwrap_or(s),
+            Err(_) => s,
+        };
+        if s.starts_with("SIG") {
+            s
+        } else {
+            format!("SIG{s}")
+        }
+    };
+    let signal = name(signal);
+    signal == name(stop_signal) || STOP_SIGNALS.contains(&signal.as_str())
+}
+
+fn not_found(e: &bollard::errors::Error) -> bool {
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_signals_in_every_spelling() {
+        for s in ["15", "SIGTERM", "TERM", "9", "SIGKILL", "2", "3"] {
+            assert!(is_stop_signal(s, "SIGTERM"), "{s}");
+        }
+        for s in ["1", "SIGHUP", "10", "USR2", "28"] {
+            assert!(!is_stop_signal(s, "SIGTERM"), "{s}");
+        }
+        // Apache stops gracefully on SIGWINCH: its stop signal counts.
+        assert!(is_stop_signal("28", "SIGWINCH"));
+        assert!(is_stop_signal("WINCH", "WINCH"));
+    }
+}

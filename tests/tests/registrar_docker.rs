@@ -1,0 +1,282 @@
+//! `registrar docker` against the real Docker engine: containers from the locally built
+//! lb-registry/webapp image (deploy/images.sh), run with their registrar bypassed, are
+//! registered from their labels; stop, kill, health, bad labels, the daemon's crash and
+//! restart, and its stale keys. Containers are reached only through the engine's API.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a test failure
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::{bin, eventually, free_port, stays, temp_dir, Etcd, Proc};
+use nix::sys::signal::Signal;
+
+const T: Duration = Duration::from_secs(10);
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Removes the test's containers, whatever happens.
+struct Containers(String);
+
+impl Containers {
+    fn name(&self, n: &str) -> String {
+        format!("{}-{n}", self.0)
+    }
+
+    /// `docker run -d` of the webapp image with `args` before the image (labels, health)
+    /// and `cmd` as the command of `entrypoint`.
+    fn run(&self, n: &str, args: &[&str], entrypoint: &str, cmd: &[&str]) -> String {
+        let name = self.name(n);
+        let mut all = vec!["run", "-d", "--name", &name, "--entrypoint", entrypoint];
+        all.extend_from_slice(args);
+        all.push("lb-registry/webapp:latest");
+        all.extend_from_slice(cmd);
+        docker(&all);
+        name
+    }
+
+    /// A labelled web app (no registrar inside).
+    fn webapp(&self, n: &str, labels: &[&str]) -> String {
+        let mut args = Vec::new();
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        self.run(n, &args, "/usr/local/bin/webapp", &[])
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &format!("name={}-", self.0)])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        for id in ids.split_whitespace() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
+        }
+    }
+}
+
+fn daemon(dir: &Path, etcd: &Etcd, owner: &str, metrics: u16) -> Proc {
+    let mut cmd = Command::new(bin("registrar"));
+    cmd.env("RUST_LOG", "info,registrar=debug").args([
+        "docker",
+        "--endpoints",
+        &etcd.endpoint(),
+        "--ttl",
+        "3s",
+        "--owner",
+        owner,
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics}"),
+    ]);
+    Proc::spawn("registrar-docker", dir, cmd)
+}
+
+fn ip_of(name: &str) -> String {
+    docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        name,
+    ])
+}
+
+async fn key_of(etcd: &Etcd, id: &str) -> Option<String> {
+    etcd.get(&format!("/services/webapp/{id}"))
+        .await
+        .map(|kv| kv.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_are_registered_from_their_labels() {
+    let images = Command::new("bash")
+        .arg(root().join("deploy/images.sh"))
+        .env("PROFILE", "debug")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(
+        images.status.success(),
+        "deploy/images.sh: {}",
+        String::from_utf8_lossy(&images.stderr)
+    );
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let tag = format!("rdk{}", std::process::id());
+    let owner = tag.clone();
+    let c = Containers(tag.clone());
+    let port = free_port();
+    let d = daemon(dir.path(), &etcd, &owner, port);
+
+    // A labelled container: registered with its address on the bridge, port from EXPOSE.
+    let started = Instant::now();
+    let a = c.webapp("a", &["lb-registry.service=webapp"]);
+    let value = eventually(T, "a registered", || key_of(&etcd, &a)).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3) + Duration::from_secs(2),
+        "{took:?}"
+    );
+    let ip = ip_of(&a);
+    assert!(
+        value.contains(&format!("\"address\":\"{ip}\",\"port\":3000")),
+        "{value}"
+    );
+    assert!(
+        value.contains(&format!("\"registered-by\":\"docker:{owner}\"")),
+        "{value}"
+    );
+    // Unlabelled: nothing. Bad labels: skipped, logged naming the container and label.
+    let plain = c.run("plain", &[], "/usr/local/bin/webapp", &[]);
+    let bad_port = c.webapp(
+        "badport",
+        &["lb-registry.service=webapp", "lb-registry.port=abc"],
+    );
+    let bad_id = c.webapp(
+        "badid",
+        &["lb-registry.service=webapp", "lb-registry.id=has space"],
+    );
+    eventually(T, "bad labels logged", || async {
+        let log = d.log();
+        (log.contains(&format!(
+            "container {bad_port}: label lb-registry.port=\"abc\""
+        )) && log.contains(&format!(
+            "container {bad_id}: label lb-registry.id=\"has space\""
+        )))
+        .then_some(())
+    })
+    .await;
+    for id in [&plain, &bad_port, &bad_id, &"has space".to_string()] {
+        assert!(
+            key_of(&etcd, id).await.is_none(),
+            "{id} must not be registered"
+        );
+    }
+
+    // A HEALTHCHECK that fails: never registered; once it passes: registered.
+    let h = c.run(
+        "health",
+        &[
+            "--label",
+            "lb-registry.service=webapp",
+            "--health-cmd",
+            "test -f /tmp/ok",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "1",
+        ],
+        "/usr/local/bin/webapp",
+        &[],
+    );
+    stays(
+        Duration::from_secs(3),
+        "unhealthy: not registered",
+        || async { key_of(&etcd, &h).await.is_none() },
+    )
+    .await;
+    docker(&["exec", &h, "touch", "/tmp/ok"]);
+    eventually(T, "healthy: registered", || key_of(&etcd, &h)).await;
+    // Unhealthy again: deregistered.
+    docker(&["exec", &h, "rm", "/tmp/ok"]);
+    eventually(T, "unhealthy: deregistered", || async {
+        key_of(&etcd, &h).await.is_none().then_some(())
+    })
+    .await;
+
+    // docker stop: the key goes at the stop signal, before the container exits (it
+    // ignores SIGTERM here, so it exits only at the SIGKILL 3 s later).
+    let s = c.run(
+        "stop",
+        &[
+            "--label",
+            "lb-registry.service=webapp",
+            "--label",
+            "lb-registry.port=3000",
+        ],
+        "sh",
+        &["-c", "trap '' TERM; exec sleep 60"],
+    );
+    eventually(T, "s registered", || key_of(&etcd, &s)).await;
+    // `docker stop` returns once the container has exited.
+    let stopper = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            docker(&["stop", "-t", "3", &s]);
+            Instant::now()
+        })
+    };
+    let gone_at = eventually(T, "s deregistered", || async {
+        key_of(&etcd, &s).await.is_none().then(Instant::now)
+    })
+    .await;
+    let exited_by = stopper.join().unwrap();
+    assert!(
+        gone_at + Duration::from_secs(2) <= exited_by,
+        "key gone {:?} before the container had exited",
+        exited_by - gone_at
+    );
+
+    // docker kill: gone within 3 s.
+    let k = c.webapp("kill", &["lb-registry.service=webapp"]);
+    eventually(T, "k registered", || key_of(&etcd, &k)).await;
+    let killed = Instant::now();
+    docker(&["kill", &k]);
+    eventually(T, "k deregistered", || async {
+        key_of(&etcd, &k).await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        killed.elapsed()
+    );
+
+    // The daemon crashes: its keys expire after the TTL (3 s).
+    d.signal(Signal::SIGKILL);
+    let crashed = Instant::now();
+    eventually(T, "a expires", || async {
+        key_of(&etcd, &a).await.is_none().then_some(())
+    })
+    .await;
+    assert!(crashed.elapsed() > Duration::from_secs(1));
+    // Meanwhile: a stale record of this daemon (a container it registered is gone), and
+    // an in-image registrar's record: the restarted daemon removes the first only.
+    let stale = format!(
+        "{{\"id\":\"ghost\",\"service\":\"webapp\",\"address\":\"10.9.9.9\",\"port\":80,\"meta\":{{\"registered-by\":\"docker:{owner}\"}}}}"
+    );
+    etcd.put("/services/webapp/ghost", &stale).await;
+    let foreign =
+        "{\"id\":\"inimage\",\"service\":\"webapp\",\"address\":\"10.9.9.8\",\"port\":80}";
+    etcd.put("/services/webapp/inimage", foreign).await;
+    let _d2 = daemon(dir.path(), &etcd, &owner, free_port());
+    eventually(T, "a registered again after the restart", || {
+        key_of(&etcd, &a)
+    })
+    .await;
+    eventually(T, "the stale record removed", || async {
+        key_of(&etcd, "ghost").await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        key_of(&etcd, "inimage").await.is_some(),
+        "an in-image registrar's key is never touched"
+    );
+    assert!(key_of(&etcd, &h).await.is_none() && key_of(&etcd, &plain).await.is_none());
+    drop(d);
+}
