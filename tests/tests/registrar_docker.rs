@@ -102,8 +102,13 @@ async fn key_of(etcd: &Etcd, id: &str) -> Option<String> {
         .map(|kv| kv.value)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containers_are_registered_from_their_labels() {
+/// deploy/images.sh once per test binary (the tests here run in parallel).
+fn build_images() {
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if *built {
+        return;
+    }
     let images = Command::new("bash")
         .arg(root().join("deploy/images.sh"))
         .env("PROFILE", "debug")
@@ -115,6 +120,12 @@ async fn containers_are_registered_from_their_labels() {
         "deploy/images.sh: {}",
         String::from_utf8_lossy(&images.stderr)
     );
+    *built = true;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_are_registered_from_their_labels() {
+    build_images();
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
     let tag = format!("rdk{}", std::process::id());
@@ -279,4 +290,114 @@ async fn containers_are_registered_from_their_labels() {
     );
     assert!(key_of(&etcd, &h).await.is_none() && key_of(&etcd, &plain).await.is_none());
     drop(d);
+}
+
+/// The compose stack with the docker-registrar profile, on its own ports; `down` on drop.
+struct Stack {
+    project: String,
+    http_port: u16,
+    stats_port: u16,
+}
+
+impl Stack {
+    fn compose(&self, args: &[&str]) -> String {
+        let out = Command::new("docker-compose")
+            .current_dir(root())
+            .args(["-p", &self.project, "-f", "deploy/docker-compose.yml"])
+            .args(["--profile", "docker-registrar"])
+            .args(args)
+            .env("HTTP_PORT", self.http_port.to_string())
+            .env("STATS_PORT", self.stats_port.to_string())
+            .env("BIND_ADDRESS", "127.0.0.1")
+            .env("COOKIE_KEY", "e2e-secret")
+            .output()
+            .expect("run docker-compose");
+        assert!(
+            out.status.success(),
+            "docker-compose {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    async fn ids(&self, n: usize) -> std::collections::BTreeSet<String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..n {
+            if let Ok(r) = e2e::http::get(self.http_port, "/", None).await {
+                if let Some(id) = r.instance_id() {
+                    seen.insert(id);
+                }
+            }
+        }
+        seen
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(out) = Command::new("docker-compose")
+                .current_dir(root())
+                .args(["-p", &self.project, "-f", "deploy/docker-compose.yml"])
+                .args(["--profile", "docker-registrar", "logs", "--tail", "40"])
+                .output()
+            {
+                eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        let _ = Command::new("docker-compose")
+            .current_dir(root())
+            .args(["-p", &self.project, "-f", "deploy/docker-compose.yml"])
+            .args([
+                "--profile",
+                "docker-registrar",
+                "down",
+                "-v",
+                "--timeout",
+                "5",
+            ])
+            .output();
+    }
+}
+
+/// Through deploy/docker-compose.yml: an app whose image has no registrar is registered
+/// by the `registrar-docker` service, gets traffic through HAProxy, and `docker-compose
+/// stop` takes it out of rotation without a failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_balances_an_image_without_a_registrar_and_stops_it_cleanly() {
+    build_images();
+    let stack = Stack {
+        project: format!("lbrdk{}", std::process::id()),
+        http_port: free_port(),
+        stats_port: free_port(),
+    };
+    stack.compose(&["up", "-d", "--scale", "webapp=1"]);
+    let plain = stack.compose(&["ps", "-q", "plainapp"]);
+    // The sample app reports its hostname, Docker's short container id.
+    let plain_id: String = plain.chars().take(12).collect();
+    let both = eventually(
+        Duration::from_secs(60),
+        "the plain app and the registrar-run one in rotation",
+        || async {
+            let seen = stack.ids(12).await;
+            (seen.len() == 2 && seen.contains(&plain_id)).then_some(seen)
+        },
+    )
+    .await;
+    let load = e2e::load::Load::start(stack.http_port, 8, 8, false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.compose(&["stop", "plainapp"]);
+    let result = load.finish();
+    eprintln!(
+        "load while stopping the plain app: {} requests, {} failed",
+        result.requests,
+        result.failed()
+    );
+    assert!(result.requests > 0, "{}", result.raw);
+    assert_eq!(result.failed(), 0, "{}", result.raw);
+    let after = stack.ids(12).await;
+    assert!(
+        !after.contains(&plain_id) && after.len() == 1,
+        "{both:?} then {after:?}"
+    );
 }

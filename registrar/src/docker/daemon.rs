@@ -103,8 +103,10 @@ struct Daemon {
     stopping: BTreeSet<String>,
     /// Containers already reported for a bad label (reported once per container).
     reported: BTreeSet<String>,
-    /// A write failed: sync again soon.
-    dirty: bool,
+    /// When to sync again: soon after a failed write, a TTL after a conflict.
+    resync_at: Option<Instant>,
+    /// Keys reported as held by another registrar (reported once each).
+    conflicts: BTreeSet<String>,
     metrics: Metrics,
     ready: tokio::sync::watch::Sender<bool>,
 }
@@ -153,7 +155,8 @@ pub async fn run(config: DockerConfig, shutdown: CancellationToken) -> Result<()
         held: BTreeMap::new(),
         stopping: BTreeSet::new(),
         reported: BTreeSet::new(),
-        dirty: false,
+        resync_at: None,
+        conflicts: BTreeSet::new(),
         metrics,
         ready,
     };
@@ -219,7 +222,7 @@ impl Daemon {
                             Err(()) => Duration::from_millis(500).min(period),
                         };
                     }
-                    _ = tokio::time::sleep(Duration::from_secs(1)), if self.dirty => {
+                    _ = tokio::time::sleep_until(self.resync_at.unwrap_or_else(Instant::now)), if self.resync_at.is_some() => {
                         if let Err(e) = self.sync().await {
                             debug!(error = %e, "sync after a failed write failed; retrying");
                         }
@@ -268,7 +271,7 @@ impl Daemon {
             .filter(|id| !want.contains_key(*id))
             .cloned()
             .collect();
-        self.dirty = false;
+        self.resync_at = None;
         for id in gone {
             self.deregister(&id).await;
         }
@@ -345,7 +348,7 @@ impl Daemon {
             }
             Err(e) => {
                 warn!(container = %name, error = %e, "cannot inspect the container; syncing again");
-                self.dirty = true;
+                self.retry_in(Duration::from_secs(1));
                 return;
             }
         };
@@ -396,24 +399,30 @@ impl Daemon {
             Ok(l) => l,
             Err(e) => {
                 warn!(error = %e, "cannot get a lease; retrying");
-                self.dirty = true;
+                self.retry_in(Duration::from_secs(1));
                 return;
             }
         };
         match self.put_if_ours(&held, lease).await {
             Ok(true) => {
+                if self.conflicts.remove(&held.key) {
+                    info!(key = %held.key, "the key is free again");
+                }
                 info!(key = %held.key, value = %held.value, "registered");
                 self.held.insert(id.to_string(), held);
             }
             Ok(false) => {
-                error!(key = %held.key, "CONFLICT: the key is held by a registrar that is not this daemon; not overwriting it");
+                if self.conflicts.insert(held.key.clone()) {
+                    error!(key = %held.key, container = %id, "CONFLICT: the key is held by a registrar that is not this daemon (another --owner, or an in-image registrar); not overwriting it, trying again every TTL");
+                }
+                self.retry_in(Duration::from_secs(self.config.ttl_secs as u64));
             }
             Err(e) if is_lease_not_found(&e) => {
                 self.lease_lost();
             }
             Err(e) => {
                 warn!(key = %held.key, error = %error_chain(&e), "registration failed; retrying");
-                self.dirty = true;
+                self.retry_in(Duration::from_secs(1));
                 self.etcd.fail_over().await.ok();
             }
         }
@@ -475,7 +484,7 @@ impl Daemon {
             .and_then(vec![TxnOp::delete(held.key.clone(), None)]);
         if let Err(e) = self.timed(self.etcd.client().kv_client().txn(txn)).await {
             warn!(key = %held.key, error = %error_chain(&e), "deregistration failed; the key expires with the lease unless a sync removes it");
-            self.dirty = true;
+            self.retry_in(Duration::from_secs(1));
         }
     }
 
@@ -516,6 +525,12 @@ impl Daemon {
         Ok(())
     }
 
+    /// Asks for a full sync within `d` (the earliest request wins).
+    fn retry_in(&mut self, d: Duration) {
+        let at = Instant::now() + d;
+        self.resync_at = Some(self.resync_at.map_or(at, |t| t.min(at)));
+    }
+
     /// True when the record `value` under `key` carries this daemon's owner mark.
     fn ours(&self, key: &str, value: &[u8]) -> bool {
         registry::parse_key(&self.config.prefix, key)
@@ -551,7 +566,7 @@ impl Daemon {
             );
         }
         self.held.clear();
-        self.dirty = true;
+        self.retry_in(Duration::from_secs(1));
     }
 
     /// One keep-alive round trip. `Err` when it should be tried again soon.
