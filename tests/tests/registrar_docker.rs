@@ -134,6 +134,36 @@ async fn containers_are_registered_from_their_labels() {
     let port = free_port();
     let d = daemon(dir.path(), &etcd, &owner, port);
 
+    // Bad flags: exit 64, nothing started; --help explains the labels.
+    for bad in [
+        &["--address-mode", "published"][..],
+        &["--docker-host", "tcp://127.0.0.1:2375"],
+        &["--ttl", "1s"],
+    ] {
+        let out = Command::new(bin("registrar"))
+            .arg("docker")
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(64),
+            "{bad:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let help = Command::new(bin("registrar"))
+        .args(["docker", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("lb-registry.port=PORT"));
+    // Ready once synced with Docker and etcd.
+    eventually(T, "/readyz answers 200", || async {
+        (e2e::http::get(port, "/readyz", None).await.ok()?.status == 200).then_some(())
+    })
+    .await;
+
     // A labelled container: registered with its address on the bridge, port from EXPOSE.
     let started = Instant::now();
     let a = c.webapp("a", &["lb-registry.service=webapp"]);

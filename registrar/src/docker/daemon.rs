@@ -134,8 +134,22 @@ pub async fn run(config: DockerConfig, shutdown: CancellationToken) -> Result<()
             warn!(%addr, error = %e, "cannot serve metrics; continuing without them");
         }
     }
-    let docker = Docker::connect_with_unix(&config.socket, 30, bollard::API_DEFAULT_VERSION)
-        .map_err(|e| Error::Setup(format!("--docker-host unix://{}: {e}", config.socket)))?;
+    // The socket may not be there yet (the engine restarting): wait for it.
+    let mut warned = false;
+    let docker = loop {
+        match Docker::connect_with_unix(&config.socket, 30, bollard::API_DEFAULT_VERSION) {
+            Ok(d) => break d,
+            Err(e) => {
+                if !warned {
+                    warned = true;
+                    warn!(socket = %config.socket, error = %e, "Docker socket not available; waiting for it");
+                }
+                if sleep_or_stop(Duration::from_secs(1), &shutdown).await {
+                    return Ok(());
+                }
+            }
+        }
+    };
     let waiting = "registering nothing until it answers";
     let etcd = match config
         .etcd
