@@ -21,6 +21,7 @@ pids=()
 cleanup() {
   docker ps -aq --filter "name=$tag-" | xargs -r docker rm -f >/dev/null 2>&1 || true
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  pkill -f "watch --prefix /services/$tag/" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$dir"
 }
