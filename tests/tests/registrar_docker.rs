@@ -13,6 +13,9 @@ use e2e::{bin, eventually, free_port, stays, temp_dir, Etcd, Proc};
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(10);
+/// The service of the first test's containers: not the compose stack's `webapp`, so the
+/// stack's own `registrar docker` (the second test, in parallel) never routes to them.
+const SERVICE: &str = "dockerweb";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -97,7 +100,7 @@ fn ip_of(name: &str) -> String {
 }
 
 async fn key_of(etcd: &Etcd, id: &str) -> Option<String> {
-    etcd.get(&format!("/services/webapp/{id}"))
+    etcd.get(&format!("/services/{SERVICE}/{id}"))
         .await
         .map(|kv| kv.value)
 }
@@ -165,7 +168,7 @@ async fn containers_are_registered_from_their_labels() {
     .await;
 
     // A labelled container: registered with its address on the bridge, port from EXPOSE.
-    let a = c.webapp("a", &["lb-registry.service=webapp"]);
+    let a = c.webapp("a", &["lb-registry.service=dockerweb"]);
     // `docker run -d` has returned: the container runs.
     let started = Instant::now();
     let value = eventually(T, "a registered", || key_of(&etcd, &a)).await;
@@ -187,11 +190,11 @@ async fn containers_are_registered_from_their_labels() {
     let plain = c.run("plain", &[], "/usr/local/bin/webapp", &[]);
     let bad_port = c.webapp(
         "badport",
-        &["lb-registry.service=webapp", "lb-registry.port=abc"],
+        &["lb-registry.service=dockerweb", "lb-registry.port=abc"],
     );
     let bad_id = c.webapp(
         "badid",
-        &["lb-registry.service=webapp", "lb-registry.id=has space"],
+        &["lb-registry.service=dockerweb", "lb-registry.id=has space"],
     );
     eventually(T, "bad labels logged", || async {
         let log = d.log();
@@ -215,7 +218,7 @@ async fn containers_are_registered_from_their_labels() {
         "health",
         &[
             "--label",
-            "lb-registry.service=webapp",
+            "lb-registry.service=dockerweb",
             "--health-cmd",
             "test -f /tmp/ok",
             "--health-interval",
@@ -247,7 +250,7 @@ async fn containers_are_registered_from_their_labels() {
         "stop",
         &[
             "--label",
-            "lb-registry.service=webapp",
+            "lb-registry.service=dockerweb",
             "--label",
             "lb-registry.port=3000",
         ],
@@ -275,7 +278,7 @@ async fn containers_are_registered_from_their_labels() {
     );
 
     // docker kill: gone within 3 s.
-    let k = c.webapp("kill", &["lb-registry.service=webapp"]);
+    let k = c.webapp("kill", &["lb-registry.service=dockerweb"]);
     eventually(T, "k registered", || key_of(&etcd, &k)).await;
     let killed = Instant::now();
     docker(&["kill", &k]);
@@ -300,12 +303,15 @@ async fn containers_are_registered_from_their_labels() {
     // Meanwhile: a stale record of this daemon (a container it registered is gone), and
     // an in-image registrar's record: the restarted daemon removes the first only.
     let stale = format!(
-        "{{\"id\":\"ghost\",\"service\":\"webapp\",\"address\":\"10.9.9.9\",\"port\":80,\"meta\":{{\"registered-by\":\"docker:{owner}\"}}}}"
+        "{{\"id\":\"ghost\",\"service\":\"{SERVICE}\",\"address\":\"10.9.9.9\",\"port\":80,\"meta\":{{\"registered-by\":\"docker:{owner}\"}}}}"
     );
-    etcd.put("/services/webapp/ghost", &stale).await;
-    let foreign =
-        "{\"id\":\"inimage\",\"service\":\"webapp\",\"address\":\"10.9.9.8\",\"port\":80}";
-    etcd.put("/services/webapp/inimage", foreign).await;
+    etcd.put(&format!("/services/{SERVICE}/ghost"), &stale)
+        .await;
+    let foreign = format!(
+        "{{\"id\":\"inimage\",\"service\":\"{SERVICE}\",\"address\":\"10.9.9.8\",\"port\":80}}"
+    );
+    etcd.put(&format!("/services/{SERVICE}/inimage"), &foreign)
+        .await;
     let _d2 = daemon(dir.path(), &etcd, &owner, free_port());
     eventually(T, "a registered again after the restart", || {
         key_of(&etcd, &a)
