@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp, TxnOpResponse,
+use etcd_client::{Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, Txn, TxnOp};
+use registry::etcd::{
+    error_chain, is_lease_not_found, is_refusal, Backoff, Claim, FailOver, Member,
 };
-use registry::etcd::{error_chain, is_lease_not_found, is_refusal, Backoff, FailOver, Member};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -181,58 +181,32 @@ impl Registration {
     /// Creates the key under `lease` if it is absent, or takes it over if it is held by
     /// `lease` itself or by our previous lease. Anything else is a conflict.
     async fn put_if_ours(&self, lease: i64) -> Result<(), RegisterError> {
-        let put = || {
-            TxnOp::put(
-                self.key.clone(),
-                self.value.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-        };
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                self.key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![put()])
-            .or_else(vec![TxnOp::get(self.key.clone(), None)]);
-        let resp = self.timed(self.etcd.client().kv_client().txn(txn)).await?;
-        if resp.succeeded() {
-            return Ok(());
-        }
-        let existing = resp.op_responses().into_iter().find_map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-            _ => None,
-        });
-        let Some(kv) = existing else {
+        let previous = self.previous_lease;
+        let ours = |kv: &etcd_client::KeyValue| kv.lease() == lease || Some(kv.lease()) == previous;
+        let claim = registry::etcd::put_unless_held(
+            &self.etcd.client(),
+            &self.key,
+            &self.value,
+            lease,
+            self.request_timeout,
+            ours,
+        )
+        .await?;
+        match claim {
+            Claim::Put => Ok(()),
             // Deleted between compare and get: try again on the next round.
-            return Err(RegisterError::Conflict {
+            Claim::Vanished => Err(RegisterError::Conflict {
                 lease: 0,
                 value: "(key vanished during registration)".into(),
-            });
-        };
-        let holder = kv.lease();
-        if holder == lease || Some(holder) == self.previous_lease {
-            let txn = Txn::new()
-                .when(vec![Compare::mod_revision(
-                    self.key.clone(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then(vec![put()]);
-            let resp = self.timed(self.etcd.client().kv_client().txn(txn)).await?;
-            if resp.succeeded() {
-                debug!("took over our own previous registration");
-                return Ok(());
-            }
+            }),
+            Claim::Held(kv) => Err(RegisterError::Conflict {
+                lease: kv.lease(),
+                value: String::from_utf8_lossy(kv.value())
+                    .chars()
+                    .take(200)
+                    .collect(),
+            }),
         }
-        Err(RegisterError::Conflict {
-            lease: holder,
-            value: String::from_utf8_lossy(kv.value())
-                .chars()
-                .take(200)
-                .collect(),
-        })
     }
 
     /// Keeps `lease` alive and follows the health verdict until the lease is lost or `stop`.

@@ -485,6 +485,62 @@ pub fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// What [`put_unless_held`] did.
+#[derive(Debug)]
+pub enum Claim {
+    /// The value is in place under the lease.
+    Put,
+    /// Another holder has the key: what is there.
+    Held(etcd_client::KeyValue),
+    /// The key vanished between the compare and the read: try again later.
+    Vanished,
+}
+
+/// Puts `value` under `key` bound to `lease` when the key is absent, or replaces it when
+/// `ours` says its current holder is us (compare-and-swap on its mod revision). Never
+/// overwrites anyone else's key: the registrar's and `registrar docker`'s write.
+pub async fn put_unless_held(
+    client: &Client,
+    key: &str,
+    value: &str,
+    lease: i64,
+    timeout: Duration,
+    ours: impl Fn(&etcd_client::KeyValue) -> bool,
+) -> Result<Claim, etcd_client::Error> {
+    use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+    let put = || TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+    let txn = Txn::new()
+        .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then(vec![put()])
+        .or_else(vec![TxnOp::get(key, None)]);
+    let mut kv = client.kv_client();
+    let resp = within(timeout, "etcd request", kv.txn(txn)).await?;
+    if resp.succeeded() {
+        return Ok(Claim::Put);
+    }
+    let existing = resp.op_responses().into_iter().find_map(|r| match r {
+        TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+        _ => None,
+    });
+    let Some(held) = existing else {
+        return Ok(Claim::Vanished);
+    };
+    if ours(&held) {
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                key,
+                CompareOp::Equal,
+                held.mod_revision(),
+            )])
+            .and_then(vec![put()]);
+        let resp = within(timeout, "etcd request", kv.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(Claim::Put);
+        }
+    }
+    Ok(Claim::Held(held))
+}
+
 /// Capped exponential backoff for reconnect loops: 100 ms doubling up to `max`.
 #[derive(Debug, Clone)]
 pub struct Backoff {

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bollard::models::{ContainerInspectResponse, EventMessage, HealthStatusEnum};
 use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -445,42 +445,17 @@ impl Daemon {
     /// Creates the key, or replaces it when the record there is ours (this daemon's
     /// owner mark). False when someone else holds it.
     async fn put_if_ours(&self, held: &Held, lease: i64) -> Result<bool, etcd_client::Error> {
-        let put = TxnOp::put(
-            held.key.clone(),
-            held.value.clone(),
-            Some(PutOptions::new().with_lease(lease)),
-        );
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                held.key.clone(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![put.clone()])
-            .or_else(vec![TxnOp::get(held.key.clone(), None)]);
-        let resp = self.timed(self.etcd.client().kv_client().txn(txn)).await?;
-        if resp.succeeded() {
-            return Ok(true);
-        }
-        let existing = resp.op_responses().into_iter().find_map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().cloned(),
-            _ => None,
-        });
-        let Some(kv) = existing else {
-            return Ok(false);
-        };
-        if !self.ours(&held.key, kv.value()) {
-            return Ok(false);
-        }
-        let txn = Txn::new()
-            .when(vec![Compare::mod_revision(
-                held.key.clone(),
-                CompareOp::Equal,
-                kv.mod_revision(),
-            )])
-            .and_then(vec![put]);
-        let resp = self.timed(self.etcd.client().kv_client().txn(txn)).await?;
-        Ok(resp.succeeded())
+        let ours = |kv: &etcd_client::KeyValue| self.ours(&held.key, kv.value());
+        let claim = registry::etcd::put_unless_held(
+            &self.etcd.client(),
+            &held.key,
+            &held.value,
+            lease,
+            self.config.etcd.dial_timeout,
+            ours,
+        )
+        .await?;
+        Ok(matches!(claim, registry::etcd::Claim::Put))
     }
 
     /// Deletes container `id`'s key if it is still under our lease.
