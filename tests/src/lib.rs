@@ -9,6 +9,7 @@
 
 pub mod chaos;
 pub mod cluster;
+pub mod compose;
 pub mod etcd;
 pub mod http;
 pub mod lb;

@@ -5,21 +5,22 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use e2e::compose::{build_images, Stack};
 use e2e::{bin, eventually, free_port, stays, temp_dir, Etcd, Proc};
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(10);
+/// The two tests share the engine and each runs a `registrar docker`: one at a time, so
+/// neither's timing depends on the other's load.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The service of the first test's containers: not the compose stack's `webapp`, so the
 /// stack's own `registrar docker` (the second test, in parallel) never routes to them.
 const SERVICE: &str = "dockerweb";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 fn docker(args: &[&str]) -> String {
     let out = Command::new("docker").args(args).output().unwrap();
@@ -105,29 +106,9 @@ async fn key_of(etcd: &Etcd, id: &str) -> Option<String> {
         .map(|kv| kv.value)
 }
 
-/// deploy/images.sh once per test binary (the tests here run in parallel).
-fn build_images() {
-    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    if *built {
-        return;
-    }
-    let images = Command::new("bash")
-        .arg(root().join("deploy/images.sh"))
-        .env("PROFILE", "debug")
-        .current_dir(root())
-        .output()
-        .unwrap();
-    assert!(
-        images.status.success(),
-        "deploy/images.sh: {}",
-        String::from_utf8_lossy(&images.stderr)
-    );
-    *built = true;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_are_registered_from_their_labels() {
+    let _serial = SERIAL.lock().await;
     build_images();
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
@@ -329,87 +310,16 @@ async fn containers_are_registered_from_their_labels() {
     drop(d);
 }
 
-/// The compose stack with the docker-registrar profile, on its own ports; `down` on drop.
-struct Stack {
-    project: String,
-    http_port: u16,
-    stats_port: u16,
-}
-
-impl Stack {
-    fn compose(&self, args: &[&str]) -> String {
-        let out = Command::new("docker-compose")
-            .current_dir(root())
-            .args(["-p", &self.project, "-f", "deploy/docker-compose.yml"])
-            .args(["--profile", "docker-registrar"])
-            .args(args)
-            .env("HTTP_PORT", self.http_port.to_string())
-            .env("STATS_PORT", self.stats_port.to_string())
-            .env("BIND_ADDRESS", "127.0.0.1")
-            .env("COOKIE_KEY", "e2e-secret")
-            .output()
-            .expect("run docker-compose");
-        assert!(
-            out.status.success(),
-            "docker-compose {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    async fn ids(&self, n: usize) -> std::collections::BTreeSet<String> {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..n {
-            if let Ok(r) = e2e::http::get(self.http_port, "/", None).await {
-                if let Some(id) = r.instance_id() {
-                    seen.insert(id);
-                }
-            }
-        }
-        seen
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Ok(out) = Command::new("docker-compose")
-                .current_dir(root())
-                .args(["-p", &self.project, "-f", "deploy/docker-compose.yml"])
-                .args(["--profile", "docker-registrar", "logs", "--tail", "40"])
-                .output()
-            {
-                eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-            }
-        }
-        let _ = Command::new("docker-compose")
-            .current_dir(root())
-            .args(["-p", &self.project, "-f", "deploy/docker-compose.yml"])
-            .args([
-                "--profile",
-                "docker-registrar",
-                "down",
-                "-v",
-                "--timeout",
-                "5",
-            ])
-            .output();
-    }
-}
-
 /// Through deploy/docker-compose.yml: an app whose image has no registrar is registered
 /// by the `registrar-docker` service, gets traffic through HAProxy, and `docker-compose
 /// stop` takes it out of rotation without a failed request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compose_balances_an_image_without_a_registrar_and_stops_it_cleanly() {
+    let _serial = SERIAL.lock().await;
     build_images();
-    let stack = Stack {
-        project: format!("lbrdk{}", std::process::id()),
-        http_port: free_port(),
-        stats_port: free_port(),
-    };
+    let stack = Stack::new("lbrdk", &["docker-registrar"]);
     stack.compose(&["up", "-d", "--scale", "webapp=1"]);
-    let plain = stack.compose(&["ps", "-q", "plainapp"]);
+    let plain = stack.stdout(&["ps", "-q", "plainapp"]);
     // The sample app reports its hostname, Docker's short container id.
     let plain_id: String = plain.chars().take(12).collect();
     let both = eventually(
