@@ -9,7 +9,17 @@ pub const EX_USAGE: i32 = 64;
 
 /// Parses the command line, or prints clap's message and exits (64 on errors).
 pub fn parse_or_exit<T: clap::Parser>() -> T {
-    match T::try_parse() {
+    parse_from_or_exit(std::env::args_os())
+}
+
+/// [`parse_or_exit`] for a subcommand's own arguments (`argv[0]` is its name).
+pub fn parse_from_or_exit<T, I, A>(argv: I) -> T
+where
+    T: clap::Parser,
+    I: IntoIterator<Item = A>,
+    A: Into<std::ffi::OsString> + Clone,
+{
+    match T::try_parse_from(argv) {
         Ok(a) => a,
         Err(e) => {
             let code = if e.use_stderr() { EX_USAGE } else { 0 };

@@ -49,16 +49,8 @@ fn main() {
 
 /// `registrar docker …`: the daemon that registers labelled containers.
 fn docker_main() -> ! {
-    use clap::Parser;
     use registrar::docker::{daemon, DockerArgs, DockerConfig};
-    let args = match DockerArgs::try_parse_from(std::env::args_os().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
-            let _ = e.print();
-            std::process::exit(code);
-        }
-    };
+    let args: DockerArgs = observe::cli::parse_from_or_exit(std::env::args_os().skip(1));
     observe::init_logging(args.log_format == LogFormat::Json);
     let config = match DockerConfig::from_args(args) {
         Ok(c) => c,

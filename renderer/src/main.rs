@@ -3,7 +3,6 @@
 //! exec mode).
 #![forbid(unsafe_code)]
 
-use clap::Parser;
 use observe::cli::EX_USAGE;
 use renderer::config::{Args, Config, LogFormat};
 use tokio_util::sync::CancellationToken;
@@ -45,14 +44,7 @@ fn main() {
 /// `renderer status [flags]`: prints the report; 0, or 1 when etcd cannot be read.
 fn status() -> i32 {
     let argv = std::iter::once("renderer status".to_string()).chain(std::env::args().skip(2));
-    let args = match renderer::status::StatusArgs::try_parse_from(argv) {
-        Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
-            let _ = e.print();
-            return code;
-        }
-    };
+    let args: renderer::status::StatusArgs = observe::cli::parse_from_or_exit(argv);
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

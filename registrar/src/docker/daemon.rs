@@ -27,6 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use super::labels::{self, Container};
 use super::DockerConfig;
+use crate::lease::sleep_or_stop;
 
 /// Fatal failures: flags or etcd setup that retrying cannot fix.
 #[derive(Debug, thiserror::Error)]
@@ -680,13 +681,6 @@ fn not_found(e: &bollard::errors::Error) -> bool {
             ..
         }
     )
-}
-
-async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = stop.cancelled() => true,
-        _ = tokio::time::sleep(d) => false,
-    }
 }
 
 #[cfg(test)]
