@@ -19,6 +19,11 @@ command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 # Partition tests: network namespaces, veth links and iptables inside the namespace.
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
+# Packaging: the .debs are checked with lintian and installed into booted Debian roots
+# (systemd-nspawn); the alert rules are unit-tested with promtool (Debian's prometheus).
+command -v lintian >/dev/null 2>&1 || need_apt+=(lintian)
+command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "==> installing ${need_apt[*]}" >&2
   SUDO=""

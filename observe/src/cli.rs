@@ -46,3 +46,44 @@ pub fn run_and_exit<F: Future<Output = i32>>(name: &str, threads: usize, main: F
     let code = runtime.block_on(main);
     std::process::exit(code)
 }
+
+/// `--version`: the package version and the commit it was built from.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("LB_COMMIT"), ")");
+
+/// A `--metrics-addr` value: `HOST:PORT`, or none (`off`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+/// Parses a `--metrics-addr` flag: `HOST:PORT`, or `off` (or empty) for none. One parser
+/// for every binary, so the same value means the same thing everywhere.
+pub fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    match s.trim() {
+        "off" | "" => Ok(MetricsAddr(None)),
+        a => a
+            .parse()
+            .map(|a| MetricsAddr(Some(a)))
+            .map_err(|_| format!("{a:?}: expected HOST:PORT (e.g. 127.0.0.1:9105) or \"off\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_addr_off_or_host_port() {
+        assert_eq!(parse_metrics_addr("off"), Ok(MetricsAddr(None)));
+        assert_eq!(parse_metrics_addr(""), Ok(MetricsAddr(None)));
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:9105")
+                .unwrap()
+                .0
+                .unwrap()
+                .port(),
+            9105
+        );
+        assert!(parse_metrics_addr("[::1]:9").unwrap().0.is_some());
+        assert!(parse_metrics_addr("localhost").is_err());
+        assert!(VERSION.starts_with(env!("CARGO_PKG_VERSION")));
+    }
+}

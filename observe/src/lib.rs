@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub mod cli;
+pub mod notify;
 pub mod process;
 
 pub use prometheus_client;

@@ -30,6 +30,7 @@ pub async fn shell(prefix: &[&str], line: &str, timeout: Duration) -> Result<Out
         }
         None => Command::new("sh"),
     };
+    crate::notify::scrub(&mut command);
     let output = command
         .arg("-c")
         .arg(line)

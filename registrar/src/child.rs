@@ -22,7 +22,9 @@ impl App {
         let (program, args) = command.split_first().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command")
         })?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        observe::notify::scrub(&mut command);
+        let child = command
             .args(args)
             .process_group(0)
             .kill_on_drop(true)

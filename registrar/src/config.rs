@@ -43,7 +43,7 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(
     name = "registrar",
-    version,
+    version = observe::cli::VERSION,
     about = "Keep this instance registered in etcd under a TTL lease (optionally running the app as a child).",
     long_about = "Keep this instance registered in etcd under a TTL lease.\n\n\
         Writes <prefix>/<service>/<id> = JSON {id, service, address, port, tags, meta, weight} \
@@ -144,9 +144,10 @@ pub struct Args {
     #[arg(long, env = "REGISTRAR_KILL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub kill_timeout: Duration,
 
-    /// Serve /metrics, /healthz and /readyz (ready = registered) on HOST:PORT.
-    #[arg(long, env = "REGISTRAR_METRICS_ADDR", value_name = "HOST:PORT")]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve /metrics, /healthz and /readyz (ready = registered) on HOST:PORT ("off": none,
+    /// the default).
+    #[arg(long, env = "REGISTRAR_METRICS_ADDR", value_name = "HOST:PORT", value_parser = observe::cli::parse_metrics_addr)]
+    pub metrics_addr: Option<observe::cli::MetricsAddr>,
 
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -253,7 +254,7 @@ impl Config {
             health_rises: args.health_rises,
             drain: args.drain,
             kill_timeout: args.kill_timeout,
-            metrics_addr: args.metrics_addr,
+            metrics_addr: args.metrics_addr.and_then(|m| m.0),
             command: args.command,
         })
     }

@@ -44,7 +44,7 @@ pub enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(
     name = "renderer",
-    version,
+    version = observe::cli::VERSION,
     about = "Watch the registry in etcd, render config files from Handlebars templates, validate them, reload HAProxy.",
     long_about = "Watch the registry in etcd, render config files from Handlebars templates, \
         validate them and reload HAProxy without dropping requests.\n\n\
@@ -181,8 +181,8 @@ pub struct Args {
     pub max_instances_per_service: usize,
 
     /// Serve /metrics, /healthz, /readyz and /status on this address ("off" to disable).
-    #[arg(long, env = "RENDERER_METRICS_ADDR", default_value = "127.0.0.1:9105")]
-    pub metrics_addr: String,
+    #[arg(long, env = "RENDERER_METRICS_ADDR", default_value = "127.0.0.1:9105", value_parser = observe::cli::parse_metrics_addr)]
+    pub metrics_addr: observe::cli::MetricsAddr,
 
     /// /readyz turns not ready once the etcd watch has been down this long.
     #[arg(long, env = "RENDERER_READY_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -281,8 +281,6 @@ pub enum ConfigError {
     Prefix(String),
     #[error("{0}")]
     Conflict(&'static str),
-    #[error("--metrics-addr {0:?}: expected HOST:PORT or \"off\"")]
-    MetricsAddr(String),
 }
 
 impl Config {
@@ -358,13 +356,7 @@ impl Config {
             },
             drain_timeout: args.drain_timeout,
             stop_timeout: args.stop_timeout,
-            metrics_addr: match args.metrics_addr.as_str() {
-                "off" | "" => None,
-                a => Some(
-                    a.parse()
-                        .map_err(|_| ConfigError::MetricsAddr(a.to_string()))?,
-                ),
-            },
+            metrics_addr: args.metrics_addr.0,
             ready_grace: args.ready_grace,
             min_instances: args.min_instances,
             max_instances_per_service: args.max_instances_per_service.max(1),

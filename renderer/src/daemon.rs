@@ -54,6 +54,15 @@ pub struct Daemon {
     /// a mass revocation reaches the watch as several events, applied one by one, so
     /// "at once" is judged over that window, not over one apply.
     peaks: BTreeMap<String, (usize, Instant)>,
+    /// systemd: READY/STATUS/WATCHDOG/RELOADING/STOPPING (nothing without NOTIFY_SOCKET).
+    notifier: observe::notify::Notifier,
+    /// READY=1 is due after the next successful apply (the first, or the one after a
+    /// SIGHUP's RELOADING=1).
+    ready_due: bool,
+    /// When the next WATCHDOG=1 is due, if the unit has a watchdog.
+    next_watchdog: Option<Instant>,
+    /// SIGHUPs: read the templates again.
+    hup: Option<mpsc::Receiver<()>>,
 }
 
 impl Daemon {
@@ -81,7 +90,24 @@ impl Daemon {
             next_check_at: Instant::now(),
             hold: None,
             peaks: BTreeMap::new(),
+            notifier: observe::notify::Notifier::disabled(),
+            ready_due: true,
+            next_watchdog: None,
+            hup: None,
         }
+    }
+
+    /// Talks to systemd through `notifier` and reads the templates again on each message
+    /// of `hup` (SIGHUP).
+    pub fn with_service_manager(
+        mut self,
+        notifier: observe::notify::Notifier,
+        hup: mpsc::Receiver<()>,
+    ) -> Self {
+        self.next_watchdog = notifier.watchdog_interval().map(|_| Instant::now());
+        self.notifier = notifier;
+        self.hup = Some(hup);
+        self
     }
 
     /// Exec mode with a config already in place (a previous run's last good one): serves
@@ -102,6 +128,7 @@ impl Daemon {
     ) -> Result<i32, Error> {
         let far = || Instant::now() + Duration::from_secs(86_400);
         let result = loop {
+            self.pet_watchdog();
             if let Some((_, service, had)) = &self.hold {
                 let now = self.model.services().get(service).map_or(0, BTreeMap::len);
                 if now >= *had {
@@ -138,6 +165,13 @@ impl Daemon {
                     None => std::future::pending().await,
                 }
             };
+            let hup = async {
+                match self.hup.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let watchdog = self.next_watchdog;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(0),
@@ -178,10 +212,92 @@ impl Daemon {
                     Some(u) => self.on_update(u),
                     None => continue,
                 },
+                Some(()) = hup => self.reload_templates().await,
+                // Wakes the loop for its watchdog ping (sent at the top of the loop).
+                _ = tokio::time::sleep_until(watchdog.unwrap_or_else(far)), if watchdog.is_some() => {}
             }
         };
+        self.notifier.stopping();
         self.stop(&result, &shutdown).await;
         result
+    }
+
+    /// WATCHDOG=1 when due: sent only from this loop, so a wedged loop is restarted.
+    fn pet_watchdog(&mut self) {
+        let (Some(at), Some(every)) = (self.next_watchdog, self.notifier.watchdog_interval())
+        else {
+            return;
+        };
+        let now = Instant::now();
+        if now >= at {
+            self.notifier.watchdog();
+            self.next_watchdog = Some(now + every);
+        }
+    }
+
+    /// SIGHUP: reads and compiles every template again and renders it with the current
+    /// registry before it replaces the running ones; the result is applied through the
+    /// normal path (runtime API or one confirmed reload, nothing if the output is the
+    /// same). A template that no longer loads or renders keeps everything as it runs.
+    async fn reload_templates(&mut self) {
+        self.notifier.reloading("reloading templates (SIGHUP)");
+        let candidate = match crate::start::compile(&self.config).await {
+            Ok(r) => self.trial_render(&r).map(|()| r),
+            Err(e) => Err(e),
+        };
+        let result = match candidate {
+            Ok(renderer) => {
+                self.renderer = renderer;
+                // Rebuilt from the model by the next apply, for the new templates.
+                self.data = TemplateData::new();
+                if self.synced {
+                    // Before the first listing there is nothing to apply yet: it applies
+                    // with the new templates when it comes.
+                    self.coalescer.changed(Instant::now());
+                    self.ready_due = true;
+                }
+                info!(
+                    templates = self.config.templates.len(),
+                    "templates reloaded; applying"
+                );
+                "ok"
+            }
+            Err(e) => {
+                error!(error = %e, "SIGHUP: the templates were not reloaded; keeping the running templates and config");
+                self.notifier
+                    .ready(&format!("template reload failed, running config kept: {e}"));
+                "failed"
+            }
+        };
+        self.metrics
+            .template_reloads
+            .get_or_create(&metrics::ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Renders every target with `renderer` from the current registry, writing nothing.
+    fn trial_render(&self, renderer: &Renderer) -> Result<(), crate::render::RenderFailure> {
+        let (data, _) = self.model.template_data_with(
+            &self.config.vars,
+            &self.quarantine.keys(),
+            self.config.max_instances_per_service,
+        );
+        let ctx = renderer.context(data);
+        for t in &self.applier.targets {
+            renderer.render_with(&t.name, &ctx)?;
+        }
+        Ok(())
+    }
+
+    /// One line for systemd's STATUS=.
+    fn status_line(&self, applied: &str) -> String {
+        format!(
+            "revision {}, {} instances, last apply: {applied}",
+            self.model.revision,
+            self.model.len()
+        )
     }
 
     /// Feeds an update to the model and tells the coalescer if anything changed.
@@ -270,6 +386,13 @@ impl Daemon {
             verify = ?report.timings.verify,
             "apply"
         );
+        let line = self.status_line(report.reload.unwrap_or("unchanged"));
+        if self.ready_due && report.errors.is_empty() {
+            self.ready_due = false;
+            self.notifier.ready(&line);
+        } else {
+            self.notifier.status(&line);
+        }
         self.start_haproxy_if_due().await?;
         Ok(())
     }
@@ -633,6 +756,8 @@ mod loop_tests {
         metrics: metrics::Metrics,
         shutdown: CancellationToken,
         task: JoinHandle<Result<i32, Error>>,
+        hup: mpsc::Sender<()>,
+        tpl: std::path::PathBuf,
         _dir: tempfile::TempDir,
     }
 
@@ -681,7 +806,9 @@ mod loop_tests {
         let metrics = metrics::Metrics::new(&mut registry);
         let state = metrics::State::new(config.ready_grace);
         let applier = Applier::from_config(&config, targets, metrics.clone(), false);
-        let mut daemon = Daemon::new(config, renderer, applier, metrics.clone(), state);
+        let (hup, hup_rx) = mpsc::channel(1);
+        let mut daemon = Daemon::new(config, renderer, applier, metrics.clone(), state)
+            .with_service_manager(observe::notify::Notifier::disabled(), hup_rx);
         let (tx, rx) = mpsc::channel(16);
         let source = tokio::spawn(std::future::pending::<Result<(), Error>>());
         let shutdown = CancellationToken::new();
@@ -693,6 +820,8 @@ mod loop_tests {
             metrics,
             shutdown,
             task,
+            hup,
+            tpl,
             _dir: dir,
         }
     }
@@ -843,6 +972,44 @@ mod loop_tests {
         h.file_stays("web: b c\n", Duration::from_millis(2900))
             .await;
         h.until_file("", Duration::from_secs(1)).await;
+        h.stop().await;
+    }
+
+    /// SIGHUP reads the templates again: an edited one is applied with the registry as it
+    /// is; one that no longer compiles or renders keeps the running config and counts as a
+    /// failed reload; fixed, the next SIGHUP applies it.
+    #[tokio::test(start_paused = true)]
+    async fn sighup_reloads_templates_and_keeps_the_config_when_one_is_broken() {
+        let h = start(&["--wait-min", "10ms"]).await;
+        h.snapshot(&["a", "b"]).await;
+        h.until_file("web: a b\n", Duration::from_secs(1)).await;
+        let reloads = |result: &str| {
+            h.metrics
+                .template_reloads
+                .get_or_create(&metrics::ResultLabel {
+                    result: result.into(),
+                })
+                .get()
+        };
+        std::fs::write(&h.tpl, "{{#each services.web}}{{id}};{{/each}}\n").unwrap();
+        h.hup.send(()).await.unwrap();
+        h.until_file("a;b;\n", Duration::from_secs(1)).await;
+        assert_eq!(reloads("ok"), 1);
+        // Does not compile: kept, and changes go on being applied with the old one.
+        std::fs::write(&h.tpl, "{{#each services.web}}{{id}};\n").unwrap();
+        h.hup.send(()).await.unwrap();
+        h.changes(2, vec![put("c")]).await;
+        h.until_file("a;b;c;\n", Duration::from_secs(1)).await;
+        assert_eq!(reloads("failed"), 1);
+        // Compiles but does not render (strict mode: an unknown variable).
+        std::fs::write(&h.tpl, "{{nonexistent.field}}\n").unwrap();
+        h.hup.send(()).await.unwrap();
+        h.file_stays("a;b;c;\n", Duration::from_millis(200)).await;
+        assert_eq!(reloads("failed"), 2);
+        std::fs::write(&h.tpl, "{{#each services.web}}{{id}}|{{/each}}\n").unwrap();
+        h.hup.send(()).await.unwrap();
+        h.until_file("a|b|c|\n", Duration::from_secs(1)).await;
+        assert_eq!(reloads("ok"), 2);
         h.stop().await;
     }
 

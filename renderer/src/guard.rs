@@ -31,7 +31,7 @@ impl Quarantine {
         });
     }
 
-    fn keys(&self) -> BTreeSet<String> {
+    pub(crate) fn keys(&self) -> BTreeSet<String> {
         self.entries.keys().cloned().collect()
     }
 

@@ -65,6 +65,16 @@ impl Error {
 
 /// Runs until `shutdown` (or until HAProxy exits in exec mode). Returns the exit code.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Error> {
+    run_with(config, shutdown, None).await
+}
+
+/// [`run`] under a service manager: SIGHUPs arrive on `hup` (templates read again), and
+/// systemd is told READY/STATUS/WATCHDOG/RELOADING/STOPPING when `NOTIFY_SOCKET` is set.
+pub async fn run_with(
+    config: Config,
+    shutdown: CancellationToken,
+    hup: Option<mpsc::Receiver<()>>,
+) -> Result<i32, Error> {
     let (renderer, targets) = start::load_templates(&config).await?;
     if config.once {
         return once::run(&config, renderer, targets).await;
@@ -88,6 +98,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<i32, Err
         metrics.clone(),
         state.clone(),
     );
+    if let Some(hup) = hup {
+        daemon = daemon.with_service_manager(observe::notify::Notifier::from_env(), hup);
+    }
     if daemon.start_haproxy_if_due().await? {
         info!("serving the existing config until the registry is read");
     }

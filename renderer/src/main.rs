@@ -27,11 +27,14 @@ fn main() {
     };
     observe::cli::run_and_exit("renderer", 2, async {
         let shutdown = CancellationToken::new();
-        if let Err(e) = renderer::signal::install(shutdown.clone()) {
-            eprintln!("renderer: cannot install signal handlers: {e}");
-            return 1;
-        }
-        match renderer::run(config, shutdown).await {
+        let hup = match renderer::signal::install(shutdown.clone()) {
+            Ok(hup) => hup,
+            Err(e) => {
+                eprintln!("renderer: cannot install signal handlers: {e}");
+                return 1;
+            }
+        };
+        match renderer::run_with(config, shutdown, Some(hup)).await {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("renderer: error: {e:#}");

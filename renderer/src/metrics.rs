@@ -56,6 +56,7 @@ pub struct Metrics {
     pub runtime_seconds: Histogram,
     pub last_apply: Gauge<f64, AtomicU64>,
     pub config_hash: Gauge,
+    pub template_reloads: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -79,6 +80,7 @@ impl Metrics {
             runtime_seconds: seconds(),
             last_apply: Gauge::default(),
             config_hash: Gauge::default(),
+            template_reloads: Family::default(),
         };
         let build = Family::<VersionLabel, Gauge>::default();
         build
@@ -123,6 +125,11 @@ impl Metrics {
             "renderer_applies",
             "Applies by result (ok, error)",
             m.applies.clone(),
+        );
+        r.register(
+            "renderer_template_reloads",
+            "Templates read again on SIGHUP, by result (ok, failed: the running config was kept)",
+            m.template_reloads.clone(),
         );
         r.register(
             "renderer_reloads",

@@ -6,17 +6,16 @@ use tracing::{info, warn};
 use crate::apply::file::FileTarget;
 use crate::apply::{self, Target};
 use crate::config::{Config, ReloadMode};
-use crate::render::Renderer;
+use crate::render::{RenderFailure, Renderer};
 use crate::Error;
 
 /// Compiles every template; a broken one stops the start. Templates see the HAProxy
 /// version of `--haproxy-version`, or the one the HAProxy we run (or find) says it is.
 pub async fn load_templates(config: &Config) -> Result<(Renderer, Vec<Target>), Error> {
-    let mut renderer = Renderer::new();
-    renderer.set_haproxy_version(&haproxy_version(config).await);
+    let renderer = compile(config).await?;
     let mut targets = Vec::new();
     for spec in &config.templates {
-        let name = renderer.add_file(&spec.source)?;
+        let name = spec.source.display().to_string();
         let file = FileTarget::new(spec.dest.clone(), spec.check.clone());
         let stale = file.remove_stale_staged();
         if stale > 0 {
@@ -25,6 +24,17 @@ pub async fn load_templates(config: &Config) -> Result<(Renderer, Vec<Target>), 
         targets.push(Target::new(name, file));
     }
     Ok((renderer, targets))
+}
+
+/// Reads and compiles every template (at start, and again on SIGHUP); the first that does
+/// not load is the error, naming its file.
+pub async fn compile(config: &Config) -> Result<Renderer, RenderFailure> {
+    let mut renderer = Renderer::new();
+    renderer.set_haproxy_version(&haproxy_version(config).await);
+    for spec in &config.templates {
+        renderer.add_file(&spec.source)?;
+    }
+    Ok(renderer)
 }
 
 /// The version of the HAProxy the config is for ("" when it cannot be told).

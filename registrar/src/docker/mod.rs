@@ -50,7 +50,7 @@ pub enum Mode {
 #[derive(Debug, Parser)]
 #[command(
     name = "registrar docker",
-    version,
+    version = observe::cli::VERSION,
     about = "Register the Docker containers labelled lb-registry.service=NAME, from the engine's events, under one TTL lease.",
     after_help = AFTER_HELP
 )]
@@ -87,9 +87,10 @@ pub struct DockerArgs {
     #[arg(long, env = "REGISTRAR_DOCKER_OWNER")]
     pub owner: Option<String>,
 
-    /// Serve /metrics, /healthz and /readyz (ready = synced with Docker and etcd) on HOST:PORT.
-    #[arg(long, env = "REGISTRAR_METRICS_ADDR", value_name = "HOST:PORT")]
-    pub metrics_addr: Option<SocketAddr>,
+    /// Serve /metrics, /healthz and /readyz (ready = synced with Docker and etcd) on
+    /// HOST:PORT ("off": none, the default).
+    #[arg(long, env = "REGISTRAR_METRICS_ADDR", value_name = "HOST:PORT", value_parser = observe::cli::parse_metrics_addr)]
+    pub metrics_addr: Option<observe::cli::MetricsAddr>,
 
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -159,7 +160,7 @@ impl DockerConfig {
             socket,
             mode,
             owner,
-            metrics_addr: args.metrics_addr,
+            metrics_addr: args.metrics_addr.and_then(|m| m.0),
         })
     }
 }

@@ -376,6 +376,7 @@ impl HaproxyChild {
         })?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).kill_on_drop(true);
+        observe::notify::scrub(&mut cmd);
         let socket = match args.iter().position(|a| a == "-S") {
             Some(i) => PathBuf::from(
                 args.get(i + 1)
