@@ -216,7 +216,22 @@ impl Hysteresis {
     }
 }
 
+/// What the checker is told and tells besides the verdict.
+#[derive(Debug, Clone, Default)]
+pub struct Signals {
+    /// Probe now, without waiting for the next interval (SIGHUP).
+    pub probe_now: std::sync::Arc<tokio::sync::Notify>,
+    /// Counts the probes done (the first one makes the registrar ready for systemd).
+    pub probes: std::sync::Arc<watch::Sender<u64>>,
+}
+
 /// Runs `check` every `interval` until `stop`, publishing the verdict on `tx`.
+///
+/// Logging: an instance that is not registered because its checks fail gets one WARN with
+/// the reason once `fails` probes in a row have failed (an app still starting beside the
+/// registrar does not trip it), and another only when the reason changes; a healthy one
+/// losing its registration gets the WARN at once; registering is INFO.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_checks(
     check: HealthCheck,
     interval: Duration,
@@ -225,13 +240,16 @@ pub async fn run_checks(
     tx: watch::Sender<bool>,
     stop: CancellationToken,
     metrics: crate::metrics::Metrics,
+    signals: Signals,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut log = FailureLog::new(state.fails);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
+            _ = signals.probe_now.notified() => ticker.reset(),
         }
         let result = check.probe(timeout).await;
         let label = if result.is_ok() { "pass" } else { "fail" };
@@ -245,15 +263,72 @@ pub async fn run_checks(
         let now = state.observe(result.is_ok());
         match (&result, was, now) {
             (Err(e), true, false) => {
+                log.warned(e.to_string());
                 tracing::warn!(error = %e, "health check failed; deregistering")
             }
+            (Err(e), _, false) => {
+                let reason = e.to_string();
+                if log.failed(&reason) {
+                    tracing::warn!(
+                        error = %reason,
+                        fails = log.streak,
+                        "not registered: the health check keeps failing"
+                    )
+                } else {
+                    tracing::debug!(error = %reason, "health check failed")
+                }
+            }
             (Err(e), _, _) => tracing::debug!(error = %e, "health check failed"),
-            (Ok(()), false, true) => tracing::info!("health check passed; registering"),
-            _ => {}
+            (Ok(()), false, true) => {
+                log.passed();
+                tracing::info!("health check passed; registering")
+            }
+            (Ok(()), _, _) => log.passed(),
         }
         if was != now {
             tx.send_replace(now);
         }
+        signals.probes.send_modify(|n| *n += 1);
+    }
+}
+
+/// When a failing check is worth a WARN: after `fails` failures in a row, and then only
+/// when the reason differs from the last one warned about.
+#[derive(Debug)]
+struct FailureLog {
+    fails: u32,
+    streak: u32,
+    warned: Option<String>,
+}
+
+impl FailureLog {
+    fn new(fails: u32) -> Self {
+        FailureLog {
+            fails: fails.max(1),
+            streak: 0,
+            warned: None,
+        }
+    }
+
+    /// A failure while unregistered: true if it should be logged at WARN.
+    fn failed(&mut self, reason: &str) -> bool {
+        self.streak += 1;
+        if self.streak < self.fails || self.warned.as_deref() == Some(reason) {
+            return false;
+        }
+        self.warned = Some(reason.to_string());
+        true
+    }
+
+    /// A WARN was logged elsewhere for `reason` (deregistering).
+    fn warned(&mut self, reason: String) {
+        self.streak = self.fails;
+        self.warned = Some(reason);
+    }
+
+    fn passed(&mut self) {
+        self.streak = 0;
+        self.warned = None;
     }
 }
 
@@ -299,6 +374,28 @@ mod tests {
         assert!(err.to_string().contains("no PEM certificate"), "{err}");
         let _ = std::fs::remove_file(not_pem);
         assert!(HealthCheck::tcp("localhost").is_err());
+    }
+
+    #[test]
+    fn a_failing_check_warns_after_fails_then_only_when_the_reason_changes() {
+        let mut log = FailureLog::new(3);
+        assert!(!log.failed("refused"), "an app still starting");
+        assert!(!log.failed("refused"));
+        assert!(log.failed("refused"), "the third failure in a row");
+        assert!(!log.failed("refused"), "same reason: once");
+        assert!(log.failed("HTTP status 503"), "a new reason");
+        assert!(!log.failed("HTTP status 503"));
+        log.passed();
+        assert!(
+            !log.failed("refused"),
+            "the streak starts again after a pass"
+        );
+        assert!(!log.failed("refused"));
+        assert!(log.failed("refused"));
+        let mut log = FailureLog::new(3);
+        log.warned("refused".into());
+        assert!(!log.failed("refused"), "already said when deregistering");
+        assert!(log.failed("timeout"));
     }
 
     #[test]

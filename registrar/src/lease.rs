@@ -56,6 +56,8 @@ pub struct Registration {
     /// Published: whether the key is currently in etcd under our lease.
     registered: watch::Sender<bool>,
     metrics: crate::metrics::Metrics,
+    /// Put the record again now (SIGHUP): repairs a key deleted or edited by hand.
+    refresh: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl Registration {
@@ -79,7 +81,14 @@ impl Registration {
             previous_lease: None,
             registered,
             metrics: crate::metrics::Metrics::unregistered(),
+            refresh: Default::default(),
         }
+    }
+
+    /// Each notification of `refresh` puts the record again (while it should be there).
+    pub fn with_refresh(mut self, refresh: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        self.refresh = refresh;
+        self
     }
 
     /// Records into `metrics`.
@@ -230,6 +239,17 @@ impl Registration {
                         return SessionEnd::Shutdown;
                     }
                     want_present = *self.health.borrow_and_update();
+                }
+                _ = self.refresh.notified() => {
+                    if key_present {
+                        match self.put_if_ours(lease).await {
+                            Ok(()) => info!(lease = format_args!("{lease:x}"), "record put again"),
+                            Err(RegisterError::Etcd(e)) if is_lease_not_found(&e) => {
+                                return SessionEnd::LeaseLost
+                            }
+                            Err(e) => warn!(error = ?e, "could not put the record again"),
+                        }
+                    }
                 }
             }
             if want_present != key_present && Instant::now() >= next_presence_try {

@@ -108,6 +108,8 @@ pub async fn run(
 
     // Health verdict: always true without a check.
     let (health_tx, health_rx) = watch::channel(config.health.is_none());
+    let checker = health::Signals::default();
+    let mut probes = checker.probes.subscribe();
     if let Some(check) = config.health.clone() {
         tokio::spawn(health::run_checks(
             check,
@@ -117,6 +119,7 @@ pub async fn run(
             health_tx,
             tasks.clone(),
             metrics.clone(),
+            checker.clone(),
         ));
     } else {
         // Keep the sender alive so the verdict never reads as "checker gone".
@@ -129,18 +132,51 @@ pub async fn run(
         });
     }
 
+    let refresh = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut registration = tokio::spawn(register(
         config.clone(),
-        key,
+        key.clone(),
         value,
         health_rx,
         registered_tx,
         metrics.clone(),
+        refresh.clone(),
         tasks.clone(),
     ));
 
+    // systemd (nothing without NOTIFY_SOCKET): READY=1 once started and the first health
+    // check has answered, whatever it said (an unhealthy app must not fail the unit's
+    // start); STATUS= follows the registration; WATCHDOG=1 from this loop.
+    let notifier = observe::notify::Notifier::from_env();
+    let mut ready_sent = false;
+    let mut registered_seen = registered_rx.clone();
+    let mut registration_open = true;
+    let status = |registered: bool| {
+        if registered {
+            format!("registered: {key}")
+        } else if config.health.is_some() {
+            format!("not registered: {key} (health check failing or etcd unreachable)")
+        } else {
+            format!("not registered: {key} (etcd unreachable)")
+        }
+    };
+    let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
+    let mut next_watchdog = notifier
+        .watchdog_interval()
+        .map(|_| tokio::time::Instant::now());
+
     // Wait for whatever comes first: a stop request, the app's exit, a fatal etcd error.
     let app_status = loop {
+        if let (Some(at), Some(every)) = (next_watchdog, notifier.watchdog_interval()) {
+            if tokio::time::Instant::now() >= at {
+                notifier.watchdog();
+                next_watchdog = Some(tokio::time::Instant::now() + every);
+            }
+        }
+        if !ready_sent && (config.health.is_none() || *probes.borrow_and_update() > 0) {
+            ready_sent = true;
+            notifier.ready(&status(*registered_seen.borrow_and_update()));
+        }
         let app_exit = async {
             match app.as_mut() {
                 Some(a) => a.wait().await,
@@ -170,11 +206,24 @@ pub async fn run(
             Some(sig) = signals.forward.recv() => {
                 match &app {
                     Some(a) => { info!(signal = %sig, "forwarding signal to app"); a.signal(sig) }
+                    None if sig == Signal::SIGHUP => {
+                        info!(signal = %sig, "putting the record again and re-running the health check");
+                        refresh.notify_one();
+                        checker.probe_now.notify_one();
+                    }
                     None => info!(signal = %sig, "ignoring signal"),
                 }
             }
+            _ = probes.changed(), if !ready_sent => {}
+            r = registered_seen.changed(), if registration_open => match r {
+                Ok(()) if ready_sent => notifier.status(&status(*registered_seen.borrow_and_update())),
+                Ok(()) => {}
+                Err(_) => registration_open = false,
+            },
+            _ = tokio::time::sleep_until(next_watchdog.unwrap_or_else(far)), if next_watchdog.is_some() => {}
         }
     };
+    notifier.stopping();
 
     // Deregister first: revoke the lease so the load balancer stops routing here.
     let was_registered = *registered_rx.borrow();
@@ -210,6 +259,7 @@ async fn register(
     health: watch::Receiver<bool>,
     registered: watch::Sender<bool>,
     metrics: metrics::Metrics,
+    refresh: std::sync::Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) -> Result<(), Error> {
     let attempt = config
@@ -238,6 +288,7 @@ async fn register(
         registered,
     )
     .with_metrics(metrics)
+    .with_refresh(refresh)
     .run(stop)
     .await
     .map_err(Error::EtcdSetup)

@@ -61,22 +61,14 @@ fn docker_main() -> ! {
     };
     observe::cli::run_and_exit("registrar docker", 2, async {
         let shutdown = CancellationToken::new();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+        let hup = match registrar::signal::install_daemon(shutdown.clone()) {
+            Ok(hup) => hup,
+            Err(e) => {
+                eprintln!("registrar docker: cannot install signal handlers: {e}");
+                return 1;
             }
-            stop.cancel();
-        });
-        match daemon::run(config, shutdown).await {
+        };
+        match daemon::run(config, shutdown, hup).await {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("registrar docker: error: {e}");

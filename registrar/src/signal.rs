@@ -1,6 +1,7 @@
 //! Process signals: SIGTERM/SIGINT request a graceful stop (cancel the token, remember
 //! which signal so it can be passed on); SIGHUP, SIGUSR1, SIGUSR2 and SIGQUIT are
-//! forwarded to the app in exec mode.
+//! forwarded to the app in exec mode (standalone, SIGHUP puts the record again and
+//! re-runs the health check). `registrar docker`: SIGHUP syncs ([`install_daemon`]).
 
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
@@ -46,4 +47,30 @@ pub fn install(
         shutdown.cancel();
     });
     Ok((fwd_rx, stop_rx))
+}
+
+/// `registrar docker`: SIGTERM/SIGINT cancel `shutdown`; each SIGHUP notifies the
+/// returned [`Notify`](tokio::sync::Notify) (a full sync).
+pub fn install_daemon(
+    shutdown: CancellationToken,
+) -> std::io::Result<std::sync::Arc<tokio::sync::Notify>> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+    let sync = notify.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            sync.notify_one();
+        }
+    });
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "stopping");
+        shutdown.cancel();
+    });
+    Ok(notify)
 }

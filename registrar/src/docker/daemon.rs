@@ -110,10 +110,19 @@ struct Daemon {
     conflicts: BTreeSet<String>,
     metrics: Metrics,
     ready: tokio::sync::watch::Sender<bool>,
+    /// SIGHUP: sync with the engine and etcd now.
+    hup: std::sync::Arc<tokio::sync::Notify>,
+    /// systemd: READY after the first sync, STATUS, WATCHDOG from the event loop.
+    notifier: observe::notify::Notifier,
 }
 
-/// Runs until `shutdown`. Never returns because etcd or Docker is unavailable.
-pub async fn run(config: DockerConfig, shutdown: CancellationToken) -> Result<(), Error> {
+/// Runs until `shutdown`. Never returns because etcd or Docker is unavailable. Each
+/// notification of `hup` (SIGHUP) syncs fully at once.
+pub async fn run(
+    config: DockerConfig,
+    shutdown: CancellationToken,
+    hup: std::sync::Arc<tokio::sync::Notify>,
+) -> Result<(), Error> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::default();
     metrics.register(&mut registry);
@@ -174,8 +183,11 @@ pub async fn run(config: DockerConfig, shutdown: CancellationToken) -> Result<()
         conflicts: BTreeSet::new(),
         metrics,
         ready,
+        hup,
+        notifier: observe::notify::Notifier::from_env(),
     };
     daemon.run(&shutdown).await;
+    daemon.notifier.stopping();
     tasks.cancel();
     Ok(())
 }
@@ -211,8 +223,15 @@ impl Daemon {
             backoff.reset();
             self.metrics.docker_connected.set(1);
             self.ready.send_replace(true);
+            self.notifier.ready(&self.status_line());
             let mut next_keep_alive = Instant::now() + period;
+            let watchdog = self.notifier.watchdog_interval();
+            let mut next_watchdog = Instant::now();
             loop {
+                if watchdog.is_some() && Instant::now() >= next_watchdog {
+                    self.notifier.watchdog();
+                    next_watchdog = Instant::now() + watchdog.unwrap_or(period);
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => {
                         // The records stay until their TTL: a restarted daemon takes them
@@ -242,6 +261,15 @@ impl Daemon {
                             debug!(error = %e, "sync after a failed write failed; retrying");
                         }
                     }
+                    _ = self.hup.notified() => {
+                        info!(signal = "SIGHUP", "syncing with Docker and etcd");
+                        if let Err(e) = self.sync().await {
+                            warn!(error = %e, "sync failed; retrying");
+                            self.retry_in(Duration::from_millis(500));
+                        }
+                        self.notifier.status(&self.status_line());
+                    }
+                    _ = tokio::time::sleep_until(next_watchdog), if watchdog.is_some() => {}
                 }
             }
             self.metrics.docker_connected.set(0);
@@ -513,6 +541,15 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// One line for systemd's STATUS=.
+    fn status_line(&self) -> String {
+        format!(
+            "{} container(s) registered, lease {}",
+            self.held.len(),
+            self.lease.map_or("none".into(), |l| format!("{l:x}"))
+        )
     }
 
     /// Asks for a full sync within `d` (the earliest request wins).
