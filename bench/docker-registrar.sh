@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-50}
-BIN=${BIN:-target/release/registrar}
+BIN=${BIN:-target/release/lb-registrar}
 tag="bdk$$"
 dir=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

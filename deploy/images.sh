@@ -69,7 +69,7 @@ else
   cargo build --locked -p registrar -p renderer -p webapp
 fi
 rm -rf deploy/.bin && mkdir -p deploy/.bin
-install -m 0755 "target/$PROFILE/registrar" "target/$PROFILE/renderer" "target/$PROFILE/webapp" deploy/.bin/
+install -m 0755 "target/$PROFILE/lb-registrar" "target/$PROFILE/lb-renderer" "target/$PROFILE/webapp" deploy/.bin/
 
 docker build -q -f deploy/etcd/Dockerfile --build-arg BASE_IMAGE=$tools -t lb-registry/etcd:latest . >/dev/null
 docker build -q -f deploy/ha/Dockerfile --target prebuilt --build-arg BASE_IMAGE=$tools \

@@ -46,7 +46,7 @@ echo "==> etcd cluster: $ENDPOINTS" >&2
 
 for n in 1 2; do
   mkdir -p "$RUN_DIR/lb$n"
-  "$BIN/renderer" --endpoints "$ENDPOINTS" --metrics-addr "127.0.0.1:910$n" \
+  "$BIN/lb-renderer" --endpoints "$ENDPOINTS" --metrics-addr "127.0.0.1:910$n" \
     --template "templates/haproxy.cfg.hbs:$RUN_DIR/lb$n/haproxy.cfg" \
     --var "http_port=808$n" --var "stats_port=193$n" --var bind_address=127.0.0.1 \
     --var "runtime_dir=$RUN_DIR/lb$n" --var "cookie_key=$COOKIE_KEY" \
@@ -57,7 +57,7 @@ done
 
 for i in $(seq 1 "$WEBAPPS"); do
   port=$((3100 + i))
-  "$BIN/registrar" --endpoints "$ENDPOINTS" --service webapp --id "s$i" --address 127.0.0.1 \
+  "$BIN/lb-registrar" --endpoints "$ENDPOINTS" --service webapp --id "s$i" --address 127.0.0.1 \
     --port "$port" --ttl 5s --health-http "http://127.0.0.1:$port/health" --health-interval 1s \
     -- "$BIN/webapp" --bind 127.0.0.1 --port "$port" --id "s$i" >"$RUN_DIR/webapp-s$i.log" 2>&1 &
   pids+=($!)

@@ -86,7 +86,7 @@ done
 
 echo "==> HAProxy + renderer: traffic on 127.0.0.1:$HTTP_PORT, stats on http://127.0.0.1:$STATS_PORT/" >&2
 mkdir -p "$RUN_DIR/haproxy"
-"$BIN/renderer" --endpoints "$ENDPOINT" \
+"$BIN/lb-renderer" --endpoints "$ENDPOINT" \
   --template "templates/haproxy.cfg.hbs:$RUN_DIR/haproxy/haproxy.cfg" \
   --var "http_port=$HTTP_PORT" --var "stats_port=$STATS_PORT" \
   --var "bind_address=127.0.0.1" --var "runtime_dir=$RUN_DIR/haproxy" \
@@ -98,7 +98,7 @@ pids+=($!)
 for i in $(seq 1 "$WEBAPPS"); do
   port=$((APP_BASE_PORT + i - 1))
   echo "==> web app s$i on 127.0.0.1:$port (registrar in exec mode)" >&2
-  "$BIN/registrar" --endpoints "$ENDPOINT" --service webapp --id "s$i" \
+  "$BIN/lb-registrar" --endpoints "$ENDPOINT" --service webapp --id "s$i" \
     --address 127.0.0.1 --port "$port" --ttl 5s \
     --health-http "http://127.0.0.1:$port/health" --health-interval 1s \
     -- "$BIN/webapp" --bind 127.0.0.1 --port "$port" --id "s$i" \

@@ -975,8 +975,8 @@ async fn wide(o: &Opts) -> Vec<Row> {
 
 async fn footprint(o: &Opts) -> Vec<Row> {
     let mut rows = Vec::new();
-    let target = bin("registrar");
-    for name in ["registrar", "renderer", "webapp"] {
+    let target = bin("lb-registrar");
+    for name in ["lb-registrar", "lb-renderer", "webapp"] {
         let size = std::fs::metadata(target.with_file_name(name))
             .map(|m| m.len() as f64 / 1024.0 / 1024.0)
             .unwrap_or(f64::NAN);

@@ -42,7 +42,7 @@ pub enum LogFormat {
 /// Raw command-line flags.
 #[derive(Debug, Parser)]
 #[command(
-    name = "registrar",
+    name = "lb-registrar",
     version = observe::cli::VERSION,
     about = "Keep this instance registered in etcd under a TTL lease (optionally running the app as a child).",
     long_about = "Keep this instance registered in etcd under a TTL lease.\n\n\

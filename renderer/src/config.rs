@@ -43,7 +43,7 @@ pub enum LogFormat {
 /// Raw command-line flags.
 #[derive(Debug, Parser)]
 #[command(
-    name = "renderer",
+    name = "lb-renderer",
     version = observe::cli::VERSION,
     about = "Watch the registry in etcd, render config files from Handlebars templates, validate them, reload HAProxy.",
     long_about = "Watch the registry in etcd, render config files from Handlebars templates, \

@@ -46,7 +46,7 @@ fn main() {
 
 /// `renderer status [flags]`: prints the report; 0, or 1 when etcd cannot be read.
 fn status() -> i32 {
-    let argv = std::iter::once("renderer status".to_string()).chain(std::env::args().skip(2));
+    let argv = std::iter::once("lb-renderer status".to_string()).chain(std::env::args().skip(2));
     let args: renderer::status::StatusArgs = observe::cli::parse_from_or_exit(argv);
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -12,7 +12,7 @@ use crate::model::Model;
 /// Flags of `renderer status`.
 #[derive(Debug, Parser)]
 #[command(
-    name = "renderer status",
+    name = "lb-renderer status",
     about = "Show the services and instances in the registry, skipped records and why, and what the running renderer last applied."
 )]
 pub struct StatusArgs {

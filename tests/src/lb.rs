@@ -44,7 +44,7 @@ pub fn renderer_command(
     (http_port, stats_port): (u16, u16),
     runtime_dir: &Path,
 ) -> Command {
-    let mut cmd = Command::new(bin("renderer"));
+    let mut cmd = Command::new(bin("lb-renderer"));
     cmd.env("RUST_LOG", "info")
         .args(["--endpoints", endpoints, "--template"])
         .arg(format!("{}:{}", template.display(), cfg.display()))

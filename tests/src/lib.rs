@@ -92,7 +92,7 @@ pub fn bin(name: &str) -> PathBuf {
 /// The registrar binary talking to the etcd at `endpoints` (comma-separated), logging at
 /// `log` (a `RUST_LOG` filter); callers add every other flag.
 pub fn registrar_base(endpoints: &str, log: &str) -> std::process::Command {
-    let mut cmd = std::process::Command::new(bin("registrar"));
+    let mut cmd = std::process::Command::new(bin("lb-registrar"));
     cmd.env("RUST_LOG", log).args(["--endpoints", endpoints]);
     cmd
 }

@@ -399,7 +399,7 @@ async fn ten_thousand_instances_across_a_hundred_services_list_in_pages() {
     let t = dir.path().join("count.hbs");
     std::fs::write(&t, "{{#each services}}{{@key}} {{len this}}\n{{/each}}").unwrap();
     let started = Instant::now();
-    let out = Command::new(bin("renderer"))
+    let out = Command::new(bin("lb-renderer"))
         .args([
             "--endpoints",
             &cluster.endpoints(),

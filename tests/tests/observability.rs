@@ -98,7 +98,7 @@ async fn counters_move_with_registry_changes() {
     .await;
 
     // renderer status shows it, and why.
-    let out = Command::new(bin("renderer"))
+    let out = Command::new(bin("lb-renderer"))
         .args([
             "status",
             "--endpoints",

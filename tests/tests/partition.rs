@@ -36,7 +36,7 @@ async fn a_partitioned_web_app_host_leaves_rotation_and_returns() {
         "far",
     ]);
     let _app = Proc::spawn("webapp-far", dir.path(), app);
-    let mut reg = ns.command(&bin("registrar"));
+    let mut reg = ns.command(&bin("lb-registrar"));
     reg.args([
         "--endpoints",
         &format!("http://10.231.0.1:{}", etcd.client_port),

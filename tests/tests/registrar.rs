@@ -605,7 +605,7 @@ async fn https_health_checks_trust_the_given_ca_only() {
     std::fs::write(&empty, "not a certificate\n").unwrap();
     let mut bad = common("s3");
     bad.extend(["--health-cacert".to_string(), empty.display().to_string()]);
-    let out = Command::new(bin("registrar"))
+    let out = Command::new(bin("lb-registrar"))
         .arg("--endpoints")
         .arg(etcd.endpoint())
         .args(&bad)

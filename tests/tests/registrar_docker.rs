@@ -76,7 +76,7 @@ impl Drop for Containers {
 }
 
 fn daemon(dir: &Path, etcd: &Etcd, owner: &str, metrics: u16) -> Proc {
-    let mut cmd = Command::new(bin("registrar"));
+    let mut cmd = Command::new(bin("lb-registrar"));
     cmd.env("RUST_LOG", "info,registrar=debug").args([
         "docker",
         "--endpoints",
@@ -124,7 +124,7 @@ async fn containers_are_registered_from_their_labels() {
         &["--docker-host", "tcp://127.0.0.1:2375"],
         &["--ttl", "1s"],
     ] {
-        let out = Command::new(bin("registrar"))
+        let out = Command::new(bin("lb-registrar"))
             .arg("docker")
             .args(bad)
             .output()
@@ -136,7 +136,7 @@ async fn containers_are_registered_from_their_labels() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let help = Command::new(bin("registrar"))
+    let help = Command::new(bin("lb-registrar"))
         .args(["docker", "--help"])
         .output()
         .unwrap();

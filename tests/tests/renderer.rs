@@ -197,7 +197,7 @@ async fn broken_templates_and_failing_checks_never_replace_the_good_config() {
     // A template that does not compile: refuse to start, exit 64, clear message.
     let bad = dir.path().join("bad.hbs");
     std::fs::write(&bad, "global\n{{#each (instances \"webapp\")}}\n").unwrap();
-    let mut cmd = Command::new(bin("renderer"));
+    let mut cmd = Command::new(bin("lb-renderer"));
     cmd.args([
         "--endpoints",
         &etcd.endpoint(),
@@ -292,7 +292,7 @@ async fn a_service_that_loses_its_last_instance_renders_empty() {
         "{{#each services.webapp}}{{id}}{{/each}} {{vars.http_prot}}\n",
     )
     .unwrap();
-    let out = Command::new(bin("renderer"))
+    let out = Command::new(bin("lb-renderer"))
         .args(["--endpoints", &etcd.endpoint(), "--dry-run", "--template"])
         .arg(format!("{}:/dev/null", typo.display()))
         .output()

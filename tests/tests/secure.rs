@@ -150,7 +150,7 @@ async fn tls_auth_and_least_privilege_roles() {
 
 #[test]
 fn secrets_do_not_show_in_help() {
-    let out = Command::new(bin("registrar"))
+    let out = Command::new(bin("lb-registrar"))
         .arg("--help")
         .env("ETCD_PASSWORD", "s3cr3t-value")
         .output()

@@ -49,7 +49,7 @@ pub enum Mode {
 /// Flags of `registrar docker`.
 #[derive(Debug, Parser)]
 #[command(
-    name = "registrar docker",
+    name = "lb-registrar docker",
     version = observe::cli::VERSION,
     about = "Register the Docker containers labelled lb-registry.service=NAME, from the engine's events, under one TTL lease.",
     after_help = AFTER_HELP
@@ -171,7 +171,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<DockerConfig, String> {
-        let mut v = vec!["registrar docker"];
+        let mut v = vec!["lb-registrar docker"];
         v.extend_from_slice(args);
         DockerConfig::from_args(DockerArgs::try_parse_from(v).map_err(|e| e.to_string())?)
     }

@@ -115,13 +115,18 @@ impl FileTarget {
         let staged = self.staged_path();
         // fsync off the runtime's threads: they also carry the live path.
         let (path, data) = (staged.clone(), bytes.to_vec());
-        tokio::task::spawn_blocking(move || write_synced(&path, &data))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-            .map_err(|source| FileError::Write {
-                path: staged.display().to_string(),
-                source,
-            })?;
+        let dest = self.dest.clone();
+        tokio::task::spawn_blocking(move || {
+            write_synced(&path, &data)?;
+            keep_ownership(&dest, &path);
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|source| FileError::Write {
+            path: staged.display().to_string(),
+            source,
+        })?;
         if let Some(cmd) = &self.check {
             if let Err(e) = run_check(cmd, &staged, bytes, background).await {
                 let _ = std::fs::remove_file(&staged);
@@ -184,6 +189,23 @@ impl FileTarget {
 
 fn is_busy(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(16) | Some(18)) // EBUSY, EXDEV
+}
+
+/// Gives `staged` the mode, owner and group of `dest` (when it exists), so replacing a
+/// file keeps what the operator set on it (e.g. root:haproxy 0640), as consul-template
+/// #1037 asked. Changing the owner needs the right to: without it the mode is still kept.
+fn keep_ownership(dest: &Path, staged: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(dest) else {
+        return;
+    };
+    if let Err(e) = std::fs::set_permissions(staged, meta.permissions()) {
+        warn!(dest = %dest.display(), error = %e, "cannot give the new file the old one's mode");
+    }
+    let (uid, gid) = (meta.uid(), meta.gid());
+    if let Err(e) = std::os::unix::fs::chown(staged, Some(uid), Some(gid)) {
+        tracing::debug!(dest = %dest.display(), uid, gid, error = %e, "cannot give the new file the old one's owner");
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -264,6 +286,31 @@ mod tests {
         assert_eq!(t.remove_stale_staged(), 2);
         assert!(!dead.exists() && !dead_old.exists());
         assert!(ours.exists() && other.exists());
+    }
+
+    /// Replacing the destination keeps its mode, and (with the right to) owner and group.
+    #[tokio::test]
+    async fn the_new_file_keeps_the_old_ones_mode_and_owner() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("app.cfg");
+        std::fs::write(&dest, "old\n").unwrap();
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let root = std::fs::metadata("/proc/self")
+            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+        if root {
+            // nobody:nogroup, as a Debian root has them.
+            std::os::unix::fs::chown(&dest, Some(65534), Some(65534)).unwrap();
+        }
+        let t = FileTarget::new(dest.clone(), None);
+        let staged = t.stage_and_check(b"new\n", false).await.unwrap();
+        t.commit(&staged).unwrap();
+        let meta = std::fs::metadata(&dest).unwrap();
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "new\n");
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
+        if root {
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        }
     }
 
     #[tokio::test]
