@@ -22,6 +22,7 @@ command -v iptables >/dev/null 2>&1 || need_apt+=(iptables)
 # Packaging: the .debs are checked with lintian and installed into booted Debian roots
 # (systemd-nspawn); the alert rules are unit-tested with promtool (Debian's prometheus).
 command -v lintian >/dev/null 2>&1 || need_apt+=(lintian)
+command -v dpkg-shlibdeps >/dev/null 2>&1 || need_apt+=(dpkg-dev)
 command -v systemd-nspawn >/dev/null 2>&1 || need_apt+=(systemd-container)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
