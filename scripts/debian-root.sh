@@ -34,7 +34,7 @@ if [ ! -s "$tarball" ]; then
   $SUDO debootstrap --variant=minbase --cache-dir="$cache/.debs" \
     ${include:+--include="$include"} "$suite" "$build" "$mirror" >&2
   $SUDO rm -rf "$build"/var/lib/apt/lists/* "$build"/var/cache/apt/archives/*.deb
-  $SUDO tar -C "$build" -cf "$tarball.tmp" .
+  $SUDO tar --numeric-owner -C "$build" -cf "$tarball.tmp" .
   $SUDO mv "$tarball.tmp" "$tarball"
   $SUDO rm -rf "$build"
 fi
@@ -47,6 +47,11 @@ else
   $SUDO rm -rf "$root"
   $SUDO mkdir -p "$root"
 fi
-$SUDO tar -C "$root" -xf "$tarball"
+# Numeric owners: the root has its own users (etcd, haproxy, messagebus) whose ids
+# differ from the host's users of the same names.
+$SUDO tar --numeric-owner -C "$root" -xf "$tarball"
+# The tarball's "." is the 0700 build directory mktemp made: the root's own users (etcd,
+# haproxy) must reach / when it is booted.
+$SUDO chmod 0755 "$root"
 [ "${FRESH:-0}" = 1 ] || $SUDO touch "$root/.complete"
 echo "$root"

@@ -66,12 +66,13 @@ License: Apache-2.0
 COPYRIGHT
   printf '%s (%s) unstable; urgency=medium\n\n  * Built from commit %s.\n\n -- lb-registry maintainers <maintainers@lb-registry.org>  %s\n' \
     "$pkg" "$version" "$commit" "$date_r" | gzip -9n >"$root/usr/share/doc/$pkg/changelog.gz"
-  cat >"$root/DEBIAN/postinst" <<'SCRIPT'
+  cat >"$root/DEBIAN/postinst" <<SCRIPT
 #!/bin/sh
 set -e
+$4
 # Units are installed, not enabled or started: starting lb-renderer takes over
 # /etc/haproxy/haproxy.cfg, which an operator decides.
-if [ "$1" = configure ] && [ -d /run/systemd/system ]; then
+if [ "\$1" = configure ] && [ -d /run/systemd/system ]; then
   systemctl --system daemon-reload >/dev/null || true
 fi
 SCRIPT
@@ -84,9 +85,10 @@ if [ "\$1" = remove ] && [ -d /run/systemd/system ]; then
   done
 fi
 SCRIPT
-  cat >"$root/DEBIAN/postrm" <<'SCRIPT'
+  cat >"$root/DEBIAN/postrm" <<SCRIPT
 #!/bin/sh
 set -e
+$5
 if [ -d /run/systemd/system ]; then
   systemctl --system daemon-reload >/dev/null || true
 fi
@@ -124,7 +126,16 @@ control() {
   echo "$deb"
 }
 
-common lb-renderer lb-renderer "lb-renderer.service"
+# The dynamic-cookie key (HAProxy < 3.0's sticky sessions) is a secret: one generated per
+# host at install, never shipped (copy it to every load balancer behind one address).
+secret_postinst='# A secret dynamic-cookie key for this host, made once (not a conffile).
+if [ "$1" = configure ] && [ ! -e /etc/lb-registry/secret.vars ]; then
+  umask 077
+  printf "# Generated at install. Every load balancer serving one address needs the same key.\ncookie_key=%s\n" \
+    "$(od -An -N16 -tx1 /dev/urandom | tr -d " \n")" >/etc/lb-registry/secret.vars
+fi'
+secret_postrm='if [ "$1" = purge ]; then rm -f /etc/lb-registry/secret.vars; fi'
+common lb-renderer lb-renderer "lb-renderer.service" "$secret_postinst" "$secret_postrm"
 install -m 0644 deploy/debian/lb-renderer.service "$root/usr/lib/systemd/system/"
 install -D -m 0644 deploy/debian/lb-renderer.default "$root/etc/default/lb-renderer"
 install -D -m 0644 templates/haproxy.cfg.hbs "$root/etc/lb-registry/haproxy.cfg.hbs"
@@ -137,7 +148,7 @@ Suggests: etcd-server, etcd-client" "keeps HAProxy's backends in step with a reg
  one confirmed graceful reload). Runs beside Debian's haproxy.service and
  reloads it through its master socket; SIGHUP reads the templates again.")
 
-common lb-registrar lb-registrar "lb-registrar-docker.service"
+common lb-registrar lb-registrar "lb-registrar-docker.service" "" ""
 install -m 0644 deploy/debian/lb-registrar@.service deploy/debian/lb-registrar-docker.service "$root/usr/lib/systemd/system/"
 install -D -m 0644 deploy/debian/lb-registrar-docker.default "$root/etc/default/lb-registrar-docker"
 install -D -m 0644 deploy/debian/example.env "$root/usr/share/doc/lb-registrar/examples/example.env"

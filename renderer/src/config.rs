@@ -83,6 +83,12 @@ pub struct Args {
     #[arg(long = "var", env = "RENDERER_VARS", value_delimiter = ',', value_parser = parse_var)]
     pub vars: Vec<(String, String)>,
 
+    /// File of template variables, one KEY=VALUE per line (`#` comments), e.g. a secret
+    /// `cookie_key` kept out of the command line and the environment; repeatable. --var
+    /// wins over a file. Read at start.
+    #[arg(long = "vars-file", env = "RENDERER_VARS_FILE", value_delimiter = ',', value_name = "FILE")]
+    pub vars_files: Vec<PathBuf>,
+
     /// Changes arriving within this time of the last apply are merged into the next one.
     #[arg(long, env = "RENDERER_WAIT_MIN", default_value = "50ms", value_parser = parse_duration)]
     pub wait_min: Duration,
@@ -281,6 +287,8 @@ pub enum ConfigError {
     Prefix(String),
     #[error("{0}")]
     Conflict(&'static str),
+    #[error("--vars-file {path}: {why}")]
+    VarsFile { path: String, why: String },
 }
 
 impl Config {
@@ -341,7 +349,14 @@ impl Config {
             etcd: args.etcd,
             prefix: args.prefix,
             templates,
-            vars: args.vars.into_iter().collect(),
+            vars: {
+                let mut vars = BTreeMap::new();
+                for path in &args.vars_files {
+                    vars.extend(read_vars_file(path)?);
+                }
+                vars.extend(args.vars);
+                vars
+            },
             wait_min: args.wait_min,
             wait_max: args.wait_max,
             empty_hold: args.empty_hold,
@@ -363,6 +378,26 @@ impl Config {
             haproxy_version: args.haproxy_version.filter(|v| !v.trim().is_empty()),
         })
     }
+}
+
+/// KEY=VALUE lines; blank lines and `#` comments skipped; the value taken as written
+/// after the first `=` (no quotes, no trimming of inner spaces).
+fn read_vars_file(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let bad = |why: String| ConfigError::VarsFile {
+        path: path.display().to_string(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let mut vars = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (k, v) = parse_var(line).map_err(|_| bad(format!("line {}: not KEY=VALUE", n + 1)))?;
+        vars.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok(vars)
 }
 
 fn parse_template(spec: &str, default_check: Option<&str>) -> Result<TemplateSpec, ConfigError> {
@@ -436,6 +471,23 @@ mod tests {
         );
         let c = parse(&["--template", "a:b", "--check-cmd", ""]).unwrap();
         assert_eq!(c.templates[0].check, None);
+    }
+
+    #[test]
+    fn vars_files_under_var_flags() {
+        let dir = std::env::temp_dir().join(format!("renderer-vars-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("secret.vars");
+        std::fs::write(&f, "# generated\ncookie_key = s3cr=t\n\nservice=web\n").unwrap();
+        let path = f.display().to_string();
+        let c = parse(&["--template", "a:b", "--vars-file", &path, "--var", "service=api"]).unwrap();
+        assert_eq!(c.vars["cookie_key"], "s3cr=t");
+        assert_eq!(c.vars["service"], "api", "--var wins over the file");
+        std::fs::write(&f, "novalue\n").unwrap();
+        let err = parse(&["--template", "a:b", "--vars-file", &path]).unwrap_err();
+        assert!(err.contains("line 1: not KEY=VALUE"), "{err}");
+        assert!(parse(&["--template", "a:b", "--vars-file", "/nonexistent"]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
