@@ -86,7 +86,12 @@ pub struct Args {
     /// File of template variables, one KEY=VALUE per line (`#` comments), e.g. a secret
     /// `cookie_key` kept out of the command line and the environment; repeatable. --var
     /// wins over a file. Read at start.
-    #[arg(long = "vars-file", env = "RENDERER_VARS_FILE", value_delimiter = ',', value_name = "FILE")]
+    #[arg(
+        long = "vars-file",
+        env = "RENDERER_VARS_FILE",
+        value_delimiter = ',',
+        value_name = "FILE"
+    )]
     pub vars_files: Vec<PathBuf>,
 
     /// Changes arriving within this time of the last apply are merged into the next one.
@@ -480,7 +485,15 @@ mod tests {
         let f = dir.join("secret.vars");
         std::fs::write(&f, "# generated\ncookie_key = s3cr=t\n\nservice=web\n").unwrap();
         let path = f.display().to_string();
-        let c = parse(&["--template", "a:b", "--vars-file", &path, "--var", "service=api"]).unwrap();
+        let c = parse(&[
+            "--template",
+            "a:b",
+            "--vars-file",
+            &path,
+            "--var",
+            "service=api",
+        ])
+        .unwrap();
         assert_eq!(c.vars["cookie_key"], "s3cr=t");
         assert_eq!(c.vars["service"], "api", "--var wins over the file");
         std::fs::write(&f, "novalue\n").unwrap();

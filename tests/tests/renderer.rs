@@ -592,3 +592,88 @@ async fn no_failed_requests_under_churn_keep_alive() {
 async fn no_failed_requests_under_churn_connection_close() {
     churn_under_load(true).await;
 }
+
+/// SIGHUP (what `systemctl reload` sends) under load: the edited template is served after
+/// one confirmed reload, HAProxy's master and the renderer keep running with the same
+/// PIDs, no request fails; a template that no longer compiles keeps what runs (ERROR
+/// naming the file) and the renderer goes on applying registry changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_templates_under_load_without_restarting_haproxy() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let b: Vec<Backend> = (1..=3)
+        .map(|i| Backend::start(dir.path(), &format!("s{i}")))
+        .collect();
+    for x in &b[..2] {
+        put_instance(&etcd, "webapp", &x.id, x.port).await;
+    }
+    let tpl = dir.path().join("haproxy.cfg.hbs");
+    std::fs::copy(e2e::lb::template(), &tpl).unwrap();
+    let lb = Lb::start_with_template(dir.path(), &etcd, &tpl, &[]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s1", "s2"], T).await;
+    let table = || async {
+        eventually(T, "the master answers show proc", || async {
+            renderer::apply::haproxy::ProcTable::parse(&lb.master_cli("show proc").await)
+        })
+        .await
+    };
+    let before = table().await;
+    let load = Load::start(lb.http_port, 6, 4, false);
+
+    let text = std::fs::read_to_string(&tpl).unwrap();
+    let edited = text.replacen(
+        "    default_backend nodes\n",
+        "    http-response set-header X-LB-Template v2\n    default_backend nodes\n",
+        1,
+    );
+    assert_ne!(
+        edited, text,
+        "the template has the line the edit goes after"
+    );
+    std::fs::write(&tpl, &edited).unwrap();
+    lb.proc.signal(Signal::SIGHUP);
+    let port = lb.http_port;
+    eventually(T, "the edited template is served", || async move {
+        let r = http::get(port, "/", None).await.ok()?;
+        (r.header("x-lb-template") == Some("v2")).then_some(())
+    })
+    .await;
+    let after = table().await;
+    assert_eq!(
+        after.master_pid, before.master_pid,
+        "HAProxy's master restarted"
+    );
+    assert_eq!(after.reloads, before.reloads + 1, "one reload for the edit");
+    assert!(lb.config().contains("X-LB-Template v2"));
+
+    // Broken: kept, named, and the renderer goes on with the templates it has.
+    std::fs::write(&tpl, format!("{edited}{{{{#each services}}\n")).unwrap();
+    lb.proc.signal(Signal::SIGHUP);
+    let log = || lb.proc.log();
+    eventually(T, "the failed reload is logged", || async {
+        log()
+            .lines()
+            .any(|l| {
+                l.contains("ERROR")
+                    && l.contains("templates were not reloaded")
+                    && l.contains(&tpl.display().to_string())
+            })
+            .then_some(())
+    })
+    .await;
+    put_instance(&etcd, "webapp", &b[2].id, b[2].port).await;
+    wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
+    let r = http::get(lb.http_port, "/", None).await.unwrap();
+    assert_eq!(
+        r.header("x-lb-template"),
+        Some("v2"),
+        "the last good template runs"
+    );
+    let result = load.finish();
+    assert_eq!(result.failed(), 0, "{}", result.raw);
+    assert!(result.requests > 0, "{}", result.raw);
+    assert_eq!(table().await.master_pid, before.master_pid);
+    let mut lb = lb;
+    assert!(lb.proc.is_running(), "the renderer survived both SIGHUPs");
+}
