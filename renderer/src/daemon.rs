@@ -304,6 +304,7 @@ impl Daemon {
     fn on_update(&mut self, u: Update) {
         if apply_update(&mut self.model, u, &mut self.synced, &self.metrics) {
             self.coalescer.changed(Instant::now());
+            self.metrics.last_change.set(metrics::unix_now());
         }
     }
 

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub last_apply: Gauge<f64, AtomicU64>,
     pub config_hash: Gauge,
     pub template_reloads: Family<ResultLabel, Counter>,
+    pub quarantined: Gauge,
+    pub last_change: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -81,7 +83,23 @@ impl Metrics {
             last_apply: Gauge::default(),
             config_hash: Gauge::default(),
             template_reloads: Family::default(),
+            quarantined: Gauge::default(),
+            last_change: Gauge::default(),
         };
+        // Every result a counter can have exists from the start at 0: the first error is
+        // then an increase Prometheus can see (a series born at 1 shows none).
+        for (family, results) in [
+            (&m.applies, &["ok", "error"][..]),
+            (&m.reloads, &["ok", "error"][..]),
+            (&m.renders, &["ok", "error"][..]),
+            (&m.template_reloads, &["ok", "failed"][..]),
+        ] {
+            for r in results {
+                let _ = family.get_or_create(&ResultLabel {
+                    result: (*r).into(),
+                });
+            }
+        }
         let build = Family::<VersionLabel, Gauge>::default();
         build
             .get_or_create(&VersionLabel {
@@ -125,6 +143,16 @@ impl Metrics {
             "renderer_applies",
             "Applies by result (ok, error)",
             m.applies.clone(),
+        );
+        r.register(
+            "renderer_quarantined",
+            "Records left out because HAProxy rejected the config they produced",
+            m.quarantined.clone(),
+        );
+        r.register(
+            "renderer_last_change_timestamp_seconds",
+            "When the registry last changed what the templates see (Unix time); later than the last apply for long = stuck",
+            m.last_change.clone(),
         );
         r.register(
             "renderer_template_reloads",
@@ -288,6 +316,7 @@ pub fn record_apply(
         })
         .inc();
     m.revision.set(model.revision);
+    m.quarantined.set(quarantine.messages().count() as i64);
     m.instances.clear();
     for (service, ids) in model.services() {
         m.instances
@@ -363,4 +392,11 @@ pub fn hash53(bytes: &[u8]) -> i64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     (h & ((1 << 53) - 1)) as i64
+}
+
+/// Now as Unix time in seconds (0 if the clock is before 1970).
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
