@@ -104,59 +104,103 @@ fn one_line(s: &str) -> String {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixDatagram;
+    use std::process::Command;
 
-    /// The only test in this crate that touches NOTIFY_SOCKET / WATCHDOG_*.
+    const TEST: &str = "notify::tests::sends_the_sequence_to_the_notify_socket";
+
+    /// The child half: runs in a process of its own with the environment systemd would
+    /// give it (no variable is changed in this process).
+    fn child(mode: &str) {
+        let n = Notifier::from_env();
+        match mode {
+            "off" => {
+                assert_eq!(n.watchdog_interval(), None);
+                n.ready("x");
+                n.watchdog();
+                n.stopping();
+            }
+            "foreign-watchdog" => assert_eq!(n.watchdog_interval(), None),
+            _ => {
+                assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(2)));
+                n.ready("revision 7, 3 instances\nsecond line");
+                n.watchdog();
+                n.reloading("reloading templates");
+                n.status("ok");
+                n.stopping();
+            }
+        }
+    }
+
+    /// The parent half: a datagram socket standing in for systemd's, and one child per
+    /// case.
     #[test]
     fn sends_the_sequence_to_the_notify_socket() {
+        if let Ok(mode) = std::env::var("OBSERVE_NOTIFY_CHILD") {
+            return child(&mode);
+        }
         let dir = std::env::temp_dir().join(format!("observe-notify-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&path);
         let sock = UnixDatagram::bind(&path).unwrap();
         sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let run = |mode: &str, env: &[(&str, String)]| {
+            let mut cmd = Command::new(std::env::current_exe().unwrap());
+            cmd.args(["--exact", TEST, "--nocapture"])
+                .env("OBSERVE_NOTIFY_CHILD", mode);
+            for v in INHERITED_VARS {
+                cmd.env_remove(v);
+            }
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "child {mode}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        };
         let recv = || {
             let mut buf = [0u8; 4096];
             let n = sock.recv(&mut buf).unwrap();
             String::from_utf8_lossy(&buf[..n]).to_string()
         };
+        let socket = path.display().to_string();
 
-        // Without NOTIFY_SOCKET: nothing is sent, no watchdog.
-        std::env::remove_var("NOTIFY_SOCKET");
-        let off = Notifier::from_env();
-        off.ready("x");
-        off.watchdog();
-        assert_eq!(off.watchdog_interval(), None);
+        // Without NOTIFY_SOCKET: nothing is sent.
+        run("off", &[("WATCHDOG_USEC", "4000000".into())]);
         sock.set_nonblocking(true).unwrap();
         assert!(sock.recv(&mut [0u8; 16]).is_err(), "nothing sent");
         sock.set_nonblocking(false).unwrap();
 
-        std::env::set_var("NOTIFY_SOCKET", &path);
-        std::env::set_var("WATCHDOG_USEC", "4000000");
-        std::env::set_var("WATCHDOG_PID", std::process::id().to_string());
-        let n = Notifier::from_env();
-        assert_eq!(n.watchdog_interval(), Some(Duration::from_secs(2)));
-        n.ready("revision 7, 3 instances\nsecond line");
+        run(
+            "send",
+            &[
+                ("NOTIFY_SOCKET", socket.clone()),
+                ("WATCHDOG_USEC", "4000000".into()),
+            ],
+        );
         assert_eq!(
             recv(),
             "READY=1\nSTATUS=revision 7, 3 instances second line\n"
         );
-        n.watchdog();
         assert_eq!(recv(), "WATCHDOG=1\n");
-        n.reloading("reloading templates");
         let msg = recv();
         assert!(msg.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{msg}");
         assert!(msg.ends_with("\nSTATUS=reloading templates\n"), "{msg}");
-        n.status("ok");
         assert_eq!(recv(), "STATUS=ok\n");
-        n.stopping();
         assert_eq!(recv(), "STOPPING=1\n");
 
         // A watchdog meant for another process (WATCHDOG_PID) is not ours.
-        std::env::set_var("WATCHDOG_PID", "1");
-        assert_eq!(Notifier::from_env().watchdog_interval(), None);
-        for v in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
-            std::env::remove_var(v);
-        }
+        run(
+            "foreign-watchdog",
+            &[
+                ("NOTIFY_SOCKET", socket),
+                ("WATCHDOG_USEC", "4000000".into()),
+                ("WATCHDOG_PID", "1".into()),
+            ],
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

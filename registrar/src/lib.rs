@@ -135,8 +135,6 @@ pub async fn run(
     let refresh = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut registration = tokio::spawn(register(
         config.clone(),
-        key.clone(),
-        value,
         health_rx,
         registered_tx,
         metrics.clone(),
@@ -254,8 +252,6 @@ pub async fn run(
 /// the registration until `stop`.
 async fn register(
     config: Config,
-    key: String,
-    value: String,
     health: watch::Receiver<bool>,
     registered: watch::Sender<bool>,
     metrics: metrics::Metrics,
@@ -280,8 +276,8 @@ async fn register(
     };
     lease::Registration::new(
         member,
-        key,
-        value,
+        config.key(),
+        config.instance.encode(),
         config.ttl_secs,
         config.etcd.dial_timeout,
         health,

@@ -619,3 +619,106 @@ async fn https_health_checks_trust_the_given_ca_only() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("--health-cacert"));
 }
+
+/// An instance whose health check never passes says why, once, after --health-fails
+/// failures in a row (not while the app may still be starting), and again only when the
+/// reason changes; a passing check is INFO, and the WARN count does not grow while it is
+/// healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registrar_that_never_becomes_healthy_says_why_once() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/health");
+    let reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--health-http",
+            &url,
+            "--health-interval",
+            "100ms",
+            "--health-fails",
+            "3",
+        ],
+    );
+    let warns = || {
+        reg.log()
+            .lines()
+            .filter(|l| {
+                l.contains(" WARN ") && l.contains("not registered: the health check keeps failing")
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let first = eventually(Duration::from_secs(10), "a WARN saying why", || async {
+        warns().first().cloned()
+    })
+    .await;
+    assert!(
+        first.contains("Connection refused") || first.contains("connect"),
+        "{first}"
+    );
+    // Many more failures, same reason: no second WARN.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(warns().len(), 1, "{:?}", warns());
+    assert!(!key_present(&etcd, KEY).await);
+    // The app comes up: registered, INFO.
+    let mut app = Command::new(bin("webapp"));
+    app.args(&webapp_cmd(port, "s1")[1..]);
+    let _app = Proc::spawn("webapp", dir.path(), app);
+    eventually(Duration::from_secs(10), "registered", || async {
+        key_present(&etcd, KEY).await.then_some(())
+    })
+    .await;
+    assert!(reg.log().contains("health check passed; registering"));
+    assert_eq!(warns().len(), 1);
+}
+
+/// SIGHUP (`systemctl reload`) on a standalone registrar: it keeps running, puts the record
+/// again (a key deleted by hand comes back at once, under the same lease) and re-runs the
+/// health check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_puts_the_record_again_and_does_not_stop_the_registrar() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let mut reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &[
+            "--service",
+            "webapp",
+            "--id",
+            "s1",
+            "--address",
+            "127.0.0.1",
+            "--port",
+            "3000",
+            "--ttl",
+            "30s",
+        ],
+    );
+    let lease = eventually(Duration::from_secs(10), "registered", || async {
+        etcd.get(KEY).await.map(|kv| kv.lease)
+    })
+    .await;
+    etcd.delete(KEY).await;
+    reg.signal(Signal::SIGHUP);
+    let back = eventually(Duration::from_secs(5), "the record put again", || async {
+        etcd.get(KEY).await.map(|kv| kv.lease)
+    })
+    .await;
+    assert_eq!(back, lease, "put again under the same lease");
+    assert!(reg.is_running(), "SIGHUP stopped the registrar");
+    assert!(reg.log().contains("record put again"));
+}
