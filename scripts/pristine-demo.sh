@@ -40,7 +40,7 @@ fi
 # This root has its own PID namespace: /proc lists only what runs in it.
 for d in /proc/[0-9]*; do
   case "$(cat "$d/comm" 2>/dev/null)" in
-    renderer | registrar | haproxy | webapp) fail "${d#/proc/} ($(cat "$d/comm")) left running after the demo stopped" ;;
+    lb-renderer | lb-registrar | haproxy | webapp) fail "${d#/proc/} ($(cat "$d/comm")) left running after the demo stopped" ;;
   esac
 done
 kill -TERM "$system_etcd"
