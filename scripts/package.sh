@@ -120,6 +120,8 @@ control() {
   } >"$root/DEBIAN/control"
   find "$root/etc" -type f 2>/dev/null | sed "s#^$root##" | sort >"$root/DEBIAN/conffiles"
   [ -s "$root/DEBIAN/conffiles" ] || rm -f "$root/DEBIAN/conffiles"
+  (cd "$root" && find . -type f ! -path './DEBIAN/*' -printf '%P\0' | LC_ALL=C sort -z |
+    xargs -0 md5sum >DEBIAN/md5sums)
   find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
   local deb="$out/${pkg}_${version}_${arch}.deb"
   dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >&2
