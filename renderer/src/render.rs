@@ -123,9 +123,13 @@ impl Renderer {
 
     /// Compiles template text under `name`.
     pub fn add(&mut self, name: &str, text: &str) -> Result<(), RenderFailure> {
+        // One line (a journal shows each line as an entry of its own): where, then why.
         let compile_error = |e: handlebars::TemplateError| RenderFailure::Compile {
             path: name.to_string(),
-            message: e.to_string(),
+            message: match e.pos() {
+                Some((line, column)) => format!("line {line}, column {column}: {}", e.reason()),
+                None => e.reason().to_string(),
+            },
         };
         let tree = Template::compile(text).map_err(compile_error)?;
         collect_services(&tree, &mut self.named_services);
