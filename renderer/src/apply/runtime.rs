@@ -647,7 +647,7 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
     if present.iter().chain(&gone).all(|s| id(s).is_some()) {
         for s in &present {
             let row = stat_row(cli, &s.backend, id(s).unwrap_or(0)).await?;
-            let want = format!("{}:{}", s.addr, s.port);
+            let want = endpoint(&s.addr, &s.port);
             let weight = s.weight().unwrap_or("1");
             let ok = row.as_ref().is_some_and(|r| {
                 r.get("svname").map(String::as_str) == Some(s.name.as_str())
@@ -710,6 +710,16 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
         }
     }
     Ok(())
+}
+
+/// `addr:port` as HAProxy's `show stat` writes it: an IPv6 address in brackets
+/// (`[::1]:3000`), where the config's `server` line reads `::1:3000`.
+fn endpoint(addr: &str, port: &str) -> String {
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
 }
 
 /// The `show stat` row of server `sid` of `backend` by column name, `None` when there is
@@ -903,6 +913,12 @@ mod tests {
         assert_eq!(p.cookie(&p.add[0]), Cookie::Derived { placeholder: "::" });
         let x = &s[&("b".to_string(), "x".to_string())];
         assert_eq!((x.addr.as_str(), x.port.as_str()), ("::1", "3000"));
+        assert_eq!(
+            endpoint(&x.addr, &x.port),
+            "[::1]:3000",
+            "as show stat writes it"
+        );
+        assert_eq!(endpoint("10.0.0.1", "80"), "10.0.0.1:80");
     }
 
     /// The plan from whole-config splits (what `plan` computed before it parsed only the
