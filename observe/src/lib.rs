@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub mod cli;
 pub mod notify;
 pub mod process;
+pub mod signal;
 
 pub use prometheus_client;
 

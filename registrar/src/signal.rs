@@ -49,28 +49,9 @@ pub fn install(
     Ok((fwd_rx, stop_rx))
 }
 
-/// `registrar docker`: SIGTERM/SIGINT cancel `shutdown`; each SIGHUP notifies the
-/// returned [`Notify`](tokio::sync::Notify) (a full sync).
-pub fn install_daemon(
-    shutdown: CancellationToken,
-) -> std::io::Result<std::sync::Arc<tokio::sync::Notify>> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
-    let sync = notify.clone();
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            sync.notify_one();
-        }
-    });
-    tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "stopping");
-        shutdown.cancel();
-    });
-    Ok(notify)
+/// `registrar docker`: SIGTERM/SIGINT cancel `shutdown`; each SIGHUP arrives on the
+/// returned receiver (a full sync).
+pub fn install_daemon(shutdown: CancellationToken) -> std::io::Result<mpsc::Receiver<()>> {
+    observe::signal::stop_on_term(shutdown)?;
+    observe::signal::hangups("syncing with Docker and etcd")
 }

@@ -18,6 +18,16 @@ impl Response {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The `NODESESSID=…` pair of the sticky-session cookie HAProxy set, if any.
+    pub fn sticky_cookie(&self) -> Option<String> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == "set-cookie")
+            .filter_map(|(_, v)| v.split(';').next())
+            .find(|c| c.starts_with("NODESESSID="))
+            .map(str::to_string)
+    }
+
     /// The `id` field of the sample web app's JSON answer.
     pub fn instance_id(&self) -> Option<String> {
         let v: serde_json::Value = serde_json::from_str(&self.body).ok()?;

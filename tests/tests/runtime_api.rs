@@ -194,13 +194,7 @@ async fn sticky_sessions_hold_for_servers_added_at_runtime() {
         let first = http::get(lb.http_port, "/", None).await.unwrap();
         let id = first.instance_id().unwrap();
         let cookie = first
-            .headers
-            .iter()
-            .filter(|(n, _)| n == "set-cookie")
-            .filter_map(|(_, v)| v.split(';').next())
-            .filter(|c| c.starts_with("NODESESSID="))
-            .map(str::to_string)
-            .next()
+            .sticky_cookie()
             .unwrap_or_else(|| panic!("no NODESESSID cookie from {id}: {:?}", first.headers));
         if per_server_cookies {
             assert_eq!(cookie, format!("NODESESSID={id}"));
@@ -299,14 +293,7 @@ async fn ten_thousand_servers_a_join_and_a_leave_stay_live_and_sticky() {
     let cookie = loop {
         let r = http::get(lb.http_port, "/", None).await.unwrap();
         if r.instance_id().as_deref() == Some("s2") {
-            break r
-                .headers
-                .iter()
-                .filter(|(n, _)| n == "set-cookie")
-                .filter_map(|(_, v)| v.split(';').next())
-                .find(|c| c.starts_with("NODESESSID="))
-                .map(str::to_string)
-                .expect("s2 sets its cookie");
+            break r.sticky_cookie().expect("s2 sets its cookie");
         }
     };
     for _ in 0..10 {
@@ -455,12 +442,7 @@ async fn an_ipv6_instance_joins_and_leaves_live() {
         let r = http::get(http_port, "/", None).await.ok()?;
         (r.instance_id().as_deref() == Some("six"))
             .then_some(r)?
-            .headers
-            .iter()
-            .filter(|(n, _)| n == "set-cookie")
-            .filter_map(|(_, v)| v.split(';').next())
-            .find(|c| c.starts_with("NODESESSID="))
-            .map(str::to_string)
+            .sticky_cookie()
     })
     .await;
     assert_eq!(

@@ -111,7 +111,7 @@ struct Daemon {
     metrics: Metrics,
     ready: tokio::sync::watch::Sender<bool>,
     /// SIGHUP: sync with the engine and etcd now.
-    hup: std::sync::Arc<tokio::sync::Notify>,
+    hup: tokio::sync::mpsc::Receiver<()>,
     /// systemd: READY after the first sync, STATUS, WATCHDOG from the event loop.
     notifier: observe::notify::Notifier,
 }
@@ -121,7 +121,7 @@ struct Daemon {
 pub async fn run(
     config: DockerConfig,
     shutdown: CancellationToken,
-    hup: std::sync::Arc<tokio::sync::Notify>,
+    hup: tokio::sync::mpsc::Receiver<()>,
 ) -> Result<(), Error> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Metrics::default();
@@ -261,8 +261,7 @@ impl Daemon {
                             debug!(error = %e, "sync after a failed write failed; retrying");
                         }
                     }
-                    _ = self.hup.notified() => {
-                        info!(signal = "SIGHUP", "syncing with Docker and etcd");
+                    Some(()) = self.hup.recv() => {
                         if let Err(e) = self.sync().await {
                             warn!(error = %e, "sync failed; retrying");
                             self.retry_in(Duration::from_millis(500));
