@@ -116,7 +116,7 @@ async fn containers_are_registered_from_their_labels() {
     let owner = tag.clone();
     let c = Containers(tag.clone());
     let port = free_port();
-    let d = daemon(dir.path(), &etcd, &owner, port);
+    let mut d = daemon(dir.path(), &etcd, &owner, port);
 
     // Bad flags: exit 64, nothing started; --help explains the labels.
     for bad in [
@@ -272,6 +272,22 @@ async fn containers_are_registered_from_their_labels() {
         "{:?}",
         killed.elapsed()
     );
+
+    // SIGHUP (`systemctl reload`): a full sync at once. A record carrying this daemon's
+    // mark that no container explains (put by hand, no lease: nothing else removes it)
+    // is gone after it; the daemon keeps running.
+    let ghost_key = format!("/services/{SERVICE}/ghost-hup");
+    let ghost = format!(
+        "{{\"id\":\"ghost-hup\",\"service\":\"{SERVICE}\",\"address\":\"10.9.9.7\",\"port\":80,\"meta\":{{\"registered-by\":\"docker:{owner}\"}}}}"
+    );
+    etcd.put(&ghost_key, &ghost).await;
+    d.signal(Signal::SIGHUP);
+    eventually(T, "the SIGHUP sync removes the stale record", || async {
+        etcd.get(&ghost_key).await.is_none().then_some(())
+    })
+    .await;
+    assert!(d.is_running(), "SIGHUP stopped registrar docker");
+    assert!(d.log().contains("syncing with Docker and etcd"));
 
     // The daemon crashes: its keys expire after the TTL (3 s).
     d.signal(Signal::SIGKILL);
