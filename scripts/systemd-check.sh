@@ -106,7 +106,9 @@ in_root systemctl start demo-webapp@8001
 printf 'REGISTRAR_SERVICE=webapp\nREGISTRAR_ADDRESS=127.0.0.1\nREGISTRAR_PORT=8001\nREGISTRAR_HEALTH_HTTP=http://127.0.0.1:8001/health\nREGISTRAR_HEALTH_INTERVAL=500ms\nREGISTRAR_TTL=5s\n' \
   >"$root/etc/lb-registrar/w1.env"
 in_root systemctl start lb-registrar@w1 || fail "systemctl start lb-registrar@w1"
-served() { in_root curl -fsS --max-time 2 http://127.0.0.1/ | grep -q '"id":"w1"'; }
+# Pipelines into grep read all input (no -q): with pipefail, grep -q quitting early makes
+# the writer die of SIGPIPE and the pipeline fail even on a match.
+served() { in_root curl -fsS --max-time 2 http://127.0.0.1/ | grep '"id":"w1"' >/dev/null; }
 until_ok 30 served || fail "w1 not served through Debian's haproxy.service"
 t1=$(now_ms)
 status=$(in_root systemctl show -p StatusText --value lb-renderer)
@@ -126,7 +128,7 @@ tpl=/etc/lb-registry/haproxy.cfg.hbs
 sed -i 's|^    default_backend nodes$|    http-response set-header X-LB-Template v2\n    default_backend nodes|' "$root$tpl"
 grep -q 'X-LB-Template v2' "$root$tpl" || fail "could not edit the template"
 in_root systemctl reload lb-renderer || fail "systemctl reload lb-renderer"
-edited() { in_root curl -fsS -D - -o /dev/null --max-time 2 http://127.0.0.1/ | grep -qi '^x-lb-template: v2'; }
+edited() { in_root curl -fsS -D - -o /dev/null --max-time 2 http://127.0.0.1/ | grep -i '^x-lb-template: v2' >/dev/null; }
 until_ok 20 edited || fail "the edited template is not served after systemctl reload"
 [ "$(main_pid lb-renderer)" = "$renderer_pid" ] || fail "lb-renderer was restarted by reload"
 [ "$(main_pid haproxy)" = "$haproxy_pid" ] || fail "HAProxy's master was restarted by reload"
@@ -136,7 +138,7 @@ ok "systemctl reload lb-renderer: edit served; renderer PID $renderer_pid and HA
 cp "$root$tpl" "$root$tpl.good"
 printf 'global\n{{#each services}}\n' >>"$root$tpl"
 in_root systemctl reload lb-renderer || fail "systemctl reload lb-renderer (broken template)"
-named() { in_root journalctl --no-pager -o cat -u lb-renderer | grep -E 'ERROR' | grep -q "$tpl"; }
+named() { in_root journalctl --no-pager -o cat -u lb-renderer | grep -E 'ERROR' | grep -F "$tpl" >/dev/null; }
 until_ok 10 named || fail "no ERROR naming $tpl in the journal"
 # Polled: right after step 3's reload the old worker may still answer a request or two.
 until_ok 10 edited || fail "not serving the last good config after a broken template: $(in_root curl -sS -D - --max-time 2 http://127.0.0.1/ 2>&1 | head -12)"
@@ -160,7 +162,7 @@ restarted() {
 }
 until_ok 40 restarted || fail "the frozen renderer was not restarted by the watchdog"
 took=$(($(now_ms) - sleep_ms_start))
-in_root journalctl --no-pager -o cat -u lb-renderer | grep -qi 'watchdog timeout' || fail "no watchdog timeout in the journal"
+in_root journalctl --no-pager -o cat -u lb-renderer | grep -i 'watchdog timeout' >/dev/null || fail "no watchdog timeout in the journal"
 until_ok 20 edited || fail "not serving after the watchdog restart"
 ok "frozen renderer (PID $frozen) restarted by the watchdog after $took ms, serving"
 rm -rf "$root/etc/systemd/system/lb-renderer.service.d"
@@ -169,7 +171,7 @@ in_root systemctl daemon-reload
 # 7 (before 6, while registered). registrar SIGHUP.
 reg_pid=$(main_pid lb-registrar@w1)
 in_root systemctl reload lb-registrar@w1 || fail "systemctl reload lb-registrar@w1"
-until_ok 5 sh -c "nsenter -t $leader -m -u -i -n -p -- journalctl --no-pager -o cat -u lb-registrar@w1 | grep -q 'putting the record again'" ||
+until_ok 5 sh -c "nsenter -t $leader -m -u -i -n -p -- journalctl --no-pager -o cat -u lb-registrar@w1 | grep 'putting the record again' >/dev/null" ||
   fail "the registrar did not act on SIGHUP"
 [ "$(main_pid lb-registrar@w1)" = "$reg_pid" ] || fail "lb-registrar@w1 restarted on reload"
 served || fail "w1 not served after the registrar's reload"
