@@ -92,6 +92,38 @@ impl Notifier {
     }
 }
 
+/// WATCHDOG=1 every half `WatchdogSec=`, sent by the loop that does the work: it calls
+/// [`Watchdog::pet`] on every turn and sleeps no later than the instant returned.
+#[derive(Debug)]
+pub struct Watchdog {
+    notifier: Notifier,
+    /// When the next ping is due; `None` without a watchdog.
+    next: Option<tokio::time::Instant>,
+}
+
+impl Watchdog {
+    /// Due at once when the unit has a watchdog for this process.
+    pub fn new(notifier: &Notifier) -> Watchdog {
+        Watchdog {
+            next: notifier
+                .watchdog_interval()
+                .map(|_| tokio::time::Instant::now()),
+            notifier: notifier.clone(),
+        }
+    }
+
+    /// Pings if due; returns when the loop must wake for the next ping (`None`: never).
+    pub fn pet(&mut self) -> Option<tokio::time::Instant> {
+        let (at, every) = (self.next?, self.notifier.watchdog_interval()?);
+        let now = tokio::time::Instant::now();
+        if now >= at {
+            self.notifier.watchdog();
+            self.next = Some(now + every);
+        }
+        self.next
+    }
+}
+
 /// A status line: no newline (it would end the field), at most 200 characters.
 fn one_line(s: &str) -> String {
     s.chars()

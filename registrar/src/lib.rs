@@ -159,18 +159,11 @@ pub async fn run(
         }
     };
     let far = || tokio::time::Instant::now() + std::time::Duration::from_secs(86_400);
-    let mut next_watchdog = notifier
-        .watchdog_interval()
-        .map(|_| tokio::time::Instant::now());
+    let mut watchdog = observe::notify::Watchdog::new(&notifier);
 
     // Wait for whatever comes first: a stop request, the app's exit, a fatal etcd error.
     let app_status = loop {
-        if let (Some(at), Some(every)) = (next_watchdog, notifier.watchdog_interval()) {
-            if tokio::time::Instant::now() >= at {
-                notifier.watchdog();
-                next_watchdog = Some(tokio::time::Instant::now() + every);
-            }
-        }
+        let next_watchdog = watchdog.pet();
         if !ready_sent && (config.health.is_none() || *probes.borrow_and_update() > 0) {
             ready_sent = true;
             notifier.ready(&status(*registered_seen.borrow_and_update()));

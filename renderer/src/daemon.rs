@@ -59,8 +59,8 @@ pub struct Daemon {
     /// READY=1 is due after the next successful apply (the first, or the one after a
     /// SIGHUP's RELOADING=1).
     ready_due: bool,
-    /// When the next WATCHDOG=1 is due, if the unit has a watchdog.
-    next_watchdog: Option<Instant>,
+    /// WATCHDOG=1, sent from this loop only.
+    watchdog: observe::notify::Watchdog,
     /// SIGHUPs: read the templates again.
     hup: Option<mpsc::Receiver<()>>,
 }
@@ -92,7 +92,7 @@ impl Daemon {
             peaks: BTreeMap::new(),
             notifier: observe::notify::Notifier::disabled(),
             ready_due: true,
-            next_watchdog: None,
+            watchdog: observe::notify::Watchdog::new(&observe::notify::Notifier::disabled()),
             hup: None,
         }
     }
@@ -104,7 +104,7 @@ impl Daemon {
         notifier: observe::notify::Notifier,
         hup: mpsc::Receiver<()>,
     ) -> Self {
-        self.next_watchdog = notifier.watchdog_interval().map(|_| Instant::now());
+        self.watchdog = observe::notify::Watchdog::new(&notifier);
         self.notifier = notifier;
         self.hup = Some(hup);
         self
@@ -128,7 +128,7 @@ impl Daemon {
     ) -> Result<i32, Error> {
         let far = || Instant::now() + Duration::from_secs(86_400);
         let result = loop {
-            self.pet_watchdog();
+            let watchdog = self.watchdog.pet();
             if let Some((_, service, had)) = &self.hold {
                 let now = self.model.services().get(service).map_or(0, BTreeMap::len);
                 if now >= *had {
@@ -171,7 +171,6 @@ impl Daemon {
                     None => std::future::pending().await,
                 }
             };
-            let watchdog = self.next_watchdog;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(0),
@@ -220,19 +219,6 @@ impl Daemon {
         self.notifier.stopping();
         self.stop(&result, &shutdown).await;
         result
-    }
-
-    /// WATCHDOG=1 when due: sent only from this loop, so a wedged loop is restarted.
-    fn pet_watchdog(&mut self) {
-        let (Some(at), Some(every)) = (self.next_watchdog, self.notifier.watchdog_interval())
-        else {
-            return;
-        };
-        let now = Instant::now();
-        if now >= at {
-            self.notifier.watchdog();
-            self.next_watchdog = Some(now + every);
-        }
     }
 
     /// SIGHUP: reads and compiles every template again and renders it with the current

@@ -225,13 +225,9 @@ impl Daemon {
             self.ready.send_replace(true);
             self.notifier.ready(&self.status_line());
             let mut next_keep_alive = Instant::now() + period;
-            let watchdog = self.notifier.watchdog_interval();
-            let mut next_watchdog = Instant::now();
+            let mut watchdog = observe::notify::Watchdog::new(&self.notifier);
             loop {
-                if watchdog.is_some() && Instant::now() >= next_watchdog {
-                    self.notifier.watchdog();
-                    next_watchdog = Instant::now() + watchdog.unwrap_or(period);
-                }
+                let next_watchdog = watchdog.pet();
                 tokio::select! {
                     _ = shutdown.cancelled() => {
                         // The records stay until their TTL: a restarted daemon takes them
@@ -268,7 +264,7 @@ impl Daemon {
                         }
                         self.notifier.status(&self.status_line());
                     }
-                    _ = tokio::time::sleep_until(next_watchdog), if watchdog.is_some() => {}
+                    _ = tokio::time::sleep_until(next_watchdog.unwrap_or(next_keep_alive)), if next_watchdog.is_some() => {}
                 }
             }
             self.metrics.docker_connected.set(0);
