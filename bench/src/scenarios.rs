@@ -808,6 +808,9 @@ async fn scale(o: &Opts) -> Vec<Row> {
         if big && o.lb_cmd.is_none() {
             rows.extend(storm_at_scale(&s, n).await);
         }
+        if big {
+            rows.extend(resync_cost("scale", &format!("{n} instances"), &s.e.etcd).await);
+        }
         rows.push(Row::new(
             "scale",
             format!("{n} instances: renderer RSS"),
@@ -946,7 +949,8 @@ async fn wide(o: &Opts) -> Vec<Row> {
     }
     let (reloads, _, _) = lb.proc_state().await;
     let label = format!("{total} instances in {services} services");
-    vec![
+    let resync = resync_cost("wide", &label, &etcd).await;
+    let mut rows = vec![
         Row::new("wide", format!("{label}: written to etcd in"), ms(written), "ms"),
         Row::new(
             "wide",
@@ -970,6 +974,60 @@ async fn wide(o: &Opts) -> Vec<Row> {
             "MiB",
         )
         .at_most(500.0),
+    ];
+    rows.extend(resync);
+    rows
+}
+
+/// What one verifying listing (`--resync`, every re-watch) costs at this size: the
+/// renderer's own listing code against the scenario's etcd, 5 times: wall time, etcd CPU
+/// and the lister's CPU (this process: decoding, as the renderer does) per listing.
+async fn resync_cost(scenario: &'static str, label: &str, etcd: &Etcd) -> Vec<Row> {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct A {
+        #[command(flatten)]
+        etcd: registry::etcd::EtcdArgs,
+    }
+    let args = A::parse_from(["bench", "--endpoints", &etcd.endpoint()]);
+    let member = args.etcd.connect().await.expect("connect to etcd");
+    let etcd_pid = etcd.proc.as_ref().map_or(0, Proc::pid);
+    let me = std::process::id();
+    let (mut walls, mut keys) = (Vec::new(), 0);
+    let (e0, m0) = (cpu_ticks(etcd_pid), cpu_ticks(me));
+    const RUNS: f64 = 5.0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (_, kvs) = renderer::watch::list(&member, "/services", Duration::from_secs(60))
+            .await
+            .expect("list the registry");
+        walls.push(ms(t.elapsed()));
+        keys = kvs.len();
+    }
+    // /proc ticks are 1/100 s.
+    let (etcd_ms, own_ms) = (
+        (cpu_ticks(etcd_pid) - e0) * 10.0 / RUNS,
+        (cpu_ticks(me) - m0) * 10.0 / RUNS,
+    );
+    vec![
+        Row::new(
+            scenario,
+            format!("{label}: resync listing ({keys} keys) wall p50 (n=5)"),
+            percentile(&walls, 50.0),
+            "ms",
+        ),
+        Row::new(
+            scenario,
+            format!("{label}: resync listing, etcd CPU per listing"),
+            etcd_ms,
+            "ms",
+        ),
+        Row::new(
+            scenario,
+            format!("{label}: resync listing, lister CPU per listing"),
+            own_ms,
+            "ms",
+        ),
     ]
 }
 

@@ -44,7 +44,8 @@ fn main() {
     })
 }
 
-/// `renderer status [flags]`: prints the report; 0, or 1 when etcd cannot be read.
+/// `renderer status [flags]`: prints the report; 0, 1 when etcd cannot be read, 3 when the
+/// renderer serves something the registry did not hold at the renderer's own revision.
 fn status() -> i32 {
     let argv = std::iter::once("lb-renderer status".to_string()).chain(std::env::args().skip(2));
     let args: renderer::status::StatusArgs = observe::cli::parse_from_or_exit(argv);
@@ -55,9 +56,13 @@ fn status() -> i32 {
         return 1;
     };
     match rt.block_on(renderer::status::report(&args)) {
-        Ok(text) => {
-            print!("{text}");
-            0
+        Ok(report) => {
+            print!("{}", report.text);
+            if report.drift {
+                3
+            } else {
+                0
+            }
         }
         Err(e) => {
             eprintln!("renderer status: cannot read the registry: {e}");

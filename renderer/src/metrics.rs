@@ -17,6 +17,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabel {
+    pub change: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     pub result: String,
 }
@@ -44,6 +49,7 @@ pub struct Metrics {
     pub watch_live: Gauge,
     pub watch_reconnects: Counter,
     pub resyncs: Family<ReasonLabel, Counter>,
+    pub drift: Family<ChangeLabel, Counter>,
     pub records_skipped: Family<ReasonLabel, Counter>,
     pub renders: Family<ResultLabel, Counter>,
     pub applies: Family<ResultLabel, Counter>,
@@ -70,6 +76,7 @@ impl Metrics {
             watch_live: Gauge::default(),
             watch_reconnects: Counter::default(),
             resyncs: Family::default(),
+            drift: Family::default(),
             records_skipped: Family::default(),
             renders: Family::default(),
             applies: Family::default(),
@@ -100,6 +107,11 @@ impl Metrics {
                 });
             }
         }
+        for change in ["put", "delete"] {
+            let _ = m.drift.get_or_create(&ChangeLabel {
+                change: change.into(),
+            });
+        }
         let build = Family::<VersionLabel, Gauge>::default();
         build
             .get_or_create(&VersionLabel {
@@ -128,7 +140,8 @@ impl Metrics {
             "Watch streams re-established after a failure",
             m.watch_reconnects.clone(),
         );
-        r.register("renderer_resyncs", "Full re-lists of the registry by reason (initial, compaction, store_replaced, periodic)", m.resyncs.clone());
+        r.register("renderer_resyncs", "Listings of the registry by reason: initial, compaction and store_replaced replace the model; reconnect and periodic verify the watch against it", m.resyncs.clone());
+        r.register("renderer_resync_drift", "Keys a verifying listing found the watch had not delivered (change: put or delete), repaired from the listing: etcd lost an event", m.drift.clone());
         r.register(
             "renderer_records_skipped",
             "Registry records skipped as invalid, by reason",

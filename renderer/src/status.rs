@@ -1,7 +1,10 @@
 //! `renderer status`: the first thing to run when HAProxy does not route where you expect.
 //! Reads the registry from etcd (what is admitted, what is skipped and why) and the running
-//! renderer's `/status` (what it last applied, and when).
+//! renderer's `/status` (what it last applied, and when), and names every difference
+//! between what the renderer serves and the registry: behind (changes not applied yet) or
+//! drift (served what the registry did not hold at the renderer's own revision).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clap::Parser;
@@ -13,7 +16,8 @@ use crate::model::Model;
 #[derive(Debug, Parser)]
 #[command(
     name = "lb-renderer status",
-    about = "Show the services and instances in the registry, skipped records and why, and what the running renderer last applied."
+    about = "Show the services and instances in the registry, skipped records and why, what the running renderer last applied, and every difference between what it serves and the registry.",
+    after_help = "Exit status: 0 when the report was made (the renderer serves the registry, is behind, or is not reachable), 1 when etcd cannot be read, 3 on DRIFT: the renderer serves something the registry did not hold at the renderer's own revision (a lost event)."
 )]
 pub struct StatusArgs {
     #[command(flatten)]
@@ -47,7 +51,7 @@ enum FetchError {
 }
 
 /// Builds the report. Errors only when etcd cannot be read.
-pub async fn report(args: &StatusArgs) -> Result<String, StatusError> {
+pub async fn report(args: &StatusArgs) -> Result<Report, StatusError> {
     let client = args.etcd.connect().await?;
     let (store, kvs) = crate::watch::list(&client, &args.prefix, args.etcd.dial_timeout)
         .await
@@ -94,6 +98,7 @@ pub async fn report(args: &StatusArgs) -> Result<String, StatusError> {
             out.push_str(&format!("  {key}: {} ({})\n", s.reason, s.message));
         }
     }
+    let mut drift = false;
     match get_status(&args.renderer).await {
         Ok(doc) => {
             let rev = doc["revision"].as_i64().unwrap_or(0);
@@ -104,9 +109,8 @@ pub async fn report(args: &StatusArgs) -> Result<String, StatusError> {
                 .unwrap_or(0.0)
                 - last["unix_time"].as_f64().unwrap_or(0.0);
             out.push_str(&format!(
-                "renderer {}: model at revision {rev} ({}), last apply {:.0}s ago: {} via {}, {:.1} ms{}\n",
+                "renderer {}: model at revision {rev}, last apply {:.0}s ago: {} via {}, {:.1} ms{}\n",
                 args.renderer,
-                if rev >= store.revision { "up to date".to_string() } else { format!("{} behind", store.revision - rev) },
                 age,
                 if last["ok"].as_bool() == Some(true) { "ok" } else { "FAILED" },
                 last["how"].as_str().unwrap_or("?"),
@@ -116,13 +120,118 @@ pub async fn report(args: &StatusArgs) -> Result<String, StatusError> {
                     _ => String::new(),
                 }
             ));
+            let served = served_by(&doc);
+            let now = instances_of(&model);
+            if served == now {
+                out.push_str(&format!(
+                    "served: exactly the registry ({} instance(s))\n",
+                    served.len()
+                ));
+            } else {
+                // Compare at the renderer's own revision: behind, or serving what the
+                // registry never said at that revision (a lost event)?
+                let at_rev =
+                    crate::watch::list_at(&client, &args.prefix, Some(rev), args.etcd.dial_timeout)
+                        .await;
+                let verdict = match at_rev {
+                    Ok((_, kvs)) => {
+                        let mut then = Model::new(&args.prefix);
+                        then.reset(kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())), rev);
+                        if instances_of(&then) == served {
+                            "BEHIND: the renderer serves the registry as it was at its revision; the changes after it are not applied yet (in flight, held by --empty-hold, or applies failing: see last apply)".to_string()
+                        } else {
+                            drift = true;
+                            format!("DRIFT: the renderer serves something the registry did not hold at the renderer's own revision {rev}: etcd did not deliver an event, or the renderer lost one (it repairs this at its next --resync; restart it to repair now)")
+                        }
+                    }
+                    Err(e) => format!(
+                        "cannot read the registry at the renderer's revision {rev} ({}): the differences may be in flight",
+                        registry::etcd::error_chain(&e)
+                    ),
+                };
+                let lines = differences(&served, &now);
+                out.push_str(&format!(
+                    "served: {} difference(s) from the registry at revision {}\n  {verdict}\n",
+                    lines.len(),
+                    store.revision
+                ));
+                for l in lines {
+                    out.push_str(&format!("  {l}\n"));
+                }
+            }
         }
         Err(e) => out.push_str(&format!(
             "renderer {}: not reachable ({e})\n",
             args.renderer
         )),
     }
-    Ok(out)
+    Ok(Report { text: out, drift })
+}
+
+/// What `renderer status` found.
+pub struct Report {
+    pub text: String,
+    /// The renderer serves something the registry did not hold at the renderer's revision.
+    pub drift: bool,
+}
+
+/// `service/id` → `address:port` of every instance a model admits.
+fn instances_of(model: &Model) -> BTreeMap<String, String> {
+    model
+        .services()
+        .iter()
+        .flat_map(|(service, ids)| {
+            ids.values().map(move |i| {
+                (
+                    format!("{service}/{}", i.id),
+                    format!("{}:{}", i.address, i.port),
+                )
+            })
+        })
+        .collect()
+}
+
+/// `service/id` → `address:port` of what the renderer's `/status` says it serves.
+fn served_by(doc: &serde_json::Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    if let Some(services) = doc["services"].as_object() {
+        for (service, list) in services {
+            for line in list
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+            {
+                if let Some((id, endpoint)) = line.split_once(' ') {
+                    out.insert(format!("{service}/{id}"), endpoint.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One line per instance that differs between what is served and the registry.
+fn differences(
+    served: &BTreeMap<String, String>,
+    registry: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, endpoint) in registry {
+        match served.get(name) {
+            None => out.push(format!("in the registry, not served: {name} {endpoint}")),
+            Some(s) if s != endpoint => out.push(format!(
+                "served at another address: {name} serves {s}, the registry says {endpoint}"
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, endpoint) in served {
+        if !registry.contains_key(name) {
+            out.push(format!("served, not in the registry: {name} {endpoint}"));
+        }
+    }
+    out
 }
 
 async fn get_status(addr: &str) -> Result<serde_json::Value, FetchError> {
@@ -147,4 +256,43 @@ async fn get_status(addr: &str) -> Result<serde_json::Value, FetchError> {
     }
     let body = response.text().await.map_err(http)?;
     Ok(serde_json::from_str(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_name_missing_extra_and_moved_instances() {
+        let m = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let served = m(&[
+            ("w/a", "10.0.0.1:80"),
+            ("w/ghost", "10.0.0.9:80"),
+            ("w/b", "10.0.0.2:80"),
+        ]);
+        let registry = m(&[
+            ("w/a", "10.0.0.1:80"),
+            ("w/b", "10.0.0.3:80"),
+            ("w/new", "[::1]:80"),
+        ]);
+        assert_eq!(
+            differences(&served, &registry),
+            vec![
+                "served at another address: w/b serves 10.0.0.2:80, the registry says 10.0.0.3:80",
+                "in the registry, not served: w/new [::1]:80",
+                "served, not in the registry: w/ghost 10.0.0.9:80",
+            ]
+        );
+        assert!(differences(&served, &served).is_empty());
+        let doc = serde_json::json!({"services": {"w": ["a 10.0.0.1:80", "ghost 10.0.0.9:80"]}});
+        assert_eq!(
+            served_by(&doc),
+            m(&[("w/a", "10.0.0.1:80"), ("w/ghost", "10.0.0.9:80")])
+        );
+    }
 }

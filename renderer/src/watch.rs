@@ -10,10 +10,18 @@
 //!   punishes with GOAWAY;
 //! * watch cancelled with `compact_revision` → full re-list, then watch again;
 //! * store replaced (cluster id changed, revision or raft term went backwards) → full re-list;
-//! * optional periodic re-list (`--resync`) as a safety net.
+//! * a resumed watch is **verified, not trusted**: right after every re-watch, and every
+//!   `--resync` while the watch runs, the prefix is listed at the current revision R
+//!   ([`Verify`]); once the watch has delivered everything up to R (an event after R, or a
+//!   progress answer at ≥ R), what the events built ([`Watcher::mirror`], key → mod
+//!   revision) is compared with the listing, and every difference is sent as a repair,
+//!   counted (`renderer_resync_drift_total`) and logged at WARN with its keys. etcd drops
+//!   events in known cases (a watch resumed at the compaction revision loses a delete
+//!   there: etcd #18089, fixed in 3.4.33 / 3.5.15); a ghost server must not follow.
 //!
 //! Knows etcd, not templates: it only emits [`Update`]s.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use etcd_client::{GetOptions, WatchOptions};
@@ -58,6 +66,16 @@ pub struct Store {
     pub revision: i64,
 }
 
+/// A listing at `revision`, waiting for the watch to reach that revision to be compared
+/// with what the events built.
+struct Verify {
+    revision: i64,
+    /// key → (mod revision, value)
+    kvs: HashMap<String, (i64, Vec<u8>)>,
+    reason: &'static str,
+    started: std::time::Instant,
+}
+
 /// Watches `<prefix>/` and sends [`Update`]s.
 pub struct Watcher {
     /// The member watched; replaced by another one after a failure.
@@ -69,6 +87,9 @@ pub struct Watcher {
     /// true while a watch stream is established.
     live: watch::Sender<bool>,
     metrics: Option<crate::metrics::Metrics>,
+    /// key → mod revision of everything the listings and events delivered so far.
+    mirror: HashMap<String, i64>,
+    verify: Option<Verify>,
 }
 
 impl Watcher {
@@ -88,6 +109,8 @@ impl Watcher {
             tx,
             live,
             metrics: None,
+            mirror: HashMap::new(),
+            verify: None,
         }
     }
 
@@ -136,8 +159,15 @@ impl Watcher {
             };
             let start = match resume {
                 Some(rev) => rev,
-                None => match self.list().await {
-                    Ok((store, kvs)) => {
+                None => match self.list_entries().await {
+                    Ok((store, entries)) => {
+                        self.verify = None;
+                        self.mirror = entries
+                            .iter()
+                            .map(|e| (e.key.clone(), e.mod_revision))
+                            .collect();
+                        let kvs: Vec<(String, Vec<u8>)> =
+                            entries.into_iter().map(|e| (e.key, e.value)).collect();
                         info!(
                             revision = store.revision,
                             keys = kvs.len(),
@@ -166,7 +196,12 @@ impl Watcher {
                     }
                 },
             };
-            match self.follow(start, &mut last, &mut backoff, &stop).await {
+            // A resumed watch is checked against a listing (a fresh listing needs none).
+            let check = resume.map(|_| "reconnect");
+            match self
+                .follow(start, check, &mut last, &mut backoff, &stop)
+                .await
+            {
                 Follow::Stop => return,
                 Follow::Relist(reason) => {
                     last = None;
@@ -211,10 +246,12 @@ impl Watcher {
         }
     }
 
-    /// Watches from `start` until something ends the stream.
+    /// Watches from `start` until something ends the stream; with `check`, verifies the
+    /// resumed watch against a listing (for that reason).
     async fn follow(
         &mut self,
         start: i64,
+        check: Option<&'static str>,
         last: &mut Option<Store>,
         backoff: &mut Backoff,
         stop: &CancellationToken,
@@ -236,8 +273,17 @@ impl Watcher {
                 return Follow::Reconnect;
             }
         };
+        self.verify = None;
+        if let Some(reason) = check {
+            self.start_verify(reason).await;
+        }
         // Liveness: the last time anything arrived, and an unanswered progress request.
+        // A pending verification asks for progress at once (an idle watch reaches the
+        // listing's revision only through a progress answer).
         let mut heard = Instant::now();
+        if self.verify.is_some() {
+            heard -= PROGRESS_EVERY;
+        }
         let mut asked: Option<Instant> = None;
         let mut resync = self.resync.map(|d| {
             let mut i = tokio::time::interval_at(tokio::time::Instant::now() + d, d);
@@ -262,8 +308,14 @@ impl Watcher {
                 _ = stop.cancelled() => return Follow::Stop,
                 m = stream.message() => m,
                 _ = tick => {
-                    debug!("periodic resync");
-                    return Follow::Relist("periodic");
+                    if self.verify.is_none() {
+                        debug!("periodic resync");
+                        self.start_verify("periodic").await;
+                        if asked.is_none() {
+                            heard = Instant::now() - PROGRESS_EVERY;
+                        }
+                    }
+                    continue;
                 }
                 _ = tokio::time::sleep_until(check_at) => {
                     if asked.is_some() {
@@ -322,16 +374,39 @@ impl Watcher {
             let mut max_rev = 0;
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
+                // Everything up to the verification's revision has arrived: compare.
+                if self
+                    .verify
+                    .as_ref()
+                    .is_some_and(|v| kv.mod_revision() > v.revision)
+                {
+                    self.finish_verify(&mut changes);
+                }
                 max_rev = max_rev.max(kv.mod_revision());
                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                 // Raw event type: 0 put, 1 delete (event_type() panics on anything else).
                 match ev.0.r#type {
-                    0 => changes.push(Change::Put {
-                        key,
-                        value: kv.value().to_vec(),
-                    }),
-                    1 => changes.push(Change::Delete { key }),
+                    0 => {
+                        self.mirror.insert(key.clone(), kv.mod_revision());
+                        changes.push(Change::Put {
+                            key,
+                            value: kv.value().to_vec(),
+                        });
+                    }
+                    1 => {
+                        self.mirror.remove(&key);
+                        changes.push(Change::Delete { key });
+                    }
                     other => warn!(event_type = other, %key, "unknown watch event type; ignored"),
+                }
+            }
+            // A progress answer at ≥ the verification's revision: nothing up to it is
+            // still on the way.
+            if resp.events().is_empty() && !resp.created() {
+                if let (Some(v), Some((_, _, rev))) = (self.verify.as_ref(), header) {
+                    if rev >= v.revision {
+                        self.finish_verify(&mut changes);
+                    }
                 }
             }
             if let (Some(store), Some((cluster_id, raft_term, _))) = (last.as_mut(), header) {
@@ -340,7 +415,7 @@ impl Watcher {
                 store.revision = store.revision.max(max_rev);
             }
             if !changes.is_empty() {
-                let revision = last.map_or(max_rev, |s| s.revision);
+                let revision = last.map_or(max_rev, |s| s.revision).max(max_rev);
                 if self
                     .tx
                     .send(Update::Changes { revision, changes })
@@ -351,6 +426,79 @@ impl Watcher {
                 }
             }
         }
+    }
+
+    /// Lists the prefix for a later comparison with what the watch delivers. A listing that
+    /// fails is logged; the next re-watch or `--resync` tries again.
+    async fn start_verify(&mut self, reason: &'static str) {
+        let started = std::time::Instant::now();
+        match self.list_entries().await {
+            Ok((store, entries)) => {
+                self.count_resync(reason);
+                self.verify = Some(Verify {
+                    revision: store.revision,
+                    kvs: entries
+                        .into_iter()
+                        .map(|e| (e.key, (e.mod_revision, e.value)))
+                        .collect(),
+                    reason,
+                    started,
+                });
+            }
+            Err(e) => {
+                warn!(error = %error_chain(&e), member = %self.etcd.endpoint(), reason, "cannot list the registry to verify the watch; trying again at the next re-watch or --resync");
+            }
+        }
+    }
+
+    /// Compares what the events built with the pending listing (the watch has delivered
+    /// everything up to its revision) and appends a repair for every difference.
+    fn finish_verify(&mut self, changes: &mut Vec<Change>) {
+        let Some(v) = self.verify.take() else { return };
+        let (puts, deletes) = drift(&self.mirror, &v.kvs);
+        let took = v.started.elapsed();
+        if puts.is_empty() && deletes.is_empty() {
+            debug!(
+                revision = v.revision,
+                keys = v.kvs.len(),
+                reason = v.reason,
+                ?took,
+                "watch verified against a listing: no drift"
+            );
+            return;
+        }
+        if let Some(m) = &self.metrics {
+            for (change, n) in [("put", puts.len()), ("delete", deletes.len())] {
+                m.drift
+                    .get_or_create(&crate::metrics::ChangeLabel {
+                        change: change.to_string(),
+                    })
+                    .inc_by(n as u64);
+            }
+        }
+        warn!(
+            revision = v.revision,
+            reason = v.reason,
+            missed_puts = ?some(&puts),
+            missed_deletes = ?some(&deletes),
+            "etcd did not deliver every change to the watch (the listing differs from the events); repaired from the listing"
+        );
+        let mut kvs = v.kvs;
+        for key in puts {
+            if let Some((rev, value)) = kvs.remove(&key) {
+                self.mirror.insert(key.clone(), rev);
+                changes.push(Change::Put { key, value });
+            }
+        }
+        for key in deletes {
+            self.mirror.remove(&key);
+            changes.push(Change::Delete { key });
+        }
+    }
+
+    /// Like [`Watcher::list`], with each key's mod revision.
+    async fn list_entries(&self) -> Result<(Store, Vec<Entry>), etcd_client::Error> {
+        list_root(&self.etcd, &self.root, None, self.request_timeout).await
     }
 
     /// The current store identity (a count-only read).
@@ -367,7 +515,11 @@ impl Watcher {
 
     /// Lists the whole prefix at one revision, page by page.
     pub async fn list(&self) -> Result<Listing, etcd_client::Error> {
-        list_root(&self.etcd, &self.root, self.request_timeout).await
+        let (store, entries) = self.list_entries().await?;
+        Ok((
+            store,
+            entries.into_iter().map(|e| (e.key, e.value)).collect(),
+        ))
     }
 
     async fn timed<T>(
@@ -388,15 +540,38 @@ pub async fn list(
     prefix: &str,
     timeout: Duration,
 ) -> Result<Listing, etcd_client::Error> {
-    list_root(etcd, &registry::key::root_prefix(prefix), timeout).await
+    list_at(etcd, prefix, None, timeout).await
 }
 
-/// Lists the whole prefix `root` at one revision, page by page.
+/// [`list`] at `revision` (None: the current one); fails if etcd compacted it away.
+pub async fn list_at(
+    etcd: &Member,
+    prefix: &str,
+    revision: Option<i64>,
+    timeout: Duration,
+) -> Result<Listing, etcd_client::Error> {
+    let root = registry::key::root_prefix(prefix);
+    let (store, entries) = list_root(etcd, &root, revision, timeout).await?;
+    Ok((
+        store,
+        entries.into_iter().map(|e| (e.key, e.value)).collect(),
+    ))
+}
+
+/// One key of a listing.
+struct Entry {
+    key: String,
+    value: Vec<u8>,
+    mod_revision: i64,
+}
+
+/// Lists the whole prefix `root` at one revision (`at`, or the current one), page by page.
 async fn list_root(
     etcd: &Member,
     root: &str,
+    at: Option<i64>,
     timeout: Duration,
-) -> Result<Listing, etcd_client::Error> {
+) -> Result<(Store, Vec<Entry>), etcd_client::Error> {
     let mut kv = etcd.client().kv_client();
     let end = prefix_end(root.as_bytes());
     let mut from = root.as_bytes().to_vec();
@@ -404,20 +579,25 @@ async fn list_root(
     let mut kvs = Vec::new();
     loop {
         let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-        if let Some(s) = store {
-            opts = opts.with_revision(s.revision);
+        if let Some(rev) = store.map(|s| s.revision).or(at) {
+            opts = opts.with_revision(rev);
         }
         let resp =
             registry::etcd::within(timeout, "etcd request", kv.get(from.clone(), Some(opts)))
                 .await?;
         if store.is_none() {
-            store = Some(header_store(resp.header()));
+            let mut s = header_store(resp.header());
+            if let Some(rev) = at {
+                s.revision = rev;
+            }
+            store = Some(s);
         }
         for item in resp.kvs() {
-            kvs.push((
-                String::from_utf8_lossy(item.key()).into_owned(),
-                item.value().to_vec(),
-            ));
+            kvs.push(Entry {
+                key: String::from_utf8_lossy(item.key()).into_owned(),
+                value: item.value().to_vec(),
+                mod_revision: item.mod_revision(),
+            });
         }
         match (resp.more(), resp.kvs().last()) {
             (true, Some(lastkv)) => {
@@ -489,6 +669,37 @@ enum Follow {
     Reconnect,
 }
 
+/// What a listing has that the events did not bring (keys missing or at another mod
+/// revision: lost puts) and what the events left that the listing lacks (lost deletes),
+/// each sorted.
+fn drift(
+    mirror: &HashMap<String, i64>,
+    listing: &HashMap<String, (i64, Vec<u8>)>,
+) -> (Vec<String>, Vec<String>) {
+    let mut puts: Vec<String> = listing
+        .iter()
+        .filter(|(k, (rev, _))| mirror.get(*k) != Some(rev))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let mut deletes: Vec<String> = mirror
+        .keys()
+        .filter(|k| !listing.contains_key(*k))
+        .cloned()
+        .collect();
+    puts.sort();
+    deletes.sort();
+    (puts, deletes)
+}
+
+/// Up to 10 keys, then "… and N more": one readable WARN line even for a large drift.
+fn some(keys: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = keys.iter().take(10).cloned().collect();
+    if keys.len() > 10 {
+        out.push(format!("… and {} more", keys.len() - 10));
+    }
+    out
+}
+
 fn header_store(h: Option<&etcd_client::ResponseHeader>) -> Store {
     Store {
         cluster_id: h.map_or(0, |h| h.cluster_id()),
@@ -525,6 +736,29 @@ mod tests {
     fn prefix_end_increments_the_last_byte() {
         assert_eq!(prefix_end(b"/services/"), b"/services0".to_vec());
         assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+    }
+
+    #[test]
+    fn drift_names_lost_puts_and_lost_deletes() {
+        let mirror: HashMap<String, i64> = [("/s/a/1", 5), ("/s/a/2", 6), ("/s/a/ghost", 7)]
+            .into_iter()
+            .map(|(k, r)| (k.to_string(), r))
+            .collect();
+        let listing: HashMap<String, (i64, Vec<u8>)> =
+            [("/s/a/1", 5), ("/s/a/2", 9), ("/s/a/new", 8)]
+                .into_iter()
+                .map(|(k, r)| (k.to_string(), (r, b"v".to_vec())))
+                .collect();
+        let (puts, deletes) = drift(&mirror, &listing);
+        assert_eq!(puts, vec!["/s/a/2".to_string(), "/s/a/new".to_string()]);
+        assert_eq!(deletes, vec!["/s/a/ghost".to_string()]);
+        let same: HashMap<String, (i64, Vec<u8>)> = mirror
+            .iter()
+            .map(|(k, r)| (k.clone(), (*r, Vec::new())))
+            .collect();
+        assert_eq!(drift(&mirror, &same), (vec![], vec![]));
+        let many: Vec<String> = (0..12).map(|i| i.to_string()).collect();
+        assert_eq!(some(&many).last().unwrap(), "… and 2 more");
     }
 
     #[test]

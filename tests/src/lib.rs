@@ -11,6 +11,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod compose;
 pub mod etcd;
+pub mod gate;
 pub mod http;
 pub mod lb;
 pub mod load;
