@@ -260,3 +260,48 @@ async fn status_calls_a_ghost_at_the_renderers_own_revision_drift() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_verification_under_churn_finds_no_drift_where_none_is() {
+    // Verifications every 300 ms while keys change all the time: changes in flight at the
+    // listing's revision must never be taken for lost events.
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let s0 = Backend::start(dir.path(), "s0");
+    put_instance(&etcd, "webapp", "s0", s0.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &["--resync", "300ms"]);
+    lb.wait_serving().await;
+    let started = std::time::Instant::now();
+    let mut k = 0u32;
+    while started.elapsed() < Duration::from_secs(4) {
+        let id = format!("churn{}", k % 20);
+        if k % 3 == 2 {
+            etcd.delete(&format!("/services/webapp/{id}")).await;
+        } else {
+            put_instance(&etcd, "webapp", &id, 40000 + (k % 1000) as u16).await;
+        }
+        k += 1;
+    }
+    let verified = eventually(T, "periodic verifications counted", || async {
+        let n = metric(
+            lb.metrics_port,
+            "renderer_resyncs_total{reason=\"periodic\"} ",
+        )
+        .await?;
+        (n >= 5.0).then_some(n)
+    })
+    .await;
+    for change in ["put", "delete"] {
+        let drift = metric(
+            lb.metrics_port,
+            &format!("renderer_resync_drift_total{{change=\"{change}\"}} "),
+        )
+        .await;
+        assert_eq!(drift, Some(0.0), "{change}: {}", lb.proc.log());
+    }
+    assert!(
+        !lb.proc.log().contains("did not deliver every change"),
+        "{k} changes, {verified} verifications:\n{}",
+        lb.proc.log()
+    );
+}
