@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::apply::{self, Applier, CheckDone};
+
+/// How often the master of an HAProxy started elsewhere is asked whether it was restarted.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 use crate::coalesce::Coalescer;
 use crate::config::{Config, ReloadMode};
 use crate::data::TemplateData;
@@ -47,6 +50,8 @@ pub struct Daemon {
     /// No background check starts before this: each is followed by a pause as long as
     /// it took, so checks of a large config under a storm use at most half a core.
     next_check_at: Instant,
+    /// When to ask HAProxy's master (master CLI mode) whether it was restarted under us.
+    next_probe: Instant,
     /// `--empty-hold`: a service lost every instance at once; nothing is applied before
     /// this unless they all come back: (until, service, how many it had).
     hold: Option<(Instant, String, usize)>,
@@ -88,6 +93,7 @@ impl Daemon {
             state,
             check: None,
             next_check_at: Instant::now(),
+            next_probe: Instant::now() + PROBE_EVERY,
             hold: None,
             peaks: BTreeMap::new(),
             notifier: observe::notify::Notifier::disabled(),
@@ -212,6 +218,17 @@ impl Daemon {
                     None => continue,
                 },
                 Some(()) = hup => self.reload_templates().await,
+                _ = tokio::time::sleep_until(self.next_probe), if self.synced && matches!(self.applier.reloader, crate::apply::Reloader::Master(_)) => {
+                    self.next_probe = Instant::now() + PROBE_EVERY;
+                    if let Some((what, lost)) = self.applier.haproxy_replaced().await {
+                        if lost {
+                            warn!("{what}; applying the registry to it again");
+                        } else {
+                            info!("{what}; applying the registry to it again");
+                        }
+                        self.coalescer.changed(Instant::now());
+                    }
+                }
                 // Wakes the loop for its watchdog ping (sent at the top of the loop).
                 _ = tokio::time::sleep_until(watchdog.unwrap_or_else(far)), if watchdog.is_some() => {}
             }

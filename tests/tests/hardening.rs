@@ -236,3 +236,93 @@ async fn etcd_killed_during_a_burst_is_caught_up_exactly() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn haproxy_restarted_by_its_supervisor_gets_the_live_changes_again() {
+    // HAProxy on its own (a system service), the renderer through its master CLI. A join
+    // goes live at once; its file is checked slowly (3 s), so when the supervisor restarts
+    // HAProxy from the file on disk the join is not in it. The renderer must notice the new
+    // master and apply the registry again.
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s1, s2) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let (http_port, stats_port) = (free_port(), free_port());
+    let cfg = dir.path().join("haproxy.cfg");
+    let master = dir.path().join("master.sock");
+    let renderer = |name: &str, extra: &[&str]| {
+        let mut cmd = renderer_command(
+            &etcd.endpoint(),
+            &template(),
+            &cfg,
+            (http_port, stats_port),
+            dir.path(),
+        );
+        cmd.args(["--metrics-addr", "off"]).args(extra);
+        Proc::spawn(name, dir.path(), cmd)
+    };
+    let mut once = renderer("renderer-once", &["--once"]);
+    assert_eq!(
+        once.exited(T).await.unwrap().code(),
+        Some(0),
+        "{}",
+        once.log()
+    );
+    let haproxy = |name: &str| {
+        let mut hp = Command::new("haproxy");
+        hp.args(["-W", "-db", "-S"])
+            .arg(&master)
+            .arg("-f")
+            .arg(&cfg);
+        Proc::spawn(name, dir.path(), hp)
+    };
+    let mut first = haproxy("haproxy-1");
+    wait_routed(http_port, &["s1"], T).await;
+    let r = renderer(
+        "renderer",
+        &[
+            "--haproxy-master-socket",
+            &master.display().to_string(),
+            "--check-cmd",
+            "sh -c 'sleep 3 && haproxy -c -f {}'",
+        ],
+    );
+    eventually(T, "the renderer is following", || async {
+        r.log().contains("apply").then_some(())
+    })
+    .await;
+
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    wait_routed(http_port, &["s1", "s2"], T).await;
+    assert!(
+        !std::fs::read_to_string(&cfg)
+            .unwrap()
+            .contains("server s2 "),
+        "the file is still being checked"
+    );
+    // The supervisor: the master and its workers killed, HAProxy started from the file.
+    let workers = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", first.pid()))
+        .unwrap_or_default();
+    first.kill();
+    for w in workers.split_whitespace() {
+        let _ = Command::new("kill").args(["-9", w]).status();
+    }
+    let _second = haproxy("haproxy-2");
+    wait_routed(http_port, &["s1", "s2"], T).await;
+    let log = r.log();
+    assert!(
+        log.contains("HAProxy was restarted by someone else"),
+        "{log}"
+    );
+    // And the file follows once its check is done.
+    eventually(T, "the file lists s2", || async {
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .contains("server s2 ")
+            .then_some(())
+    })
+    .await;
+}

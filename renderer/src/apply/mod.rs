@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::render::Renderer;
 use file::FileTarget;
-use haproxy::{HaproxyChild, HaproxyError, MasterCli};
+use haproxy::{HaproxyChild, HaproxyError, MasterCli, ProcTable};
 
 /// How the consumer of the files is told about a new config.
 pub enum Reloader {
@@ -40,17 +40,22 @@ impl Reloader {
         }
     }
 
-    /// Reloads; returns how, for the log.
-    pub async fn reload(&mut self) -> Result<&'static str, HaproxyError> {
+    /// Reloads; returns how, for the log, and the master's process table after a master
+    /// CLI reload.
+    pub async fn reload(&mut self) -> Result<(&'static str, Option<ProcTable>), HaproxyError> {
         match self {
-            Reloader::None => Ok("none"),
-            Reloader::Exec(None) => Ok("not started yet"),
-            Reloader::Exec(Some(child)) => child.cli.reload().await.map(|_| "master CLI reload"),
-            Reloader::Master(cli) => cli.reload().await.map(|_| "master CLI reload"),
+            Reloader::None => Ok(("none", None)),
+            Reloader::Exec(None) => Ok(("not started yet", None)),
+            Reloader::Exec(Some(child)) => child
+                .cli
+                .reload()
+                .await
+                .map(|t| ("master CLI reload", Some(t))),
+            Reloader::Master(cli) => cli.reload().await.map(|t| ("master CLI reload", Some(t))),
             Reloader::Command { command, timeout } => {
                 haproxy::run_reload_command(command, *timeout)
                     .await
-                    .map(|_| "reload command")
+                    .map(|_| ("reload command", None))
             }
         }
     }
@@ -183,6 +188,9 @@ pub struct Applier {
     /// How long a leaving server may keep its in-flight requests.
     pub drain_timeout: Duration,
     pub metrics: Metrics,
+    /// (master pid, reload count) of the HAProxy the master CLI showed last, after our own
+    /// reloads included: anything else means someone else restarted or reloaded it.
+    known_master: Option<(u32, u32)>,
 }
 
 fn count(
@@ -226,6 +234,7 @@ impl Applier {
             runtime_limits: config.runtime_limits,
             drain_timeout: config.drain_timeout,
             metrics,
+            known_master: None,
         }
     }
 
@@ -283,6 +292,12 @@ impl Applier {
                         );
                     }
                     Some(plan) => {
+                        // Who is told: a later restart by someone else must be noticed.
+                        if self.known_master.is_none() {
+                            if let Ok(t) = cli.show_proc().await {
+                                self.known_master = Some((t.master_pid, t.reloads));
+                            }
+                        }
                         let started = std::time::Instant::now();
                         let executed = runtime::execute(cli, &plan, self.drain_timeout).await;
                         report.timings.runtime += started.elapsed();
@@ -353,7 +368,8 @@ impl Applier {
         let reloaded = self.reloader.reload().await;
         m.reload_seconds.observe(started.elapsed().as_secs_f64());
         match reloaded {
-            Ok(how) => {
+            Ok((how, table)) => {
+                self.known_master = table.map(|t| (t.master_pid, t.reloads));
                 count(&m.reloads, "ok");
                 report.reload = Some(how);
                 report.reloaded = true;
@@ -362,6 +378,7 @@ impl Applier {
                 }
             }
             Err(e) => {
+                self.known_master = None;
                 count(&m.reloads, "error");
                 error!(error = %e, "reload failed; HAProxy keeps its previous config");
                 report.errors.push(e.to_string());
@@ -444,6 +461,54 @@ impl Applier {
             }
         }
         out
+    }
+
+    /// An HAProxy started elsewhere (master CLI mode) can be restarted or reloaded under
+    /// us by its supervisor or an operator: it then runs the files on disk, without the
+    /// live changes whose files were still being checked. Asks the master who it is; when
+    /// the master or its reload count changed behind our back, forgets what HAProxy was
+    /// told at runtime (it runs the files now) and returns what happened, so the caller
+    /// applies again; true when live changes were lost. `None` when nothing changed or the master does not answer (down:
+    /// asked again next time).
+    pub async fn haproxy_replaced(&mut self) -> Option<(String, bool)> {
+        let Reloader::Master(cli) = &self.reloader else {
+            return None;
+        };
+        let table = tokio::time::timeout(Duration::from_secs(2), cli.show_proc())
+            .await
+            .ok()?
+            .inspect_err(|e| debug!(error = %e, "master CLI not answering"))
+            .ok()?;
+        if table.current_worker().is_none() {
+            return None;
+        }
+        let now = (table.master_pid, table.reloads);
+        let before = self.known_master.replace(now)?;
+        if before == now {
+            return None;
+        }
+        let lost = self.targets.iter().any(Target::file_due);
+        for t in &mut self.targets {
+            t.running = t.last.clone();
+        }
+        let what = format!(
+            "{} (master pid {} → {}, reloads {} → {}){}",
+            if before.0 == now.0 {
+                "HAProxy was reloaded by someone else"
+            } else {
+                "HAProxy was restarted by someone else"
+            },
+            before.0,
+            now.0,
+            before.1,
+            now.1,
+            if lost {
+                ": live changes whose files were not written yet are gone from it"
+            } else {
+                ""
+            }
+        );
+        Some((what, lost))
     }
 
     /// True when every destination holds a config (HAProxy can be started from them).
