@@ -479,9 +479,7 @@ impl Applier {
             .ok()?
             .inspect_err(|e| debug!(error = %e, "master CLI not answering"))
             .ok()?;
-        if table.current_worker().is_none() {
-            return None;
-        }
+        table.current_worker()?; // no worker yet: starting
         let now = (table.master_pid, table.reloads);
         let before = self.known_master.replace(now)?;
         if before == now {
