@@ -612,6 +612,7 @@ mod tests {
                 runtime_limits: runtime::Limits::default(),
                 drain_timeout: Duration::from_secs(1),
                 metrics,
+                known_master: None,
             };
             let vars = BTreeMap::from([("balance".to_string(), "roundrobin".to_string())]);
             let mut s = Setup {
