@@ -18,6 +18,8 @@ use crate::apply::{self, Applier, CheckDone};
 
 /// How often the master of an HAProxy started elsewhere is asked whether it was restarted.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How soon a file that could not be written (a full disk) is tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 use crate::coalesce::Coalescer;
 use crate::config::{Config, ReloadMode};
 use crate::data::TemplateData;
@@ -52,6 +54,8 @@ pub struct Daemon {
     next_check_at: Instant,
     /// When to ask HAProxy's master (master CLI mode) whether it was restarted under us.
     next_probe: Instant,
+    /// When to apply again after a file could not be written (a full disk).
+    retry_at: Option<Instant>,
     /// `--empty-hold`: a service lost every instance at once; nothing is applied before
     /// this unless they all come back: (until, service, how many it had).
     hold: Option<(Instant, String, usize)>,
@@ -94,6 +98,7 @@ impl Daemon {
             check: None,
             next_check_at: Instant::now(),
             next_probe: Instant::now() + PROBE_EVERY,
+            retry_at: None,
             hold: None,
             peaks: BTreeMap::new(),
             notifier: observe::notify::Notifier::disabled(),
@@ -218,6 +223,10 @@ impl Daemon {
                     None => continue,
                 },
                 Some(()) = hup => self.reload_templates().await,
+                _ = tokio::time::sleep_until(self.retry_at.unwrap_or_else(far)), if self.retry_at.is_some() => {
+                    self.retry_at = None;
+                    self.coalescer.changed(Instant::now());
+                }
                 _ = tokio::time::sleep_until(self.next_probe), if self.synced && matches!(self.applier.reloader, crate::apply::Reloader::Master(_)) => {
                     self.next_probe = Instant::now() + PROBE_EVERY;
                     if let Some((what, lost)) = self.applier.haproxy_replaced().await {
@@ -348,6 +357,7 @@ impl Daemon {
             &self.renderer,
         )
         .await;
+        self.retry_at = report.retry.then(|| Instant::now() + RETRY_EVERY);
         if report.reloaded || !report.errors.is_empty() {
             self.coalescer.applied(Instant::now());
         } else {
@@ -409,6 +419,9 @@ impl Daemon {
         let outcome = self.applier.finish_check(done).await;
         if outcome.errors.is_empty() {
             return;
+        }
+        if outcome.retry {
+            self.next_check_at = started + RETRY_EVERY;
         }
         let message = outcome.errors.first().cloned().unwrap_or_default();
         let pinned = outcome

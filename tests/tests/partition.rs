@@ -140,8 +140,91 @@ async fn a_full_disk_keeps_the_old_config_and_retries() {
     assert_eq!(std::fs::read_to_string(&cfg).unwrap(), good);
     wait_routed(http_port, &["s1"], T).await;
 
-    // Space back: the next change goes through (and carries the one that failed).
+    // Space back: the failed apply is tried again on its own (no new change needed).
     std::fs::remove_file(&filler).unwrap();
+    wait_routed(http_port, &["s1", "s2"], T).await;
+    assert!(std::fs::read_to_string(&cfg)
+        .unwrap()
+        .contains("server s2 "));
     put_instance(&etcd, "webapp", "s3", s3.port).await;
     wait_routed(http_port, &["s1", "s2", "s3"], T).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_does_not_undo_a_live_join_and_the_file_follows_once_freed() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s1, s2) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let fs = dir.path().join("cfgfs");
+    std::fs::create_dir_all(&fs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&fs)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount tmpfs (tests run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(fs.clone());
+    let (http_port, stats_port) = (free_port(), free_port());
+    let cfg = fs.join("haproxy.cfg");
+    let mut cmd = renderer_command(
+        &etcd.endpoint(),
+        &template(),
+        &cfg,
+        (http_port, stats_port),
+        dir.path(),
+    );
+    cmd.args(["--metrics-addr", "off", "--haproxy-master-socket"])
+        .arg(dir.path().join("master.sock"))
+        .args(["--", "haproxy", "-W", "-db", "-f"])
+        .arg(&cfg);
+    let renderer = Proc::spawn("renderer", dir.path(), cmd);
+    wait_routed(http_port, &["s1"], T).await;
+
+    // Disk full: the join goes live through the runtime API; its file cannot be written.
+    let filler = fs.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 512 * 1024]);
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    wait_routed(http_port, &["s1", "s2"], T).await;
+    eventually(T, "write failure reported", || async {
+        renderer
+            .log()
+            .contains("cannot write the config HAProxy runs")
+            .then_some(())
+    })
+    .await;
+    // Not rolled back while the disk stays full (a rollback would drop s2).
+    e2e::stays(Duration::from_secs(2), "s2 stays served", || async {
+        e2e::lb::served_ids(http_port, 20).await.contains_key("s2")
+    })
+    .await;
+    assert!(!std::fs::read_to_string(&cfg)
+        .unwrap()
+        .contains("server s2 "));
+
+    std::fs::remove_file(&filler).unwrap();
+    eventually(T, "the file follows once space is back", || async {
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .contains("server s2 ")
+            .then_some(())
+    })
+    .await;
+    wait_routed(http_port, &["s1", "s2"], T).await;
+    assert!(
+        !renderer
+            .log()
+            .contains("reloading HAProxy from the last good config"),
+        "{}",
+        renderer.log()
+    );
 }

@@ -116,6 +116,9 @@ pub struct Report {
     pub errors: Vec<String>,
     /// Lines of rendered configs a check rejected (for quarantine).
     pub rejected_lines: Vec<String>,
+    /// A file could not be staged, checked or written for a reason outside the config (a
+    /// full disk, a check that could not run): the same apply is worth trying again.
+    pub retry: bool,
     /// Where the time went.
     pub timings: Timings,
 }
@@ -171,6 +174,9 @@ pub struct CheckOutcome {
     /// file (`reloaded`), and the rejected line, if known, is here for quarantine.
     pub rejected: Option<String>,
     pub reloaded: bool,
+    /// The file could not be written for a reason outside the config (a full disk):
+    /// HAProxy keeps running the state, the check and write are tried again later.
+    pub retry: bool,
     /// Failures, already logged.
     pub errors: Vec<String>,
 }
@@ -341,6 +347,7 @@ impl Applier {
                 Err(e) => {
                     // Undo a partial live change: HAProxy goes back to the file on disk.
                     need_reload |= touched;
+                    report.retry |= !matches!(e, file::FileError::Check { .. });
                     if let file::FileError::Check {
                         offending: Some(line),
                         ..
@@ -442,6 +449,13 @@ impl Applier {
             },
             // An older state: whatever is wrong with it, the current one gets its own check.
             Err(_) if !current => {}
+            // Nothing wrong with the config, the file just cannot be written (a full disk,
+            // a check that cannot run): HAProxy keeps what it runs; try again later.
+            Err(e) if !matches!(e, file::FileError::Check { .. }) => {
+                error!(dest = %t.file.dest.display(), error = %e, "cannot write the config HAProxy runs (applied through the runtime API); HAProxy keeps it, trying again");
+                out.errors.push(e.to_string());
+                out.retry = true;
+            }
             Err(e) => {
                 error!(dest = %t.file.dest.display(), error = %e, "rendered config rejected after it was applied through the runtime API; reloading HAProxy from the last good config");
                 if let file::FileError::Check {
