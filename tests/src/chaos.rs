@@ -3,8 +3,11 @@
 //! the rendered files, HTTP through the load balancers).
 //!
 //! System: 3 etcd members (the first in a network namespace, so it can be cut off from its
-//! peers while clients still reach it), 2 load balancers (HAProxy run on its own, renderer in master-socket mode, so a
-//! renderer can crash under a running HAProxy), `apps` web apps each with a registrar
+//! peers, or given a slow and lossy link, while clients still reach it), 2 load balancers
+//! (HAProxy run on its own, as a supervisor runs it, and a renderer in master-socket mode,
+//! so a renderer can crash under a running HAProxy and HAProxy can be restarted under a
+//! running renderer; the config directory on a small filesystem of its own, so it can be
+//! filled), `apps` web apps each with a registrar
 //! beside it (short TTL, HTTP health check), bounded `wrk` load and a prober per load
 //! balancer.
 //!
@@ -58,18 +61,24 @@ impl Options {
 }
 
 /// The kinds of fault, each injected at least once per run of 90 s or more.
-pub const KINDS: [&str; 10] = [
+pub const KINDS: [&str; 13] = [
     "etcd_kill",
     "etcd_freeze",
     "etcd_partition",
+    "etcd_slow_net",
     "compact_defrag",
     "registrar_kill",
     "registrar_freeze",
     "app_restart",
     "renderer_kill",
+    "haproxy_restart",
+    "disk_full",
     "burst",
     "poison",
 ];
+
+/// Size of each load balancer's config filesystem (a tmpfs `disk_full` fills).
+const CONF_FS: &str = "size=4m";
 
 /// One planned fault.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +141,10 @@ pub fn schedule(o: &Options) -> Vec<Planned> {
         let length = match kind {
             "etcd_kill" | "etcd_freeze" => rng.ms(2000, 5000),
             "etcd_partition" => rng.ms(3000, 6000),
+            "etcd_slow_net" => rng.ms(4000, 8000),
+            // The supervisor's restart delay (systemd's RestartSec is 100 ms by default).
+            "haproxy_restart" => rng.ms(100, 1500),
+            "disk_full" => rng.ms(2000, 5000),
             "compact_defrag" => Duration::ZERO,
             "registrar_kill" | "app_restart" | "renderer_kill" => rng.ms(1000, 3000),
             "registrar_freeze" => rng.ms(ttl + 1000, ttl + 3000),
@@ -143,7 +156,8 @@ pub fn schedule(o: &Options) -> Vec<Planned> {
                 etcd_free = at + length + Duration::from_secs(2);
                 rng.below(3)
             }
-            "etcd_partition" => {
+            "etcd_partition" | "etcd_slow_net" => {
+                // Member 0: the one in a network namespace.
                 at = at.max(etcd_free);
                 etcd_free = at + length + Duration::from_secs(2);
                 0
@@ -154,7 +168,7 @@ pub fn schedule(o: &Options) -> Vec<Planned> {
                 app_free[t] = at + length + Duration::from_secs(ttl / 1000 + 2);
                 t
             }
-            "renderer_kill" => {
+            "renderer_kill" | "haproxy_restart" | "disk_full" => {
                 // Under --sabotage, load balancer 1's renderer stays frozen: not restarted.
                 let t = if o.sabotage { 0 } else { rng.below(2) };
                 at = at.max(lb_free[t]);
@@ -208,6 +222,9 @@ pub struct Sample {
 pub struct Requests {
     pub total: u64,
     pub failed: u64,
+    /// Prober requests refused by a load balancer whose HAProxy was down because the run
+    /// killed it (`haproxy_restart`, until it answers again): expected, not failures.
+    pub refused_while_down: u64,
     /// Failed prober requests: (ms, load balancer, faults active then).
     pub failures: Vec<(u64, usize, Vec<String>)>,
 }
@@ -280,6 +297,8 @@ fn still_running() -> Vec<(u32, String)> {
 /// reloads it through the master CLI.
 struct ChaosLb {
     dir: PathBuf,
+    /// The config directory: a small tmpfs of its own (unmounted on drop).
+    conf: PathBuf,
     endpoints: String,
     http_port: u16,
     stats_port: u16,
@@ -293,9 +312,20 @@ struct ChaosLb {
 
 impl ChaosLb {
     async fn start(dir: &Path, endpoints: &str) -> ChaosLb {
-        std::fs::create_dir_all(dir).expect("lb dir");
+        let conf = dir.join("conf");
+        std::fs::create_dir_all(&conf).expect("lb dir");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", CONF_FS, "tmpfs"])
+            .arg(&conf)
+            .status()
+            .expect("mount");
+        assert!(
+            mounted.success(),
+            "mount a tmpfs on {} (root)",
+            conf.display()
+        );
         let (http_port, stats_port, metrics_port) = (free_port(), free_port(), free_port());
-        let cfg = dir.join("haproxy.cfg");
+        let cfg = conf.join("haproxy.cfg");
         let master = dir.join("master.sock");
         // The first config once, then HAProxy from it.
         let mut once = renderer_command(endpoints, &template(), &cfg, (http_port, stats_port), dir);
@@ -303,14 +333,10 @@ impl ChaosLb {
         let mut once = spawn("renderer-once", dir, once);
         let status = once.exited(Duration::from_secs(60)).await;
         assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", once.log());
-        let mut hp = Command::new("haproxy");
-        hp.args(["-W", "-db", "-S"])
-            .arg(&master)
-            .arg("-f")
-            .arg(&cfg);
-        let haproxy = spawn("haproxy", dir, hp);
+        let haproxy = spawn_haproxy(dir, &master, &cfg, 0);
         let mut lb = ChaosLb {
             dir: dir.to_path_buf(),
+            conf,
             endpoints: endpoints.to_string(),
             http_port,
             stats_port,
@@ -342,12 +368,53 @@ impl ChaosLb {
     }
 }
 
+/// HAProxy from `cfg` with its master CLI at `master`, as a supervisor starts it.
+fn spawn_haproxy(dir: &Path, master: &Path, cfg: &Path, start: u32) -> Proc {
+    let mut hp = Command::new("haproxy");
+    hp.args(["-W", "-db", "-S"]).arg(master).arg("-f").arg(cfg);
+    spawn(&format!("haproxy-{start}"), dir, hp)
+}
+
+impl ChaosLb {
+    /// What a supervisor does when HAProxy dies: the master and its workers killed
+    /// (systemd kills the whole control group), then, after `gap`, HAProxy started again
+    /// from the file on disk. Returns once it answers on the traffic port (or after 15 s).
+    async fn restart_haproxy(&mut self, gap: Duration) {
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.haproxy.pid()))
+                .unwrap_or_default();
+        self.haproxy.kill();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        tokio::time::sleep(gap).await;
+        self.starts += 1;
+        self.haproxy = spawn_haproxy(&self.dir, &self.master, &self.cfg, self.starts);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(Duration::from_secs(1), http::get(self.http_port, "/", None))
+                    .await
+            {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 impl Drop for ChaosLb {
     fn drop(&mut self) {
         if let Some(r) = &mut self.renderer {
             r.kill();
         }
         self.haproxy.kill();
+        let _ = Command::new("umount").arg("-l").arg(&self.conf).status();
     }
 }
 
@@ -430,6 +497,9 @@ impl App {
     }
 }
 
+/// wrk per load balancer (running), and (load balancer, result) of the stopped ones.
+type Loads = (Vec<Option<Load>>, Vec<(usize, crate::load::LoadResult)>);
+
 struct System {
     cluster: Mutex<Cluster>,
     lbs: Vec<Mutex<ChaosLb>>,
@@ -438,6 +508,13 @@ struct System {
     cfg: Vec<PathBuf>,
     member_endpoints: Vec<String>,
     peer_ports: Vec<u16>,
+    /// wrk per load balancer (replaced around a `haproxy_restart`), and the results of
+    /// the ones already stopped.
+    loads: std::sync::Mutex<Loads>,
+    /// When the run's load ends.
+    end: std::sync::OnceLock<Instant>,
+    /// Load balancers whose HAProxy the run has killed and that do not answer yet.
+    down: [std::sync::atomic::AtomicBool; 2],
     /// Member 0's namespace (dropped last: the members run in it).
     ns: Netns,
 }
@@ -448,6 +525,39 @@ impl System {
     fn partition(&self, on: bool) {
         let others = [self.peer_ports[1], self.peer_ports[2]];
         self.ns.cut_peers(self.peer_ports[0], &others, on);
+    }
+
+    /// A lossy link for member 0 (clients and peers alike), or healed: iptables in its
+    /// namespace drops `percent` % of TCP segments each way at random.
+    fn lossy(&self, on: bool, percent: u32) {
+        let op = if on { "-A" } else { "-D" };
+        let p = format!("{:.2}", f64::from(percent) / 100.0);
+        for chain in ["INPUT", "OUTPUT"] {
+            let status = Command::new("ip")
+                .args(["netns", "exec", &self.ns.name, "iptables", op, chain])
+                .args(["-p", "tcp", "-m", "statistic", "--mode", "random"])
+                .args(["--probability", &p, "-j", "DROP"])
+                .status()
+                .expect("iptables");
+            assert!(status.success(), "iptables {op} {chain} statistic");
+        }
+    }
+
+    /// Stops load balancer `lb`'s wrk (its result is kept) and, with `restart`, starts a
+    /// new one for the rest of the run.
+    fn replace_load(&self, lb: usize, port: u16, restart: bool) {
+        let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = loads.0[lb].take() {
+            let r = l.stop();
+            loads.1.push((lb, r));
+        }
+        let left = self
+            .end
+            .get()
+            .map_or(0, |e| e.saturating_duration_since(Instant::now()).as_secs());
+        if restart && left >= 2 {
+            loads.0[lb] = Some(Load::start(port, left as u32, 4, false));
+        }
     }
 }
 
@@ -535,6 +645,9 @@ pub async fn run(o: &Options) -> Report {
         apps: apps.into_iter().map(Mutex::new).collect(),
         member_endpoints,
         peer_ports,
+        loads: std::sync::Mutex::new((Vec::new(), Vec::new())),
+        end: std::sync::OnceLock::new(),
+        down: Default::default(),
         ns,
     });
     let mut client = Client::connect(&sys.member_endpoints, None)
@@ -583,25 +696,32 @@ pub async fn run(o: &Options) -> Report {
 
     // Load: wrk (keep-alive) through each load balancer, bounded by the run's length.
     let secs = o.duration.as_secs().max(1) as u32;
-    let loads: Vec<Load> = ports
+    let _ = sys.end.set(end);
+    sys.loads.lock().unwrap_or_else(|e| e.into_inner()).0 = ports
         .iter()
-        .map(|p| Load::start(*p, secs, 4, false))
+        .map(|p| Some(Load::start(*p, secs, 4, false)))
         .collect();
 
     // Probers: one request every 20 ms through each load balancer, failures timestamped.
     let mut probers = Vec::new();
     for (lb, port) in ports.iter().copied().enumerate() {
         let ledger = ledger.clone();
+        let sys = sys.clone();
         probers.push(tokio::spawn(async move {
-            let (mut total, mut failures) = (0u64, Vec::new());
+            let (mut total, mut failures, mut refused) = (0u64, Vec::new(), 0u64);
             while Instant::now() < end {
                 let t = Instant::now();
+                let down_before = sys.down[lb].load(std::sync::atomic::Ordering::SeqCst);
                 let ok = matches!(
                     tokio::time::timeout(Duration::from_secs(5), http::get(port, "/", None)).await,
                     Ok(Ok(r)) if r.status == 200
                 );
                 total += 1;
-                if !ok {
+                let down = down_before || sys.down[lb].load(std::sync::atomic::Ordering::SeqCst);
+                if !ok && down {
+                    // Its HAProxy was killed by the run and does not answer yet.
+                    refused += 1;
+                } else if !ok {
                     let active: Vec<String> = {
                         let l = ledger.lock().unwrap_or_else(|e| e.into_inner());
                         l.active
@@ -619,7 +739,7 @@ pub async fn run(o: &Options) -> Report {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            (total, failures)
+            (total, failures, refused)
         }));
     }
 
@@ -849,9 +969,10 @@ pub async fn run(o: &Options) -> Report {
     // 4. failed requests, attributed.
     let mut requests = Requests::default();
     for p in probers {
-        if let Ok((total, failures)) = p.await {
+        if let Ok((total, failures, refused)) = p.await {
             requests.total += total;
             requests.failed += failures.len() as u64;
+            requests.refused_while_down += refused;
             for (at, lb, active) in failures {
                 violate(
                     &mut violations,
@@ -863,8 +984,15 @@ pub async fn run(o: &Options) -> Report {
             }
         }
     }
-    for (i, l) in loads.into_iter().enumerate() {
-        let r = l.finish();
+    let (running, stopped) = {
+        let mut l = sys.loads.lock().unwrap_or_else(|e| e.into_inner());
+        (std::mem::take(&mut l.0), std::mem::take(&mut l.1))
+    };
+    let finished = running
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, l)| l.map(|l| (i, l.finish())));
+    for (i, r) in stopped.into_iter().chain(finished) {
         requests.total += r.requests;
         requests.failed += r.failed();
         if r.failed() > 0 {
@@ -974,6 +1102,57 @@ async fn inject(sys: &System, p: &Planned) {
             sys.partition(true);
             tokio::time::sleep(p.length).await;
             sys.partition(false);
+        }
+        "etcd_slow_net" => {
+            // No netem in every kernel (this machine's has none): loss from iptables, and
+            // latency with jitter by pausing the member in a duty cycle (stopped 150–450 ms,
+            // running 100 ms): every request and raft message waits up to ~0.5 s, and 3 %
+            // of segments each way are lost (TCP retransmits after ≥ 200 ms).
+            sys.lossy(true, 3);
+            let until = Instant::now() + p.length;
+            let mut rng = Rng(p.at.as_millis() as u64);
+            while Instant::now() < until {
+                sys.cluster.lock().await.freeze(0);
+                tokio::time::sleep(rng.ms(150, 450)).await;
+                sys.cluster.lock().await.thaw(0);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            sys.lossy(false, 3);
+        }
+        "haproxy_restart" => {
+            let port = sys.lbs[p.target].lock().await.http_port;
+            sys.replace_load(p.target, port, false);
+            sys.down[p.target].store(true, std::sync::atomic::Ordering::SeqCst);
+            sys.lbs[p.target]
+                .lock()
+                .await
+                .restart_haproxy(p.length)
+                .await;
+            sys.down[p.target].store(false, std::sync::atomic::Ordering::SeqCst);
+            sys.replace_load(p.target, port, true);
+        }
+        "disk_full" => {
+            // The config filesystem filled (the filler takes whatever is left), a change
+            // made while it is full (a weight-0 instance joins: live at once, its file
+            // cannot be written), then the space freed and the instance gone again.
+            let filler = sys.lbs[p.target].lock().await.conf.join("filler");
+            let _ = std::fs::write(&filler, vec![0u8; 8 << 20]);
+            let id = format!("diskfull{}", p.target);
+            let key = registry::instance_key("/services", "webapp", &id);
+            let mut inst = registry::Instance::new("webapp", &id, "127.0.0.1", 39999);
+            inst.weight = 0;
+            let client = Client::connect(&sys.member_endpoints, None).await.ok();
+            if let Some(mut c) = client.clone() {
+                let put = c.put(key.clone(), inst.encode(), None);
+                let _ = tokio::time::timeout(Duration::from_secs(2), put).await;
+            }
+            tokio::time::sleep(p.length).await;
+            let _ = std::fs::remove_file(&filler);
+            // Time for the file to catch up (retried every second) before the leave.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            if let Some(mut c) = client {
+                let _ = tokio::time::timeout(Duration::from_secs(5), c.delete(key, None)).await;
+            }
         }
         "compact_defrag" => {
             if let Ok(mut c) = Client::connect(&sys.member_endpoints, None).await {
@@ -1091,6 +1270,7 @@ impl Report {
             "requests": {
                 "total": self.requests.total,
                 "failed": self.requests.failed,
+                "refused_while_down": self.requests.refused_while_down,
                 "failures": self.requests.failures.iter().map(|(at, lb, active)| json!({
                     "at_ms": at, "lb": lb, "faults": active,
                 })).collect::<Vec<_>>(),
@@ -1134,9 +1314,10 @@ impl Report {
             out += &format!("| {kind} | {} | {p50} | {max} |\n", of.len());
         }
         out += &format!(
-            "\nrequests: {} total, {} failed\nviolations: {}\n",
+            "\nrequests: {} total, {} failed ({} refused by a load balancer while the run had its HAProxy down: expected)\nviolations: {}\n",
             self.requests.total,
             self.requests.failed,
+            self.requests.refused_while_down,
             self.violations.len()
         );
         for v in self.violations.iter().take(12) {

@@ -43,6 +43,15 @@ impl Load {
         }
     }
 
+    /// Stops wrk now (SIGINT: it prints its summary) and parses the summary.
+    pub fn stop(self) -> LoadResult {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        self.finish()
+    }
+
     /// Waits for wrk to finish and parses its summary.
     pub fn finish(self) -> LoadResult {
         let out = self.child.wait_with_output().expect("wrk output");

@@ -197,6 +197,9 @@ pub struct Applier {
     /// (master pid, reload count) of the HAProxy the master CLI showed last, after our own
     /// reloads included: anything else means someone else restarted or reloaded it.
     known_master: Option<(u32, u32)>,
+    /// The last reload failed without HAProxy refusing the config (the master could not be
+    /// reached, or did not confirm): tried again once the master answers.
+    reload_unreached: bool,
 }
 
 fn count(
@@ -241,6 +244,7 @@ impl Applier {
             drain_timeout: config.drain_timeout,
             metrics,
             known_master: None,
+            reload_unreached: false,
         }
     }
 
@@ -377,6 +381,7 @@ impl Applier {
         match reloaded {
             Ok((how, table)) => {
                 self.known_master = table.map(|t| (t.master_pid, t.reloads));
+                self.reload_unreached = false;
                 count(&m.reloads, "ok");
                 report.reload = Some(how);
                 report.reloaded = true;
@@ -386,6 +391,8 @@ impl Applier {
             }
             Err(e) => {
                 self.known_master = None;
+                self.reload_unreached = matches!(self.reloader, Reloader::Master(_))
+                    && !matches!(e, HaproxyError::ReloadFailed);
                 count(&m.reloads, "error");
                 error!(error = %e, "reload failed; HAProxy keeps its previous config");
                 report.errors.push(e.to_string());
@@ -495,6 +502,14 @@ impl Applier {
             .ok()?;
         table.current_worker()?; // no worker yet: starting
         let now = (table.master_pid, table.reloads);
+        if std::mem::take(&mut self.reload_unreached) {
+            // What HAProxy runs is unknown (`running` is None): the apply reloads it.
+            self.known_master = Some(now);
+            return Some((
+                "HAProxy's master answers again after a reload that could not reach it".into(),
+                true,
+            ));
+        }
         let before = self.known_master.replace(now)?;
         if before == now {
             return None;
@@ -627,6 +642,7 @@ mod tests {
                 drain_timeout: Duration::from_secs(1),
                 metrics,
                 known_master: None,
+                reload_unreached: false,
             };
             let vars = BTreeMap::from([("balance".to_string(), "roundrobin".to_string())]);
             let mut s = Setup {
