@@ -21,6 +21,8 @@ struct Member {
     data_dir: PathBuf,
     starts: u32,
     proc: Option<Proc>,
+    /// The etcd binary (`etcd` from PATH unless [`Cluster::upgrade`] changed it).
+    program: PathBuf,
 }
 
 /// An etcd cluster whose members run as child processes.
@@ -50,6 +52,7 @@ impl Cluster {
                 data_dir: dir.join(format!("etcd-m{i}")),
                 starts: 0,
                 proc: None,
+                program: PathBuf::from("etcd"),
             })
             .collect();
         let mut c = Cluster {
@@ -81,10 +84,10 @@ impl Cluster {
         let mut cmd = match &m.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "etcd"]);
+                c.args(["netns", "exec", ns]).arg(&m.program);
                 c
             }
-            None => Command::new("etcd"),
+            None => Command::new(&m.program),
         };
         cmd.args(["--name", &m.name, "--data-dir"])
             .arg(&m.data_dir)
@@ -219,6 +222,21 @@ impl Cluster {
         if let Some(mut p) = self.members[i].proc.take() {
             p.kill();
         }
+    }
+
+    /// Stops member `i` as an operator does (SIGTERM, waiting up to 20 s for it to exit),
+    /// starts `program` on the same data dir and waits until it answers: one step of a
+    /// rolling upgrade.
+    pub async fn upgrade(&mut self, i: usize, program: &Path) {
+        if let Some(mut p) = self.members[i].proc.take() {
+            p.signal(Signal::SIGTERM);
+            if p.exited(Duration::from_secs(20)).await.is_none() {
+                p.kill();
+            }
+        }
+        self.members[i].program = program.to_path_buf();
+        self.launch(i, "existing");
+        self.wait_up(i).await;
     }
 
     /// Starts a killed member again on its data dir.

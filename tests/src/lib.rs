@@ -17,6 +17,7 @@ pub mod lb;
 pub mod load;
 pub mod netns;
 pub mod proc;
+pub mod upgrade;
 
 use std::collections::HashSet;
 use std::future::Future;
