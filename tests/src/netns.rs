@@ -1,6 +1,7 @@
 //! Test hosts in a network namespace: one veth link to the host (host 10.231.0.1,
-//! namespace 10.231.0.2, a /30 that exists only on that link), created by the test and
-//! removed on drop. Traffic never leaves this machine.
+//! namespace 10.231.0.2, a /30 that exists only on that link; or IPv6 only: fd00:231::1
+//! and ::2), created by the test and removed on drop. Traffic never leaves this machine.
+//! One IPv4 namespace at a time per machine (the /30 is fixed).
 
 use std::process::Command;
 
@@ -21,24 +22,53 @@ pub fn ip(args: &[&str]) {
 pub struct Netns {
     pub name: String,
     pub host_if: String,
+    /// The namespace's end of the link.
+    pub peer_if: String,
 }
 
 impl Netns {
     pub fn create() -> Netns {
-        let tag = std::process::id() % 100_000;
+        Self::create_with(true)
+    }
+
+    /// A namespace whose link has only IPv6: host fd00:231::1, namespace fd00:231::2 (a
+    /// /64 that exists only on this link; no duplicate address detection, usable at once).
+    pub fn create_ipv6_only() -> Netns {
+        Self::create_with(false)
+    }
+
+    fn create_with(ipv4: bool) -> Netns {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tag = format!("{}{n}", std::process::id() % 100_000);
         let n = Netns {
             name: format!("lbp{tag}"),
             host_if: format!("lbh{tag}"),
+            peer_if: format!("lbn{tag}"),
         };
-        let peer = format!("lbn{tag}");
+        let peer = n.peer_if.clone();
         ip(&["netns", "add", &n.name]);
         ip(&[
             "link", "add", &n.host_if, "type", "veth", "peer", "name", &peer,
         ]);
         ip(&["link", "set", &peer, "netns", &n.name]);
-        ip(&["addr", "add", "10.231.0.1/30", "dev", &n.host_if]);
+        if ipv4 {
+            ip(&["addr", "add", "10.231.0.1/30", "dev", &n.host_if]);
+            ip(&["-n", &n.name, "addr", "add", "10.231.0.2/30", "dev", &peer]);
+        } else {
+            ip(&["addr", "add", "fd00:231::1/64", "dev", &n.host_if, "nodad"]);
+            ip(&[
+                "-n",
+                &n.name,
+                "addr",
+                "add",
+                "fd00:231::2/64",
+                "dev",
+                &peer,
+                "nodad",
+            ]);
+        }
         ip(&["link", "set", &n.host_if, "up"]);
-        ip(&["-n", &n.name, "addr", "add", "10.231.0.2/30", "dev", &peer]);
         ip(&["-n", &n.name, "link", "set", &peer, "up"]);
         ip(&["-n", &n.name, "link", "set", "lo", "up"]);
         n

@@ -228,3 +228,64 @@ async fn a_full_disk_does_not_undo_a_live_join_and_the_file_follows_once_freed()
         renderer.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_app_host_with_only_ipv6_registers_itself_and_is_served_live() {
+    // The "other host" has one IPv6 address and no IPv4: it reaches etcd over IPv6, the
+    // registrar finds its own address from the route (no --address), and HAProxy on this
+    // host reaches the app over IPv6 — a join through the runtime API, no WARN.
+    let dir = temp_dir();
+    let ns = Netns::create_ipv6_only();
+    let etcd = Etcd::start_listening(dir.path(), &["[fd00:231::1]"]).await;
+    let s0 = Backend::start(dir.path(), "s0");
+    put_instance(&etcd, "webapp", "s0", s0.port).await;
+    let lb = Lb::start(dir.path(), &etcd, &["--var", "cookie_key=ipv6-only-test"]);
+    lb.wait_serving().await;
+    wait_routed(lb.http_port, &["s0"], T).await;
+    let (reloads, _, _) = lb.proc_state().await;
+
+    let port = free_port();
+    let mut app = ns.command(&bin("webapp"));
+    app.args([
+        "--bind",
+        "fd00:231::2",
+        "--port",
+        &port.to_string(),
+        "--id",
+        "far6",
+    ]);
+    let _app = Proc::spawn("webapp-far6", dir.path(), app);
+    let mut reg = ns.command(&bin("lb-registrar"));
+    reg.args([
+        "--endpoints",
+        &format!("http://[fd00:231::1]:{}", etcd.client_port),
+        "--service",
+        "webapp",
+        "--id",
+        "far6",
+        "--port",
+        &port.to_string(),
+        "--ttl",
+        "3s",
+        "--health-http",
+        &format!("http://[fd00:231::2]:{port}/health"),
+    ]);
+    let registrar = Proc::spawn("registrar-far6", dir.path(), reg);
+    wait_routed(lb.http_port, &["far6", "s0"], T).await;
+
+    let kv = etcd.get("/services/webapp/far6").await.unwrap();
+    let record: serde_json::Value = serde_json::from_str(&kv.value).unwrap();
+    assert_eq!(
+        record["address"], "fd00:231::2",
+        "detected from the route: {record}"
+    );
+    assert_eq!(
+        lb.proc_state().await.0,
+        reloads,
+        "the IPv6 join reloaded HAProxy"
+    );
+    for (name, log) in [("renderer", lb.proc.log()), ("registrar", registrar.log())] {
+        let warns: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+        assert!(warns.is_empty(), "{name}: {warns:#?}");
+    }
+}
