@@ -78,7 +78,7 @@ pub const KINDS: [&str; 13] = [
 ];
 
 /// Size of each load balancer's config filesystem (a tmpfs `disk_full` fills).
-const CONF_FS: &str = "size=4m";
+const CONF_FS: &str = "4m";
 
 /// One planned fault.
 #[derive(Debug, Clone, PartialEq)]
@@ -297,8 +297,9 @@ fn still_running() -> Vec<(u32, String)> {
 /// reloads it through the master CLI.
 struct ChaosLb {
     dir: PathBuf,
-    /// The config directory: a small tmpfs of its own (unmounted on drop).
-    conf: PathBuf,
+    /// The config directory: a small tmpfs of its own (unmounted when dropped, after
+    /// [`Drop`] killed the processes).
+    conf: crate::Tmpfs,
     endpoints: String,
     http_port: u16,
     stats_port: u16,
@@ -312,20 +313,9 @@ struct ChaosLb {
 
 impl ChaosLb {
     async fn start(dir: &Path, endpoints: &str) -> ChaosLb {
-        let conf = dir.join("conf");
-        std::fs::create_dir_all(&conf).expect("lb dir");
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", CONF_FS, "tmpfs"])
-            .arg(&conf)
-            .status()
-            .expect("mount");
-        assert!(
-            mounted.success(),
-            "mount a tmpfs on {} (root)",
-            conf.display()
-        );
+        let conf = crate::Tmpfs::mount(&dir.join("conf"), CONF_FS);
         let (http_port, stats_port, metrics_port) = (free_port(), free_port(), free_port());
-        let cfg = conf.join("haproxy.cfg");
+        let cfg = conf.path.join("haproxy.cfg");
         let master = dir.join("master.sock");
         // The first config once, then HAProxy from it.
         let mut once = renderer_command(endpoints, &template(), &cfg, (http_port, stats_port), dir);
@@ -414,7 +404,6 @@ impl Drop for ChaosLb {
             r.kill();
         }
         self.haproxy.kill();
-        let _ = Command::new("umount").arg("-l").arg(&self.conf).status();
     }
 }
 
@@ -1135,7 +1124,7 @@ async fn inject(sys: &System, p: &Planned) {
             // The config filesystem filled (the filler takes whatever is left), a change
             // made while it is full (a weight-0 instance joins: live at once, its file
             // cannot be written), then the space freed and the instance gone again.
-            let filler = sys.lbs[p.target].lock().await.conf.join("filler");
+            let filler = sys.lbs[p.target].lock().await.conf.path.join("filler");
             let _ = std::fs::write(&filler, vec![0u8; 8 << 20]);
             let id = format!("diskfull{}", p.target);
             let key = registry::instance_key("/services", "webapp", &id);

@@ -429,3 +429,70 @@ fn blocking_proc_pids(master: &Path) -> Vec<u32> {
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect()
 }
+
+/// A load balancer as a system service runs it: HAProxy on its own (master CLI at
+/// `master`) from `cfg`, and renderers that talk to it (`--haproxy-master-socket`), each
+/// started by the test.
+pub struct Standalone {
+    pub dir: PathBuf,
+    pub endpoints: String,
+    pub http_port: u16,
+    pub stats_port: u16,
+    pub cfg: PathBuf,
+    pub master: PathBuf,
+}
+
+impl Standalone {
+    /// Writes the first config once (`--once`); HAProxy and renderers are started with
+    /// [`Standalone::haproxy`] and [`Standalone::renderer`].
+    pub async fn prepare(dir: &Path, etcd: &Etcd) -> Standalone {
+        let s = Standalone {
+            dir: dir.to_path_buf(),
+            endpoints: etcd.endpoint(),
+            http_port: free_port(),
+            stats_port: free_port(),
+            cfg: dir.join("haproxy.cfg"),
+            master: dir.join("master.sock"),
+        };
+        let mut once = s.renderer_only("renderer-once", &["--once"]);
+        assert_eq!(
+            once.exited(Duration::from_secs(30))
+                .await
+                .and_then(|x| x.code()),
+            Some(0),
+            "{}",
+            once.log()
+        );
+        s
+    }
+
+    fn renderer_only(&self, name: &str, extra: &[&str]) -> Proc {
+        let mut cmd = renderer_command(
+            &self.endpoints,
+            &template(),
+            &self.cfg,
+            (self.http_port, self.stats_port),
+            &self.dir,
+        );
+        cmd.args(["--metrics-addr", "off"]).args(extra);
+        Proc::spawn(name, &self.dir, cmd)
+    }
+
+    /// A renderer driving this HAProxy through its master CLI, with `extra` flags.
+    pub fn renderer(&self, name: &str, extra: &[&str]) -> Proc {
+        let master = self.master.display().to_string();
+        let mut args = vec!["--haproxy-master-socket", master.as_str()];
+        args.extend_from_slice(extra);
+        self.renderer_only(name, &args)
+    }
+
+    /// HAProxy from the file on disk, as its supervisor starts it.
+    pub fn haproxy(&self, name: &str) -> Proc {
+        let mut hp = Command::new("haproxy");
+        hp.args(["-W", "-db", "-S"])
+            .arg(&self.master)
+            .arg("-f")
+            .arg(&self.cfg);
+        Proc::spawn(name, &self.dir, hp)
+    }
+}

@@ -149,3 +149,39 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A small tmpfs mounted at `path` (created if missing) for the life of the value: a
+/// filesystem a test can fill. Unmounted on drop (lazily: a process still holding a file
+/// there does not keep it).
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount's syntax: `256k`, `4m`); needs root.
+    pub fn mount(path: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("create the mount point");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount a tmpfs on {} (root)",
+            path.display()
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}

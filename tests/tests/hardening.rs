@@ -7,9 +7,9 @@
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::lb::{master_cli, put_instance, renderer_command, template, wait_routed, Backend, Lb};
+use e2e::lb::{master_cli, put_instance, template, wait_routed, Backend, Lb, Standalone};
 use e2e::load::Load;
-use e2e::{eventually, free_port, http, temp_dir, Etcd, Proc};
+use e2e::{eventually, http, temp_dir, Etcd, Proc};
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(20);
@@ -150,42 +150,17 @@ async fn a_renderer_restarted_under_a_running_haproxy_loses_no_traffic() {
         Backend::start(dir.path(), "s2"),
     );
     put_instance(&etcd, "webapp", "s1", s1.port).await;
-    let (http_port, stats_port) = (free_port(), free_port());
-    let cfg = dir.path().join("haproxy.cfg");
-    let master = dir.path().join("master.sock");
-    let renderer = |name: &str, extra: &[&str]| {
-        let mut cmd = renderer_command(
-            &etcd.endpoint(),
-            &template(),
-            &cfg,
-            (http_port, stats_port),
-            dir.path(),
-        );
-        cmd.args(["--metrics-addr", "off"]).args(extra);
-        Proc::spawn(name, dir.path(), cmd)
-    };
-    // Write the first config once, then run HAProxy on its own (as a system service would).
-    let mut once = renderer("renderer-once", &["--once"]);
-    assert_eq!(
-        once.exited(T).await.unwrap().code(),
-        Some(0),
-        "{}",
-        once.log()
-    );
-    let mut hp = Command::new("haproxy");
-    hp.args(["-W", "-db", "-S"])
-        .arg(&master)
-        .arg("-f")
-        .arg(&cfg);
-    let _haproxy = Proc::spawn("haproxy", dir.path(), hp);
+    // The first config once, then HAProxy on its own (as a system service would run it).
+    let lb = Standalone::prepare(dir.path(), &etcd).await;
+    let _haproxy = lb.haproxy("haproxy");
+    let (http_port, master) = (lb.http_port, lb.master.clone());
     wait_routed(http_port, &["s1"], T).await;
 
-    let master_arg = master.display().to_string();
-    let mut first = renderer("renderer-1", &["--haproxy-master-socket", &master_arg]);
+    let mut first = lb.renderer("renderer-1", &[]);
     let load = Load::start(http_port, 5, 8, false);
     first.kill(); // crash
     wait_routed(http_port, &["s1"], T).await;
-    let _second = renderer("renderer-2", &["--haproxy-master-socket", &master_arg]);
+    let _second = lb.renderer("renderer-2", &[]);
     put_instance(&etcd, "webapp", "s2", s2.port).await;
     wait_routed(http_port, &["s1", "s2"], T).await;
     let result = load.finish();
@@ -250,45 +225,13 @@ async fn haproxy_restarted_by_its_supervisor_gets_the_live_changes_again() {
         Backend::start(dir.path(), "s2"),
     );
     put_instance(&etcd, "webapp", "s1", s1.port).await;
-    let (http_port, stats_port) = (free_port(), free_port());
-    let cfg = dir.path().join("haproxy.cfg");
-    let master = dir.path().join("master.sock");
-    let renderer = |name: &str, extra: &[&str]| {
-        let mut cmd = renderer_command(
-            &etcd.endpoint(),
-            &template(),
-            &cfg,
-            (http_port, stats_port),
-            dir.path(),
-        );
-        cmd.args(["--metrics-addr", "off"]).args(extra);
-        Proc::spawn(name, dir.path(), cmd)
-    };
-    let mut once = renderer("renderer-once", &["--once"]);
-    assert_eq!(
-        once.exited(T).await.unwrap().code(),
-        Some(0),
-        "{}",
-        once.log()
-    );
-    let haproxy = |name: &str| {
-        let mut hp = Command::new("haproxy");
-        hp.args(["-W", "-db", "-S"])
-            .arg(&master)
-            .arg("-f")
-            .arg(&cfg);
-        Proc::spawn(name, dir.path(), hp)
-    };
-    let mut first = haproxy("haproxy-1");
+    let lb = Standalone::prepare(dir.path(), &etcd).await;
+    let (http_port, cfg) = (lb.http_port, lb.cfg.clone());
+    let mut first = lb.haproxy("haproxy-1");
     wait_routed(http_port, &["s1"], T).await;
-    let r = renderer(
+    let r = lb.renderer(
         "renderer",
-        &[
-            "--haproxy-master-socket",
-            &master.display().to_string(),
-            "--check-cmd",
-            "sh -c 'sleep 3 && haproxy -c -f {}'",
-        ],
+        &["--check-cmd", "sh -c 'sleep 3 && haproxy -c -f {}'"],
     );
     eventually(T, "the renderer is following", || async {
         r.log().contains("apply").then_some(())
@@ -310,7 +253,7 @@ async fn haproxy_restarted_by_its_supervisor_gets_the_live_changes_again() {
     for w in workers.split_whitespace() {
         let _ = Command::new("kill").args(["-9", w]).status();
     }
-    let _second = haproxy("haproxy-2");
+    let _second = lb.haproxy("haproxy-2");
     wait_routed(http_port, &["s1", "s2"], T).await;
     let log = r.log();
     assert!(

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::lb::{put_instance, renderer_command, template, wait_routed, Backend, Lb};
@@ -89,21 +88,8 @@ async fn a_full_disk_keeps_the_old_config_and_retries() {
     );
     put_instance(&etcd, "webapp", "s1", s1.port).await;
     // The destination lives on a 256 KiB tmpfs the test fills up.
-    let fs = dir.path().join("cfgfs");
-    std::fs::create_dir_all(&fs).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&fs)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs (tests run as root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(fs.clone());
+    let mount = e2e::Tmpfs::mount(&dir.path().join("cfgfs"), "256k");
+    let fs = mount.path.clone();
     let (http_port, stats_port) = (free_port(), free_port());
     let cfg = fs.join("haproxy.cfg");
     let mut cmd = renderer_command(
@@ -159,21 +145,8 @@ async fn a_full_disk_does_not_undo_a_live_join_and_the_file_follows_once_freed()
         Backend::start(dir.path(), "s2"),
     );
     put_instance(&etcd, "webapp", "s1", s1.port).await;
-    let fs = dir.path().join("cfgfs");
-    std::fs::create_dir_all(&fs).unwrap();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-        .arg(&fs)
-        .status()
-        .unwrap();
-    assert!(mounted.success(), "mount tmpfs (tests run as root)");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(fs.clone());
+    let mount = e2e::Tmpfs::mount(&dir.path().join("cfgfs"), "256k");
+    let fs = mount.path.clone();
     let (http_port, stats_port) = (free_port(), free_port());
     let cfg = fs.join("haproxy.cfg");
     let mut cmd = renderer_command(
