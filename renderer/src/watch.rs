@@ -496,7 +496,7 @@ impl Watcher {
         }
     }
 
-    /// Like [`Watcher::list`], with each key's mod revision.
+    /// The whole prefix at the current revision, page by page, with each key's mod revision.
     async fn list_entries(&self) -> Result<(Store, Vec<Entry>), etcd_client::Error> {
         list_root(&self.etcd, &self.root, None, self.request_timeout).await
     }
@@ -511,15 +511,6 @@ impl Watcher {
             ))
             .await?;
         Ok(header_store(resp.header()))
-    }
-
-    /// Lists the whole prefix at one revision, page by page.
-    pub async fn list(&self) -> Result<Listing, etcd_client::Error> {
-        let (store, entries) = self.list_entries().await?;
-        Ok((
-            store,
-            entries.into_iter().map(|e| (e.key, e.value)).collect(),
-        ))
     }
 
     async fn timed<T>(

@@ -360,9 +360,11 @@ impl ChaosLb {
 
 /// HAProxy from `cfg` with its master CLI at `master`, as a supervisor starts it.
 fn spawn_haproxy(dir: &Path, master: &Path, cfg: &Path, start: u32) -> Proc {
-    let mut hp = Command::new("haproxy");
-    hp.args(["-W", "-db", "-S"]).arg(master).arg("-f").arg(cfg);
-    spawn(&format!("haproxy-{start}"), dir, hp)
+    spawn(
+        &format!("haproxy-{start}"),
+        dir,
+        crate::lb::haproxy_command(master, cfg),
+    )
 }
 
 impl ChaosLb {

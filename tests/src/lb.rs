@@ -488,11 +488,14 @@ impl Standalone {
 
     /// HAProxy from the file on disk, as its supervisor starts it.
     pub fn haproxy(&self, name: &str) -> Proc {
-        let mut hp = Command::new("haproxy");
-        hp.args(["-W", "-db", "-S"])
-            .arg(&self.master)
-            .arg("-f")
-            .arg(&self.cfg);
-        Proc::spawn(name, &self.dir, hp)
+        Proc::spawn(name, &self.dir, haproxy_command(&self.master, &self.cfg))
     }
+}
+
+/// HAProxy in master-worker mode from `cfg`, its master CLI at `master`: how a system
+/// service runs it.
+pub fn haproxy_command(master: &Path, cfg: &Path) -> Command {
+    let mut hp = Command::new("haproxy");
+    hp.args(["-W", "-db", "-S"]).arg(master).arg("-f").arg(cfg);
+    hp
 }
