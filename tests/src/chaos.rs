@@ -241,6 +241,20 @@ pub struct Report {
     pub samples: Vec<Sample>,
     /// Resident memory at the start and end, MiB, per process ("renderer-0", "registrar-3").
     pub rss: BTreeMap<String, (f64, f64)>,
+    /// RSS and open files per process, from its first reading (10 s into the run, or its
+    /// start if a fault restarted it) to its last: what a long run shows about leaks.
+    pub usage: BTreeMap<String, Usage>,
+}
+
+/// One process's resources at its first and last reading.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub pid: u32,
+    /// Seconds into the run of the first and the last reading.
+    pub from_s: f64,
+    pub to_s: f64,
+    pub rss_mib: (f64, f64),
+    pub fds: (u32, u32),
 }
 
 /// A registry entry or a running server: address, port, weight.
@@ -566,6 +580,11 @@ fn ms_since(start: Instant, t: Instant) -> u64 {
     t.saturating_duration_since(start).as_millis() as u64
 }
 
+/// Open file descriptors of `pid`.
+fn open_fds(pid: u32) -> Option<u32> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u32)
+}
+
 /// Resident set size of `pid`, MiB.
 fn rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -778,8 +797,7 @@ pub async fn run(o: &Options) -> Report {
     let mut registry_changed = start;
     // Per load balancer and invariant: the open episode (reported once).
     let mut open: BTreeMap<(usize, &'static str), bool> = BTreeMap::new();
-    let mut rss_first: BTreeMap<String, (u32, f64)> = BTreeMap::new();
-    let mut rss_last: BTreeMap<String, (u32, f64)> = BTreeMap::new();
+    let mut usage: BTreeMap<String, Usage> = BTreeMap::new();
     let mut next_rss = start;
     let violate = |v: &mut Vec<Violation>, at: u64, invariant: &'static str, detail: String| {
         v.push(Violation {
@@ -926,30 +944,32 @@ pub async fn run(o: &Options) -> Report {
                 }
             }
         }
-        // 5. memory, once a second.
+        // 5. memory and open files, once a second: ours, etcd's and HAProxy's (master).
         if t >= next_rss {
             next_rss = t + Duration::from_secs(1);
+            let mut pids: Vec<(String, u32)> = Vec::new();
             for (i, lb) in sys.lbs.iter().enumerate() {
-                if let Some(pid) = lb.lock().await.renderer.as_ref().map(Proc::pid) {
-                    note_rss(
-                        &mut rss_first,
-                        &mut rss_last,
-                        format!("renderer-{i}"),
-                        pid,
-                        at,
-                    );
+                let lb = lb.lock().await;
+                if let Some(r) = &lb.renderer {
+                    pids.push((format!("renderer-{i}"), r.pid()));
                 }
+                pids.push((format!("haproxy-{i}"), lb.haproxy.pid()));
             }
             for (i, app) in sys.apps.iter().enumerate() {
-                if let Some(pid) = app.lock().await.registrar.as_ref().map(Proc::pid) {
-                    note_rss(
-                        &mut rss_first,
-                        &mut rss_last,
-                        format!("registrar-{i}"),
-                        pid,
-                        at,
-                    );
+                if let Some(r) = &app.lock().await.registrar {
+                    pids.push((format!("registrar-{i}"), r.pid()));
                 }
+            }
+            {
+                let cluster = sys.cluster.lock().await;
+                for i in 0..sys.member_endpoints.len() {
+                    if let Some(pid) = cluster.pid(i) {
+                        pids.push((format!("etcd-{i}"), pid));
+                    }
+                }
+            }
+            for (name, pid) in pids {
+                note_usage(&mut usage, name, pid, at);
             }
         }
         tokio::time::sleep_until(t + Duration::from_millis(100)).await;
@@ -996,18 +1016,29 @@ pub async fn run(o: &Options) -> Report {
         }
     }
     let mut rss = BTreeMap::new();
-    for (name, (pid, first)) in &rss_first {
-        let (last_pid, last) = rss_last[name];
-        if last_pid == *pid {
-            rss.insert(name.clone(), (*first, last));
-            if last > (2.0 * first).max(first + 50.0) {
-                violate(
-                    &mut violations,
-                    ms_since(start, Instant::now()),
-                    "memory",
-                    format!("{name}: RSS {first:.1} → {last:.1} MiB"),
-                );
-            }
+    for (name, u) in &usage {
+        let ours = name.starts_with("renderer") || name.starts_with("registrar");
+        if !ours {
+            continue;
+        }
+        let (first, last) = u.rss_mib;
+        rss.insert(name.clone(), (first, last));
+        if last > (2.0 * first).max(first + 50.0) {
+            violate(
+                &mut violations,
+                ms_since(start, Instant::now()),
+                "memory",
+                format!("{name}: RSS {first:.1} → {last:.1} MiB"),
+            );
+        }
+        let (first, last) = u.fds;
+        if last > 2 * first + 32 {
+            violate(
+                &mut violations,
+                ms_since(start, Instant::now()),
+                "open_files",
+                format!("{name}: {first} → {last} open files"),
+            );
         }
     }
     let faults = {
@@ -1057,23 +1088,37 @@ pub async fn run(o: &Options) -> Report {
         requests,
         samples,
         rss,
+        usage,
     }
 }
 
-fn note_rss(
-    first: &mut BTreeMap<String, (u32, f64)>,
-    last: &mut BTreeMap<String, (u32, f64)>,
-    name: String,
-    pid: u32,
-    at_ms: u64,
-) {
-    let Some(mib) = rss_mib(pid) else { return };
-    // The baseline: the first reading 10 s into the run, or of a restarted process.
-    let restarted = first.get(&name).is_some_and(|(p, _)| *p != pid);
-    if at_ms >= 10_000 && (!first.contains_key(&name) || restarted) {
-        first.insert(name.clone(), (pid, mib));
+/// Records a reading of `pid` as process `name`'s. The first reading is taken 10 s into the
+/// run (after start-up), or anew when the name has a new process (a fault restarted it).
+fn note_usage(usage: &mut BTreeMap<String, Usage>, name: String, pid: u32, at_ms: u64) {
+    let (Some(mib), Some(fds)) = (rss_mib(pid), open_fds(pid)) else {
+        return;
+    };
+    let at = at_ms as f64 / 1000.0;
+    match usage.get_mut(&name) {
+        Some(u) if u.pid == pid => {
+            u.to_s = at;
+            u.rss_mib.1 = mib;
+            u.fds.1 = fds;
+        }
+        _ if at_ms >= 10_000 => {
+            usage.insert(
+                name,
+                Usage {
+                    pid,
+                    from_s: at,
+                    to_s: at,
+                    rss_mib: (mib, mib),
+                    fds: (fds, fds),
+                },
+            );
+        }
+        _ => {}
     }
-    last.insert(name, (pid, mib));
 }
 
 /// Carries out one fault and heals it.
@@ -1267,6 +1312,10 @@ impl Report {
                 })).collect::<Vec<_>>(),
             },
             "rss_mib": self.rss.iter().map(|(k, (a, b))| (k.clone(), json!([a, b]))).collect::<serde_json::Map<_, _>>(),
+            "usage": self.usage.iter().map(|(k, u)| (k.clone(), json!({
+                "pid": u.pid, "from_s": u.from_s, "to_s": u.to_s,
+                "rss_mib": [u.rss_mib.0, u.rss_mib.1], "open_files": [u.fds.0, u.fds.1],
+            }))).collect::<serde_json::Map<_, _>>(),
             "samples": self.samples.iter().map(|s| json!([s.at_ms, s.registry, s.live[0], s.live[1]])).collect::<Vec<_>>(),
         })
     }
@@ -1317,9 +1366,12 @@ impl Report {
         if self.violations.len() > 12 {
             out += &format!("  … and {} more\n", self.violations.len() - 12);
         }
-        for (name, (a, b)) in &self.rss {
-            if name.starts_with("renderer") || name == "registrar-0" {
-                out += &format!("rss {name}: {a:.1} → {b:.1} MiB\n");
+        for (name, u) in &self.usage {
+            if !name.starts_with("registrar") || name == "registrar-0" {
+                out += &format!(
+                    "{name}: RSS {:.1} → {:.1} MiB, open files {} → {} ({:.0}–{:.0} s)\n",
+                    u.rss_mib.0, u.rss_mib.1, u.fds.0, u.fds.1, u.from_s, u.to_s
+                );
             }
         }
         out

@@ -152,6 +152,11 @@ impl Cluster {
         )
     }
 
+    /// Member `i`'s process, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].proc.as_ref().map(Proc::pid)
+    }
+
     pub fn peer_port(&self, i: usize) -> u16 {
         self.members[i].peer_port
     }
