@@ -541,6 +541,32 @@ pub async fn put_unless_held(
     Ok(Claim::Held(held))
 }
 
+/// Marks the record under `key` as leaving (`"state":"leaving"` added to `value`), still
+/// bound to `lease`, if the key is still under that lease: a registrar writes this just
+/// before it revokes or deletes, so load balancers drain the instance at once and know
+/// its departure is deliberate. Returns whether the mark was written.
+pub async fn mark_leaving(
+    client: &Client,
+    key: &str,
+    value: &str,
+    lease: i64,
+    timeout: Duration,
+) -> Result<bool, etcd_client::Error> {
+    use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+    let Some(leaving) = crate::instance::leaving_value(value) else {
+        return Ok(false);
+    };
+    let txn = Txn::new()
+        .when(vec![Compare::lease(key, CompareOp::Equal, lease)])
+        .and_then(vec![TxnOp::put(
+            key,
+            leaving,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+    let resp = within(timeout, "etcd request", client.kv_client().txn(txn)).await?;
+    Ok(resp.succeeded())
+}
+
 /// Capped exponential backoff for reconnect loops: 100 ms doubling up to `max`.
 #[derive(Debug, Clone)]
 pub struct Backoff {

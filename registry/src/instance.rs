@@ -39,6 +39,22 @@ pub struct Instance {
     pub weight: u16,
     #[serde(default = "default_schema")]
     pub schema: u32,
+    /// `"leaving"`: the instance is stopping on purpose (its registrar writes this just
+    /// before it revokes the lease): load balancers drain it at once and do not take its
+    /// departure for a lost lease. Absent while it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<RecordState>,
+}
+
+/// The instance's own state, as its registrar writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordState {
+    /// Stopping on purpose; the record goes away next.
+    Leaving,
+    /// A value from a newer writer: ignored (served as usual).
+    #[serde(other)]
+    Unknown,
 }
 
 fn default_weight() -> u16 {
@@ -94,6 +110,7 @@ impl Instance {
             meta: BTreeMap::new(),
             weight: DEFAULT_WEIGHT,
             schema: SCHEMA_VERSION,
+            state: None,
         }
     }
 
@@ -126,6 +143,11 @@ impl Instance {
             validate::word("meta value", v, validate::MAX_META_VALUE_LEN, true)?;
         }
         Ok(())
+    }
+
+    /// True when its registrar marked it as stopping on purpose.
+    pub fn leaving(&self) -> bool {
+        self.state == Some(RecordState::Leaving)
     }
 
     /// The JSON stored in etcd.
@@ -163,6 +185,15 @@ impl Instance {
     }
 }
 
+/// `value` (a stored record) with `"state":"leaving"`; `None` if it is not a JSON object.
+/// Every other field is kept as written, including ones this build does not know.
+pub fn leaving_value(value: &str) -> Option<String> {
+    let mut record: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(value).ok()?;
+    record.insert("state".into(), serde_json::Value::from("leaving"));
+    serde_json::to_string(&record).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +225,23 @@ mod tests {
             Instance::decode("w", "s1", v).unwrap_err().reason(),
             "schema"
         );
+    }
+
+    #[test]
+    fn leaving_is_read_and_other_states_are_ignored() {
+        let v = br#"{"id":"s1","service":"w","address":"::1","port":1,"state":"leaving"}"#;
+        let i = Instance::decode("w", "s1", v).unwrap();
+        assert!(i.leaving());
+        assert!(i.encode().contains(r#""state":"leaving""#));
+        let v = br#"{"id":"s1","service":"w","address":"::1","port":1,"state":"resting"}"#;
+        assert!(!Instance::decode("w", "s1", v).unwrap().leaving());
+        let serving = Instance::new("w", "s1", "::1", 1).encode();
+        assert!(!serving.contains("state"), "{serving}");
+        let marked = leaving_value(&serving).unwrap();
+        assert!(Instance::decode("w", "s1", marked.as_bytes())
+            .unwrap()
+            .leaving());
+        assert_eq!(leaving_value("[1]"), None);
     }
 
     #[test]

@@ -374,6 +374,10 @@ impl Daemon {
             admitted,
             report.errors.is_empty(),
         );
+        if report.errors.is_empty() {
+            // Applied without them: their leaving needs no more remembering.
+            self.model.take_departed();
+        }
         note_peaks(
             &mut self.peaks,
             &self.applied_set,
@@ -551,7 +555,9 @@ fn apply_update_inner(model: &mut Model, update: Update, synced: &mut bool) -> b
 type Applied = BTreeMap<String, BTreeSet<String>>;
 
 /// A service with at least one instance applied and none in the model, that had two or
-/// more applied within the last `--empty-hold` ([`note_peaks`]), with that many.
+/// more applied within the last `--empty-hold` ([`note_peaks`]), with that many — unless
+/// every applied instance left on purpose (deleted while its record said `leaving`): a
+/// deliberate stop of the whole service is applied at once.
 fn emptied(
     applied: &Applied,
     peaks: &BTreeMap<String, (usize, Instant)>,
@@ -560,7 +566,11 @@ fn emptied(
     applied.iter().find_map(|(name, ids)| {
         let had = peaks.get(name).map_or(0, |p| p.0).max(ids.len());
         let gone = model.services().get(name).is_none_or(|now| now.is_empty());
-        (had >= 2 && gone).then(|| (name.clone(), had))
+        let deliberate = model
+            .departed()
+            .get(name)
+            .is_some_and(|left| ids.iter().all(|id| left.contains(id)));
+        (had >= 2 && gone && !deliberate).then(|| (name.clone(), had))
     })
 }
 
@@ -788,6 +798,16 @@ mod loop_tests {
         Change::Put {
             key: registry::instance_key("/services", "web", id),
             value: value("web", id),
+        }
+    }
+
+    /// `id`'s record marked `leaving` (what a registrar writes before it revokes).
+    fn leaving(id: &str) -> Change {
+        let mut inst = registry::Instance::new("web", id, "10.0.0.1", 8080);
+        inst.state = Some(registry::RecordState::Leaving);
+        Change::Put {
+            key: registry::instance_key("/services", "web", id),
+            value: inst.encode().into_bytes(),
         }
     }
 
@@ -1027,6 +1047,31 @@ mod loop_tests {
         h.hup.send(()).await.unwrap();
         h.until_file("a|b|c|\n", Duration::from_secs(1)).await;
         assert_eq!(reloads("ok"), 2);
+        h.stop().await;
+    }
+
+    /// Every instance stopped on purpose (each record marked `leaving`, then deleted) is a
+    /// deliberate act: applied at once, not held. One lost without the mark among them
+    /// keeps the hold.
+    #[tokio::test(start_paused = true)]
+    async fn a_service_stopped_on_purpose_is_emptied_at_once() {
+        let h = start(&["--wait-min", "10ms", "--empty-hold", "3s"]).await;
+        h.snapshot(&["a", "b", "c"]).await;
+        h.until_file("web: a b c\n", Duration::from_secs(1)).await;
+        h.changes(2, vec![leaving("a"), leaving("b"), leaving("c")])
+            .await;
+        h.changes(3, vec![delete("a"), delete("b"), delete("c")])
+            .await;
+        let took = h.until_file("", Duration::from_secs(1)).await;
+        assert!(took < Duration::from_millis(100), "{took:?}");
+        // Back, then two leave on purpose and one loses its lease: held.
+        h.changes(4, vec![put("a"), put("b"), put("c")]).await;
+        h.until_file("web: a b c\n", Duration::from_secs(1)).await;
+        h.changes(5, vec![leaving("a"), leaving("b")]).await;
+        h.changes(6, vec![delete("a"), delete("b"), delete("c")])
+            .await;
+        h.file_stays("web: a b c\n", Duration::from_secs(2)).await;
+        h.until_file("", Duration::from_secs(2)).await;
         h.stop().await;
     }
 

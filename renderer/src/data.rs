@@ -101,7 +101,8 @@ fn patch(
             if let Value::Array(list) = list {
                 for id in &ids {
                     let at = list.binary_search_by(|v| id_of(v).cmp(id));
-                    upsert(list, at, current(id).map(|i| instance_json(i, 0)));
+                    let admin = model.admin_of(service, id);
+                    upsert(list, at, current(id).map(|i| instance_json(i, 0, admin)));
                 }
                 renumber(list, &numbers);
                 if list.is_empty() && !renderer.named_services().contains(service) {
@@ -112,7 +113,8 @@ fn patch(
         if let Some(Value::Array(all)) = root.get_mut("instances") {
             for id in &ids {
                 let at = all.binary_search_by(|v| (service_of(v), id_of(v)).cmp(&(service, id)));
-                upsert(all, at, current(id).map(|i| instance_json(i, 0)));
+                let admin = model.admin_of(service, id);
+                upsert(all, at, current(id).map(|i| instance_json(i, 0, admin)));
             }
             let start = all.partition_point(|v| service_of(v) < service);
             let end = all.partition_point(|v| service_of(v) <= service);

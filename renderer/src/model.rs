@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use registry::{parse_key, Instance};
+use registry::{classify, parse_key, Admin, AdminState, Instance, KeyKind};
 use serde_json::{json, Value};
 use tracing::warn;
 
@@ -25,6 +25,12 @@ pub struct Model {
     skipped: BTreeMap<String, Skipped>,
     /// Reasons of records newly skipped since the last [`Model::take_new_skips`].
     new_skips: Vec<&'static str>,
+    /// Operators' controls (`<prefix>/_admin/<service>/<id>`), by service and id; kept
+    /// whether or not the instance is registered.
+    admin: BTreeMap<String, BTreeMap<String, Admin>>,
+    /// Instances deleted while their record said `leaving` since the last
+    /// [`Model::take_departed`]: stopped on purpose, not lost.
+    departed: BTreeMap<String, BTreeSet<String>>,
     /// The etcd revision the model reflects.
     pub revision: i64,
     /// What changed since the last [`Model::take_changes`].
@@ -59,12 +65,18 @@ impl Model {
         revision: i64,
     ) -> bool {
         let old_services = std::mem::take(&mut self.services);
+        let old_admin = std::mem::take(&mut self.admin);
         let old_skipped = std::mem::take(&mut self.skipped);
         for (key, value) in kvs {
             self.admit(key, value, old_skipped.get(key));
         }
         self.revision = revision;
-        let changed = self.services != old_services;
+        for (service, ids) in &mut self.departed {
+            if let Some(now) = self.services.get(service) {
+                ids.retain(|id| !now.contains_key(id));
+            }
+        }
+        let changed = self.services != old_services || self.admin != old_admin;
         if changed {
             self.changes = Changes::All;
         }
@@ -73,6 +85,19 @@ impl Model {
 
     /// Applies a put. Returns true if the admitted instances changed.
     pub fn put(&mut self, key: &str, value: &[u8]) -> bool {
+        if let KeyKind::Admin { service, id } = classify(&self.prefix, key) {
+            let before = self.admin_of(service, id).cloned();
+            let previous_skip = self.skipped.remove(key);
+            self.remove_admin(service, id);
+            self.admit(key, value, previous_skip.as_ref());
+            let changed = self.admin_of(service, id) != before.as_ref();
+            return changed && self.admin_changed(service, id);
+        }
+        if let Some((service, id)) = parse_key(&self.prefix, key) {
+            if let Some(ids) = self.departed.get_mut(service) {
+                ids.remove(id);
+            }
+        }
         let before = self.lookup(key).cloned();
         let previous_skip = self.skipped.remove(key);
         self.remove(key);
@@ -87,11 +112,63 @@ impl Model {
     /// Applies a delete. Returns true if an admitted instance went away.
     pub fn delete(&mut self, key: &str) -> bool {
         self.skipped.remove(key);
+        if let KeyKind::Admin { service, id } = classify(&self.prefix, key) {
+            return self.remove_admin(service, id) && self.admin_changed(service, id);
+        }
+        if let Some(inst) = self.lookup(key).filter(|i| i.leaving()) {
+            let (service, id) = (inst.service.clone(), inst.id.clone());
+            self.departed.entry(service).or_default().insert(id);
+        }
         let removed = self.remove(key);
         if removed {
             self.note(key);
         }
         removed
+    }
+
+    /// An admin key of (service, id) changed: true (and noted for the template data) when
+    /// the instance is registered, so its server changes.
+    fn admin_changed(&mut self, service: &str, id: &str) -> bool {
+        let registered = self
+            .services
+            .get(service)
+            .is_some_and(|m| m.contains_key(id));
+        if let (Changes::Some(set), true) = (&mut self.changes, registered) {
+            set.insert((service.to_string(), id.to_string()));
+        }
+        registered
+    }
+
+    fn remove_admin(&mut self, service: &str, id: &str) -> bool {
+        let Some(ids) = self.admin.get_mut(service) else {
+            return false;
+        };
+        let removed = ids.remove(id).is_some();
+        if ids.is_empty() {
+            self.admin.remove(service);
+        }
+        removed
+    }
+
+    /// The operator's controls for (service, id), if any.
+    pub fn admin_of(&self, service: &str, id: &str) -> Option<&Admin> {
+        self.admin.get(service)?.get(id)
+    }
+
+    /// Every admin key's value, by service and id (registered instances or not).
+    pub fn admin(&self) -> &BTreeMap<String, BTreeMap<String, Admin>> {
+        &self.admin
+    }
+
+    /// Instances deleted while marked `leaving` since the last call, by service: their
+    /// departure was deliberate (a graceful stop), not a lost lease.
+    pub fn departed(&self) -> &BTreeMap<String, BTreeSet<String>> {
+        &self.departed
+    }
+
+    /// Forgets [`Model::departed`] (once a config without them is applied).
+    pub fn take_departed(&mut self) -> BTreeMap<String, BTreeSet<String>> {
+        std::mem::take(&mut self.departed)
     }
 
     fn note(&mut self, key: &str) {
@@ -129,6 +206,29 @@ impl Model {
     /// Decodes and admits one record, or records why it was skipped (warning once per
     /// distinct problem, not on every resync).
     fn admit(&mut self, key: &str, value: &[u8], previous: Option<&Skipped>) {
+        if let KeyKind::Admin { service, id } = classify(&self.prefix, key) {
+            let valid = registry::validate::name("service", service)
+                .and_then(|()| registry::validate::name("id", id))
+                .map_err(registry::admin::AdminError::from)
+                .and_then(|()| Admin::decode(value));
+            match valid {
+                Ok(admin) => {
+                    self.admin
+                        .entry(service.to_string())
+                        .or_default()
+                        .insert(id.to_string(), admin);
+                }
+                Err(e) => self.skip(
+                    key,
+                    Skipped {
+                        reason: e.reason(),
+                        message: e.to_string(),
+                    },
+                    previous,
+                ),
+            }
+            return;
+        }
         let decoded = match parse_key(&self.prefix, key) {
             None => Err(Skipped {
                 reason: "key_layout",
@@ -146,14 +246,17 @@ impl Model {
                     .or_default()
                     .insert(inst.id.clone(), inst);
             }
-            Err(skip) => {
-                if previous != Some(&skip) {
-                    self.new_skips.push(skip.reason);
-                    warn!(key = %truncate_key(key), reason = skip.reason, error = %skip.message, "skipping invalid registry record");
-                }
-                self.skipped.insert(key.to_string(), skip);
-            }
+            Err(skip) => self.skip(key, skip, previous),
         }
+    }
+
+    /// Keeps `key` aside as skipped, warning unless it was skipped for the same reason.
+    fn skip(&mut self, key: &str, skip: Skipped, previous: Option<&Skipped>) {
+        if previous != Some(&skip) {
+            self.new_skips.push(skip.reason);
+            warn!(key = %truncate_key(key), reason = skip.reason, error = %skip.message, "skipping invalid registry record");
+        }
+        self.skipped.insert(key.to_string(), skip);
     }
 
     /// Reasons of the records skipped since the last call (each distinct problem once).
@@ -226,7 +329,7 @@ impl Model {
                     Value::Array(
                         list.iter()
                             .zip(&ids[name])
-                            .map(|(i, n)| instance_json(i, *n))
+                            .map(|(i, n)| instance_json(i, *n, self.admin_of(&i.service, &i.id)))
                             .collect(),
                     ),
                 )
@@ -289,7 +392,26 @@ pub(crate) fn server_ids<'a>(ids: impl Iterator<Item = &'a String>) -> Vec<u32> 
     .collect()
 }
 
-pub(crate) fn instance_json(i: &Instance, server_id: u32) -> Value {
+/// The state an instance is served in: the operator's (`maint` > `drain` > `ready`), and
+/// `drain` at least while its record says `leaving`.
+pub fn effective_state(i: &Instance, admin: Option<&Admin>) -> AdminState {
+    let asked = admin.map_or(AdminState::Ready, Admin::state);
+    match (asked, i.leaving()) {
+        (AdminState::Ready, true) => AdminState::Drain,
+        (s, _) => s,
+    }
+}
+
+/// One instance as templates see it: its record, with `weight` the one to serve it with —
+/// 0 while it drains, else the operator's when an admin key sets one, else the record's
+/// (`record_weight`) —, `state` (`ready`, `drain`, `maint`: see [`effective_state`]),
+/// `leaving`, and `admin_reason` (`""` if none).
+pub(crate) fn instance_json(i: &Instance, server_id: u32, admin: Option<&Admin>) -> Value {
+    let state = effective_state(i, admin);
+    let weight = match state {
+        AdminState::Drain => 0,
+        _ => admin.and_then(|a| a.weight).unwrap_or(i.weight),
+    };
     json!({
         "server_id": server_id,
         "id": i.id,
@@ -298,7 +420,11 @@ pub(crate) fn instance_json(i: &Instance, server_id: u32) -> Value {
         "port": i.port,
         "tags": i.tags,
         "meta": i.meta,
-        "weight": i.weight,
+        "weight": weight,
+        "record_weight": i.weight,
+        "state": state.as_str(),
+        "leaving": i.leaving(),
+        "admin_reason": admin.and_then(|a| a.reason.as_deref()).unwrap_or(""),
     })
 }
 
@@ -338,6 +464,83 @@ mod tests {
         assert!(!m.delete("/services/web/a"));
         assert!(m.delete("/services/web/b"));
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn admin_keys_steer_instances_and_outlive_them() {
+        let mut m = Model::new("/services");
+        let state = |m: &Model| {
+            let d = m.template_data(&BTreeMap::new());
+            let i = &d["services"]["web"][0];
+            (
+                i["state"].clone(),
+                i["weight"].clone(),
+                i["admin_reason"].clone(),
+            )
+        };
+        // An admin key for an instance not registered: kept, changes nothing served.
+        assert!(!m.put(
+            "/services/_admin/web/a",
+            br#"{"state":"maint","reason":"disk swap"}"#
+        ));
+        assert_eq!(m.admin()["web"]["a"].state(), AdminState::Maint);
+        assert!(m.put("/services/web/a", rec("web", "a", 80).as_bytes()));
+        assert_eq!(state(&m), (json!("maint"), json!(100), json!("disk swap")));
+        // The instance re-registers (a restart): still in maintenance.
+        assert!(m.delete("/services/web/a"));
+        assert!(m.put("/services/web/a", rec("web", "a", 80).as_bytes()));
+        assert_eq!(state(&m).0, json!("maint"));
+        assert!(m.put("/services/_admin/web/a", br#"{"state":"drain","weight":7}"#));
+        assert_eq!(state(&m), (json!("drain"), json!(0), json!("")));
+        assert!(m.put("/services/_admin/web/a", br#"{"state":"ready","weight":7}"#));
+        assert_eq!(state(&m), (json!("ready"), json!(7), json!("")));
+        assert!(m.put("/services/_admin/web/a", br#"{"state":"drain","weight":7}"#));
+        assert!(
+            !m.put("/services/_admin/web/a", br#"{"weight":7,"state":"drain"}"#),
+            "same controls"
+        );
+        // Deleting the key gives the instance back to its record.
+        assert!(m.delete("/services/_admin/web/a"));
+        assert_eq!(state(&m), (json!("ready"), json!(100), json!("")));
+        // A hostile admin value is skipped, never served.
+        assert!(!m.put("/services/_admin/web/a", br#"{"state":"up; evil"}"#));
+        assert_eq!(m.skipped()["/services/_admin/web/a"].reason, "json");
+        assert!(!m.put("/services/_admin/-x/a", br#"{}"#));
+        assert_eq!(m.skipped()["/services/_admin/-x/a"].reason, "invalid");
+        assert_eq!(state(&m).0, json!("ready"));
+        // A full listing keeps admin keys apart from instances.
+        let rec_a = rec("web", "a", 80);
+        let kvs = [
+            ("/services/web/a", rec_a.as_bytes()),
+            ("/services/_admin/web/a", &br#"{"state":"maint"}"#[..]),
+        ];
+        assert!(m.reset(kvs, 9));
+        assert_eq!(m.len(), 1);
+        assert_eq!(state(&m).0, json!("maint"));
+    }
+
+    #[test]
+    fn a_leaving_instance_is_drained_and_its_delete_is_deliberate() {
+        let mut m = Model::new("/services");
+        m.put("/services/web/a", rec("web", "a", 80).as_bytes());
+        m.put("/services/web/b", rec("web", "b", 80).as_bytes());
+        let mut leaving = Instance::new("web", "a", "10.0.0.1", 80);
+        leaving.state = Some(registry::RecordState::Leaving);
+        assert!(m.put("/services/web/a", leaving.encode().as_bytes()));
+        let d = m.template_data(&BTreeMap::new());
+        assert_eq!(d["services"]["web"][0]["state"], "drain");
+        assert_eq!(d["services"]["web"][0]["leaving"], true);
+        m.delete("/services/web/a");
+        m.delete("/services/web/b");
+        assert_eq!(
+            m.departed()["web"].iter().collect::<Vec<_>>(),
+            ["a"],
+            "b left without the mark: lost, not departed"
+        );
+        // Registered again: no longer departed.
+        m.put("/services/web/a", rec("web", "a", 80).as_bytes());
+        assert!(m.departed()["web"].is_empty());
+        assert!(m.take_departed().contains_key("web") && m.departed().is_empty());
     }
 
     #[test]

@@ -30,6 +30,29 @@ pub struct StatusArgs {
     pub renderer: String,
 }
 
+/// `weight 100`, or `weight 10 (admin; record 100)` when an admin key sets it.
+fn weight_of(i: &registry::Instance, admin: Option<&registry::Admin>) -> String {
+    match admin.and_then(|a| a.weight) {
+        Some(w) if w != i.weight => format!("weight {w} (admin; record {})", i.weight),
+        _ => format!("weight {}", i.weight),
+    }
+}
+
+/// ` DRAIN (leaving)`, ` MAINT (admin: disk swap)`, or nothing while ready.
+fn state_of(i: &registry::Instance, admin: Option<&registry::Admin>) -> String {
+    let state = crate::model::effective_state(i, admin);
+    if state == registry::AdminState::Ready {
+        return String::new();
+    }
+    let asked = admin.is_some_and(|a| a.state() == state);
+    let why = match (asked, admin.and_then(|a| a.reason.as_deref())) {
+        (true, Some(r)) => format!("admin: {r}"),
+        (true, None) => "admin".to_string(),
+        (false, _) => "leaving".to_string(),
+    };
+    format!(" {} ({why})", state.as_str().to_uppercase())
+}
+
 /// Why `renderer status` has no report: only the registry is required.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -76,19 +99,52 @@ pub async fn report(args: &StatusArgs) -> Result<Report, StatusError> {
     for (service, ids) in model.services() {
         out.push_str(&format!("  {service}\n"));
         for i in ids.values() {
+            let admin = model.admin_of(service, &i.id);
             out.push_str(&format!(
-                "    {:<20} {}:{} weight {}{}\n",
+                "    {:<20} {}:{} {}{}{}\n",
                 i.id,
                 i.address,
                 i.port,
-                i.weight,
+                weight_of(i, admin),
                 if i.tags.is_empty() {
                     String::new()
                 } else {
                     format!(" tags {}", i.tags.join(","))
-                }
+                },
+                state_of(i, admin),
             ));
         }
+    }
+    let orphans: Vec<String> = model
+        .admin()
+        .iter()
+        .flat_map(|(service, ids)| {
+            ids.iter()
+                .filter(|(id, _)| {
+                    !model
+                        .services()
+                        .get(service)
+                        .is_some_and(|m| m.contains_key(*id))
+                })
+                .map(move |(id, a)| {
+                    format!(
+                        "  {}: {}{}\n",
+                        registry::admin_key(&args.prefix, service, id),
+                        a.state().as_str(),
+                        a.reason
+                            .as_deref()
+                            .map(|r| format!(" ({r})"))
+                            .unwrap_or_default()
+                    )
+                })
+        })
+        .collect();
+    if !orphans.is_empty() {
+        out.push_str(&format!(
+            "admin keys that match no registered instance (applied when it registers; `etcdctl del` to drop): {}\n{}",
+            orphans.len(),
+            orphans.concat()
+        ));
     }
     if model.skipped().is_empty() {
         out.push_str("skipped records: none\n");

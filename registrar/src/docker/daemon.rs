@@ -488,6 +488,14 @@ impl Daemon {
             return;
         };
         let Some(lease) = self.lease else { return };
+        // Marked leaving first: a deliberate stop, drained at once (see registry::etcd).
+        let client = self.etcd.client();
+        let timeout = self.config.etcd.dial_timeout;
+        if let Err(e) =
+            registry::etcd::mark_leaving(&client, &held.key, &held.value, lease, timeout).await
+        {
+            debug!(key = %held.key, error = %error_chain(&e), "could not mark the record leaving");
+        }
         let txn = Txn::new()
             .when(vec![Compare::lease(
                 held.key.clone(),

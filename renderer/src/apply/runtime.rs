@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use registry::AdminState;
 use thiserror::Error;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -56,6 +57,11 @@ impl Server {
                 words.next();
                 continue;
             }
+            // A runtime-added server starts in maintenance anyway; it stays there (no
+            // `enable server`) when its line says `disabled`.
+            if k == "disabled" {
+                continue;
+            }
             out.push(k.as_str());
         }
         for (keyword, default) in [("pool-max-conn", "-1"), ("pool-purge-delay", "5s")] {
@@ -66,7 +72,9 @@ impl Server {
         out
     }
 
-    fn keywords_without_weight(&self) -> Vec<&str> {
+    /// Its keywords without `weight <w>` and `disabled`: what the runtime API cannot
+    /// change in place.
+    fn keywords_without_state(&self) -> Vec<&str> {
         let mut out = Vec::new();
         let mut skip = false;
         for k in &self.keywords {
@@ -78,9 +86,25 @@ impl Server {
                 skip = true;
                 continue;
             }
+            if k == "disabled" {
+                continue;
+            }
             out.push(k.as_str());
         }
         out
+    }
+
+    /// The administrative state its line asks for: `disabled` is maintenance, `weight 0`
+    /// is drain (HAProxy's config has no drain keyword; weight 0 takes no new requests
+    /// while persistent ones still arrive, as drain does), anything else ready.
+    pub fn admin(&self) -> AdminState {
+        if self.keywords.iter().any(|k| k == "disabled") {
+            AdminState::Maint
+        } else if self.weight() == Some("0") {
+            AdminState::Drain
+        } else {
+            AdminState::Ready
+        }
     }
 }
 
@@ -89,7 +113,7 @@ impl Server {
 pub struct Plan {
     pub add: Vec<Server>,
     pub remove: Vec<Server>,
-    /// (old, new) with only address, port or weight changed.
+    /// (old, new) with only address, port, weight or state (`disabled`) changed.
     pub update: Vec<(Server, Server)>,
     /// The new config's backends, by name.
     pub backend_info: BTreeMap<String, Backend>,
@@ -349,7 +373,7 @@ pub fn plan(old: &str, new: &str) -> Option<Plan> {
         match old_servers.get(key) {
             None => plan.add.push(n.clone()),
             Some(o) if o == n => {}
-            Some(o) if o.keywords_without_weight() == n.keywords_without_weight() => {
+            Some(o) if o.keywords_without_state() == n.keywords_without_state() => {
                 plan.update.push((o.clone(), n.clone()))
             }
             Some(o) => {
@@ -420,7 +444,7 @@ pub async fn execute(
     let (later, first): (Vec<&Server>, Vec<&Server>) = plan.add.iter().partition(|s| replaced(s));
     let mut backend_wide: Vec<&str> = Vec::new();
     add_servers(cli, plan, &first, &mut backend_wide).await?;
-    for (_, n) in &plan.update {
+    for (o, n) in &plan.update {
         let id = format!("{}/{}", n.backend, n.name);
         send(
             cli,
@@ -430,6 +454,9 @@ pub async fn execute(
         .await?;
         if let Some(w) = n.weight() {
             send(cli, &format!("set server {id} weight {w}"), quiet).await?;
+        }
+        if o.admin() != n.admin() {
+            set_state(cli, &id, n.admin()).await?;
         }
     }
     // Drain every leaving server at once, then wait for all of them.
@@ -489,12 +516,27 @@ async fn add_servers<'a>(
         if s.keywords.iter().any(|k| k == "check") {
             send(cli, &format!("enable health {id}"), quiet).await?;
         }
-        send(cli, &format!("enable server {id}"), quiet).await?;
+        match s.admin() {
+            AdminState::Maint => {}
+            AdminState::Ready => send(cli, &format!("enable server {id}"), quiet).await?,
+            AdminState::Drain => set_state(cli, &id, AdminState::Drain).await?,
+        }
         if cookie == Cookie::BackendWide && !backend_wide.contains(&s.backend.as_str()) {
             backend_wide.push(&s.backend);
         }
     }
     Ok(())
+}
+
+/// `set server <id> state ready|drain|maint`. Drain is HAProxy's own drain flag on top
+/// of the line's `weight 0`, so `show stat` says DRAIN; ready clears both flags.
+async fn set_state(cli: &MasterCli, id: &str, state: AdminState) -> Result<(), RuntimeError> {
+    send(
+        cli,
+        &format!("set server {id} state {}", state.as_str()),
+        quiet,
+    )
+    .await
 }
 
 /// `del server`. HAProxy 2.6 refuses it while the server has idle connections (3.0 closes
@@ -649,15 +691,19 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
             let row = stat_row(cli, &s.backend, id(s).unwrap_or(0)).await?;
             let want = endpoint(&s.addr, &s.port);
             let weight = s.weight().unwrap_or("1");
+            let maint = s.admin() == AdminState::Maint;
             let ok = row.as_ref().is_some_and(|r| {
                 r.get("svname").map(String::as_str) == Some(s.name.as_str())
                     && (s.addr.parse::<std::net::IpAddr>().is_err() || r.get("addr") == Some(&want))
                     && r.get("uweight").map(String::as_str) == Some(weight)
+                    && r.get("status").is_some_and(|st| st.starts_with("MAINT")) == maint
             });
             if !ok {
                 return Err(RuntimeError::Mismatch(format!(
-                    "{}/{}: running {row:?}, config {want} weight {weight}",
-                    s.backend, s.name
+                    "{}/{}: running {row:?}, config {want} weight {weight}{}",
+                    s.backend,
+                    s.name,
+                    if maint { " disabled" } else { "" }
                 )));
             }
         }
@@ -701,10 +747,22 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
             let weight = s.weight().unwrap_or("1");
             // Hostnames resolve to an IP at runtime; compare addresses only for IP literals.
             let addr_ok = s.addr.parse::<std::net::IpAddr>().is_err() || s.addr == r.addr;
-            if !addr_ok || s.port != r.port || weight != r.weight {
+            let maint = s.admin() == AdminState::Maint;
+            if !addr_ok || s.port != r.port || weight != r.weight || maint != r.in_maintenance() {
                 return Err(RuntimeError::Mismatch(format!(
-                    "{be}/{}: running {}:{} weight {}, config {}:{} weight {weight}",
-                    s.name, r.addr, r.port, r.weight, s.addr, s.port
+                    "{be}/{}: running {}:{} weight {}{}, config {}:{} weight {weight}{}",
+                    s.name,
+                    r.addr,
+                    r.port,
+                    r.weight,
+                    if r.in_maintenance() {
+                        " in maintenance"
+                    } else {
+                        ""
+                    },
+                    s.addr,
+                    s.port,
+                    if maint { " disabled" } else { "" }
                 )));
             }
         }
@@ -790,6 +848,38 @@ mod tests {
         assert_eq!(p.update[0].1.port, "81");
         assert_eq!(p.backends(), ["nodes"]);
         assert!(plan(&old, &old).unwrap().is_empty());
+    }
+
+    #[test]
+    fn drain_and_maintenance_are_changes_in_place() {
+        let old = cfg(&[
+            "server a 10.0.0.1:80 check weight 100 id 1",
+            "server b 10.0.0.2:80 check weight 100 id 2",
+            "server c 10.0.0.3:80 check weight 0 id 3 disabled",
+        ]);
+        let new = cfg(&[
+            "server a 10.0.0.1:80 check weight 0 id 1",
+            "server b 10.0.0.2:80 check weight 100 id 2 disabled",
+            "server c 10.0.0.3:80 check weight 100 id 3",
+            "server d 10.0.0.4:80 check weight 100 id 4 disabled",
+        ]);
+        let p = plan(&old, &new).unwrap();
+        assert!(p.remove.is_empty(), "{p:?}");
+        let states: Vec<(&str, AdminState, AdminState)> = p
+            .update
+            .iter()
+            .map(|(o, n)| (n.name.as_str(), o.admin(), n.admin()))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("a", AdminState::Ready, AdminState::Drain),
+                ("b", AdminState::Ready, AdminState::Maint),
+                ("c", AdminState::Maint, AdminState::Ready),
+            ]
+        );
+        assert_eq!(p.add[0].admin(), AdminState::Maint);
+        assert!(!p.add[0].add_keywords(false).contains(&"disabled"));
     }
 
     #[test]
@@ -937,7 +1027,7 @@ mod tests {
             match oserv.get(k) {
                 None => add.push(name(n)),
                 Some(o) if o == n => {}
-                Some(o) if o.keywords_without_weight() == n.keywords_without_weight() => {
+                Some(o) if o.keywords_without_state() == n.keywords_without_state() => {
                     update.push(name(n))
                 }
                 Some(o) => {

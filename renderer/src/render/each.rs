@@ -522,7 +522,7 @@ mod tests {
 
     fn instance(id: u8, port: u16, zone: u8) -> Value {
         json!({"id": format!("i{id}"), "address": "10.0.0.1", "port": port, "weight": 100,
-               "server_id": u32::from(id) + 1, "tags": [format!("t{zone}")],
+               "server_id": u32::from(id) + 1, "state": (["ready", "drain", "maint"][usize::from(id % 3)]), "tags": [format!("t{zone}")],
                "meta": {"zone": format!("z{zone}")}})
     }
 
