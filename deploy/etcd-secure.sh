@@ -5,12 +5,21 @@
 #   deploy/etcd-secure.sh certs DIR
 #       CA, server certificate (SAN 127.0.0.1, localhost, etcd) and client certificates
 #       for the registrar and the renderer, in DIR.
-#   deploy/etcd-secure.sh auth ENDPOINT DIR [PREFIX]
+#   deploy/etcd-secure.sh auth ENDPOINT DIR [PREFIX [SERVICE...]]
 #       On a running etcd started with the certificates (see below): users and roles, then
 #       `auth enable`. Passwords are generated into DIR/<user>.password (mode 600).
-#         root       everything (keep its password offline)
-#         registrar  role registrar: read+write under PREFIX/ (default /services)
-#         renderer   role renderer:  read-only under PREFIX/
+#       SERVICEs default to webapp. Least privilege, one role per concern:
+#         user               role(s)                   may
+#         root               root                      everything (keep it offline)
+#         registrar-<svc>    registrar-<svc>           read+write PREFIX/<svc>/ only
+#         registrar          registrar-<svc>, each     the same, for every SERVICE listed
+#                                                      (one app's registrar: use the first)
+#         registrar-docker   registrar-<svc>, each;    its services, and read PREFIX/ (it
+#                            lister                    lists to remove its own stale keys)
+#         operator           operator                  read+write PREFIX/_admin/, read PREFIX/
+#         renderer           lister                    read PREFIX/ (never writes)
+#       A web app's credentials cannot write another service's records or lift their own
+#       maintenance; the renderer cannot write at all.
 #
 # Start etcd with:
 #   etcd --cert-file DIR/server.crt --key-file DIR/server.key \
@@ -45,32 +54,54 @@ certs)
   echo "certificates in $dir" >&2
   ;;
 auth)
-  endpoint=${2:?usage: $0 auth ENDPOINT DIR [PREFIX]}
-  dir=${3:?usage: $0 auth ENDPOINT DIR [PREFIX]}
+  usage="usage: $0 auth ENDPOINT DIR [PREFIX [SERVICE...]]"
+  endpoint=${2:?$usage}
+  dir=${3:?$usage}
   prefix=${4:-/services}
   prefix=${prefix%/}
+  shift $(( $# < 4 ? $# : 4 ))
+  services=("$@")
+  [ ${#services[@]} -gt 0 ] || services=(webapp)
+  for svc in "${services[@]}"; do
+    [[ $svc =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$ ]] || { echo "invalid service name: $svc" >&2; exit 64; }
+  done
   ctl() {
     ETCDCTL_API=3 etcdctl --endpoints "$endpoint" --cacert "$dir/ca.crt" \
       --cert "$dir/root.crt" --key "$dir/root.key" "$@"
   }
-  for user in root registrar renderer; do
-    [ -s "$dir/$user.password" ] || { head -c 18 /dev/urandom | base64 | tr -d '/+=' > "$dir/$user.password"; chmod 600 "$dir/$user.password"; }
-  done
+  password() { # user: the password file, made once
+    [ -s "$dir/$1.password" ] || { head -c 18 /dev/urandom | base64 | tr -d '/+=' > "$dir/$1.password"; chmod 600 "$dir/$1.password"; }
+  }
+  user() { # name role...
+    local name=$1; shift
+    password "$name"
+    ctl user add "$name" --new-user-password "$(cat "$dir/$name.password")" >/dev/null
+    for role in "$@"; do ctl user grant-role "$name" "$role" >/dev/null; done
+  }
+  password root
   ctl user add root --new-user-password "$(cat "$dir/root.password")" >/dev/null
   ctl user grant-role root root >/dev/null
-  ctl role add registrar >/dev/null
-  ctl role grant-permission registrar --prefix=true readwrite "$prefix/" >/dev/null
-  ctl role add renderer >/dev/null
-  ctl role grant-permission renderer --prefix=true read "$prefix/" >/dev/null
-  for user in registrar renderer; do
-    ctl user add "$user" --new-user-password "$(cat "$dir/$user.password")" >/dev/null
-    ctl user grant-role "$user" "$user" >/dev/null
+  roles=()
+  for svc in "${services[@]}"; do
+    ctl role add "registrar-$svc" >/dev/null
+    ctl role grant-permission "registrar-$svc" --prefix=true readwrite "$prefix/$svc/" >/dev/null
+    roles+=("registrar-$svc")
   done
+  ctl role add lister >/dev/null
+  ctl role grant-permission lister --prefix=true read "$prefix/" >/dev/null
+  ctl role add operator >/dev/null
+  ctl role grant-permission operator --prefix=true readwrite "$prefix/_admin/" >/dev/null
+  ctl role grant-permission operator --prefix=true read "$prefix/" >/dev/null
+  for svc in "${services[@]}"; do user "registrar-$svc" "registrar-$svc"; done
+  user registrar "${roles[@]}"
+  user registrar-docker "${roles[@]}" lister
+  user operator operator
+  user renderer lister
   ctl auth enable >/dev/null
-  echo "auth enabled: users root, registrar (readwrite $prefix/), renderer (read $prefix/)" >&2
+  echo "auth enabled under $prefix/: registrar-<svc> and registrar (read+write ${services[*]/%//}), registrar-docker (those + read), operator (read+write _admin/, read), renderer (read)" >&2
   ;;
 *)
-  sed -n '2,25p' "$0" >&2
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' >&2
   exit 64
   ;;
 esac

@@ -41,14 +41,25 @@ async fn stat(master: &Path) -> BTreeMap<String, BTreeMap<String, String>> {
         .collect()
 }
 
-/// Waits until server `name` runs with `status` (prefix, e.g. "DRAIN", "MAINT", "UP") and
-/// user weight `weight`; returns how long it took from `since`.
-async fn wait_live(master: &Path, name: &str, status: &str, weight: &str, since: Instant) -> Duration {
+/// Waits until server `name` runs with `status` (a prefix: "DRAIN", "MAINT"; "READY" means
+/// neither drain nor maintenance, whatever its health) and user weight `weight`; returns
+/// how long it took from `since`.
+async fn wait_live(
+    master: &Path,
+    name: &str,
+    status: &str,
+    weight: &str,
+    since: Instant,
+) -> Duration {
     eventually(T, &format!("{name}: {status} weight {weight}"), || async {
         let rows = stat(master).await;
         let row = rows.get(name)?;
-        (row.get("status")?.starts_with(status) && row.get("uweight")? == weight)
-            .then(|| since.elapsed())
+        let st = row.get("status")?;
+        let state_ok = match status {
+            "READY" => !st.starts_with("DRAIN") && !st.starts_with("MAINT"),
+            s => st.starts_with(s),
+        };
+        (state_ok && row.get("uweight")? == weight).then(|| since.elapsed())
     })
     .await
 }
@@ -62,7 +73,10 @@ async fn stot(master: &Path, name: &str) -> u64 {
 /// none in the meantime: no new requests reach it.
 async fn takes_no_new_requests(master: &Path, name: &str, others: &[&str], n: u64) {
     let sum = |rows: &BTreeMap<String, BTreeMap<String, String>>| -> u64 {
-        others.iter().map(|o| rows[*o]["stot"].parse::<u64>().unwrap()).sum()
+        others
+            .iter()
+            .map(|o| rows[*o]["stot"].parse::<u64>().unwrap())
+            .sum()
     };
     let mine = stot(master, name).await;
     let start = sum(&stat(master).await);
@@ -88,37 +102,83 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
         x.wait_up().await;
         put_instance(&etcd, "webapp", &x.id, x.port).await;
     }
-    let lb = Lb::start(dir.path(), &etcd, &[]);
+    // A private cookie key: the public one's WARN is not what these tests look for.
+    let lb = Lb::start(dir.path(), &etcd, &["--var", "cookie_key=controls-test"]);
     lb.wait_serving().await;
     wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
     let m = lb.master.clone();
-    wait_live(&m, "s1", "UP", "100", Instant::now()).await;
+    wait_live(&m, "s1", "READY", "100", Instant::now()).await;
     let before = lb.proc_state().await;
-    let load = Load::start(lb.http_port, 20, 8, false);
+    let load = Load::start(lb.http_port, 25, 8, false);
 
     // Drain: HAProxy's DRAIN, weight 0, no new requests; the file says weight 0.
     let t = Instant::now();
-    etcd.put(&admin_key("s1"), r#"{"state":"drain","reason":"disk swap"}"#)
-        .await;
+    etcd.put(
+        &admin_key("s1"),
+        r#"{"state":"drain","reason":"disk swap"}"#,
+    )
+    .await;
     let drain = wait_live(&m, "s1", "DRAIN", "0", t).await;
     takes_no_new_requests(&m, "s1", &["s2", "s3"], 500).await;
-    assert!(lb.config().contains(" weight 0 "), "{}", lb.config());
+    // The file follows a live change once its check is done.
+    eventually(T, "the file drains s1", || async {
+        lb.config()
+            .lines()
+            .any(|l| l.contains("server s1 ") && l.contains(" weight 0 "))
+            .then_some(())
+    })
+    .await;
 
     // Maintenance: MAINT, no requests; the file says disabled.
     let t = Instant::now();
     etcd.put(&admin_key("s2"), r#"{"state":"maint"}"#).await;
     let maint = wait_live(&m, "s2", "MAINT", "100", t).await;
     takes_no_new_requests(&m, "s2", &["s3"], 500).await;
-    assert!(
-        lb.config().lines().any(|l| l.contains("server s2 ") && l.contains(" disabled")),
-        "{}",
+    eventually(T, "the file has s2 disabled", || async {
         lb.config()
+            .lines()
+            .any(|l| l.contains("server s2 ") && l.contains(" disabled"))
+            .then_some(())
+    })
+    .await;
+
+    // `lb-renderer status` names each instance's state and reason, and admin keys with no
+    // instance.
+    etcd.put(
+        &admin_key("gone"),
+        r#"{"state":"maint","reason":"retired"}"#,
+    )
+    .await;
+    let out = std::process::Command::new(e2e::bin("lb-renderer"))
+        .args(["status", "--endpoints", &etcd.endpoint()])
+        .args(["--renderer", &format!("127.0.0.1:{}", lb.metrics_port)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let line = |id: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(line("s1").ends_with("DRAIN (admin: disk swap)"), "{text}");
+    assert!(line("s2").ends_with("MAINT (admin)"), "{text}");
+    assert!(
+        !line("s3").contains("DRAIN") && !line("s3").contains("MAINT"),
+        "{text}"
     );
+    assert!(
+        text.contains("admin keys that match no registered instance")
+            && text.contains("/services/_admin/webapp/gone: maint (retired)"),
+        "{text}"
+    );
+    etcd.delete(&admin_key("gone")).await;
 
     // Weight.
     let t = Instant::now();
     etcd.put(&admin_key("s3"), r#"{"weight":7}"#).await;
-    let weight = wait_live(&m, "s3", "UP", "7", t).await;
+    let weight = wait_live(&m, "s3", "READY", "7", t).await;
 
     // Keys deleted: every instance back to its own record.
     let t = Instant::now();
@@ -127,7 +187,7 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
     }
     let mut back = Duration::ZERO;
     for id in ["s1", "s2", "s3"] {
-        back = back.max(wait_live(&m, id, "UP", "100", t).await);
+        back = back.max(wait_live(&m, id, "READY", "100", t).await);
     }
     // …and taking requests again.
     let (s1, s2) = (stot(&m, "s1").await, stot(&m, "s2").await);
@@ -156,9 +216,8 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
 
 /// The master and its workers killed, as a supervisor's SIGKILL would.
 fn kill_haproxy(master: &mut Proc) {
-    let workers =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", master.pid()))
-            .unwrap_or_default();
+    let workers = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", master.pid()))
+        .unwrap_or_default();
     master.kill();
     for w in workers.split_whitespace() {
         let _ = Command::new("kill").args(["-9", w]).status();
@@ -185,8 +244,11 @@ async fn maintenance_is_kept_across_a_reload_and_an_haproxy_restart_from_the_fil
     })
     .await;
     let m = lb.master.clone();
-    etcd.put(&admin_key("s1"), r#"{"state":"maint","reason":"disk swap"}"#)
-        .await;
+    etcd.put(
+        &admin_key("s1"),
+        r#"{"state":"maint","reason":"disk swap"}"#,
+    )
+    .await;
     wait_live(&m, "s1", "MAINT", "100", Instant::now()).await;
     let worker = master_cli(&m, "show proc").await;
 
@@ -242,7 +304,11 @@ async fn a_deliberate_stop_of_every_instance_empties_at_once_and_a_mass_revocati
     let b: Vec<Backend> = (1..=3)
         .map(|i| Backend::start(dir.path(), &format!("s{i}")))
         .collect();
-    let lb = Lb::start(dir.path(), &etcd, &["--empty-hold", "10s"]);
+    let lb = Lb::start(
+        dir.path(),
+        &etcd,
+        &["--empty-hold", "10s", "--var", "cookie_key=controls-test"],
+    );
     let regs = registrars(dir.path(), &etcd, &b);
     lb.wait_serving().await;
     wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
@@ -258,11 +324,19 @@ async fn a_deliberate_stop_of_every_instance_empties_at_once_and_a_mass_revocati
     .await;
     let emptied = t.elapsed();
     for mut r in regs {
-        assert_eq!(r.exited(T).await.and_then(|s| s.code()), Some(0), "{}", r.log());
+        assert_eq!(
+            r.exited(T).await.and_then(|s| s.code()),
+            Some(0),
+            "{}",
+            r.log()
+        );
     }
     eprintln!("deliberate stop of 3 instances → backend empty in {emptied:?}");
     assert!(emptied < Duration::from_secs(5), "held: {emptied:?}");
-    assert!(lb.config_servers().is_empty(), "{}", lb.config());
+    eventually(T, "the file has no server", || async {
+        lb.config_servers().is_empty().then_some(())
+    })
+    .await;
     assert!(!lb.proc.log().contains(" WARN "), "{}", lb.proc.log());
 
     // Registered again, then every lease revoked behind the registrars' backs (what
@@ -283,10 +357,19 @@ async fn a_deliberate_stop_of_every_instance_empties_at_once_and_a_mass_revocati
         etcd.etcdctl(&["lease", "revoke", l]);
     }
     eventually(T, "the hold's WARN", || async {
-        lb.proc.log().contains("every instance of the service left at once").then_some(())
+        lb.proc
+            .log()
+            .contains("every instance of the service left at once")
+            .then_some(())
     })
     .await;
-    assert_eq!(lb.running_servers().await, ["s1", "s2", "s3"], "held");
+    // Revoked one by one, the first leaves may be applied; the last is held.
+    assert!(!lb.running_servers().await.is_empty(), "held");
+    eventually(T, "the file keeps the held servers", || async {
+        (!lb.config_servers().is_empty()).then_some(())
+    })
+    .await;
+    assert!(!lb.running_servers().await.is_empty(), "held");
     for r in &regs {
         r.signal(Signal::SIGCONT);
     }

@@ -43,22 +43,48 @@ fn creds(certs: &Path, user: &str, ca: &Path) -> Vec<String> {
     ]
 }
 
+/// etcdctl as `user` (its password from `certs`; TLS with the registrar's client
+/// certificate): (succeeded, stdout + stderr).
+fn etcdctl_as(etcd: &Etcd, certs: &Path, user: &str, args: &[&str]) -> (bool, String) {
+    let password = std::fs::read_to_string(certs.join(format!("{user}.password"))).unwrap();
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(etcd.endpoint())
+        .arg("--cacert")
+        .arg(certs.join("ca.crt"))
+        .arg("--cert")
+        .arg(certs.join("registrar.crt"))
+        .arg("--key")
+        .arg(certs.join("registrar.key"))
+        .arg("--user")
+        .arg(format!("{user}:{}", password.trim()))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A registrar of service `webapp` (unless `extra` names another with `--service`).
 fn registrar(dir: &Path, name: &str, etcd: &Etcd, extra: &[String], password_file: &Path) -> Proc {
     let mut cmd = e2e::registrar_base(
         &etcd.endpoint(),
         "debug,h2=info,hyper=info,tower=info,rustls=info",
     );
-    cmd.args([
-        "--service",
-        "webapp",
-        "--address",
-        "127.0.0.1",
-        "--ttl",
-        "3s",
-    ])
-    .arg("--password-file")
-    .arg(password_file)
-    .args(extra);
+    if !extra.iter().any(|a| a == "--service") {
+        cmd.args(["--service", "webapp"]);
+    }
+    cmd.args(["--address", "127.0.0.1", "--ttl", "3s"])
+        .arg("--password-file")
+        .arg(password_file)
+        .args(extra);
     Proc::spawn(name, dir, cmd)
 }
 
@@ -68,7 +94,14 @@ async fn tls_auth_and_least_privilege_roles() {
     let certs = dir.path().join("certs");
     run_script(&["certs", certs.to_str().unwrap()]);
     let etcd = Etcd::start_tls(dir.path(), &certs).await;
-    run_script(&["auth", &etcd.endpoint(), certs.to_str().unwrap()]);
+    run_script(&[
+        "auth",
+        &etcd.endpoint(),
+        certs.to_str().unwrap(),
+        "/services",
+        "webapp",
+        "api",
+    ]);
     let ca = certs.join("ca.crt");
     let reg_pw = certs.join("registrar.password");
     let password = std::fs::read_to_string(&reg_pw).unwrap().trim().to_string();
@@ -124,6 +157,66 @@ async fn tls_auth_and_least_privilege_roles() {
     assert!(etcd
         .etcdctl(&["get", "/services/webapp/intruder"])
         .is_empty());
+
+    // Least privilege. The webapp registrar's credentials cannot write another service's
+    // records nor admin keys (no lifting its own maintenance); the renderer's cannot write
+    // at all; the operator's write admin keys only, and the renderer applies them.
+    let webapp = "registrar-webapp";
+    let (ok, out) = etcdctl_as(&etcd, &certs, webapp, &["put", "/services/webapp/s7", "{}"]);
+    assert!(ok, "{out}");
+    etcd.etcdctl(&["del", "/services/webapp/s7"]);
+    for (user, key) in [
+        (webapp, "/services/api/a1"),
+        (webapp, "/services/_admin/webapp/s1"),
+        ("renderer", "/services/webapp/s1"),
+        ("renderer", "/services/_admin/webapp/s1"),
+        ("operator", "/services/webapp/s1"),
+        ("registrar-docker", "/services/_admin/webapp/s1"),
+    ] {
+        let (ok, out) = etcdctl_as(&etcd, &certs, user, &["put", key, "{}"]);
+        assert!(
+            !ok && out.contains("permission denied"),
+            "{user} {key}: {out}"
+        );
+    }
+    let (ok, out) = etcdctl_as(
+        &etcd,
+        &certs,
+        "operator",
+        &[
+            "put",
+            "/services/_admin/webapp/s1",
+            r#"{"state":"maint","reason":"ticket 7"}"#,
+        ],
+    );
+    assert!(ok, "{out}");
+    eventually(T, "the operator's maintenance applied", || async {
+        lb.config()
+            .lines()
+            .any(|l| l.contains("server s1 ") && l.contains(" disabled"))
+            .then_some(())
+    })
+    .await;
+    // A registrar for another service with webapp's credentials: one clear error naming
+    // the key and the permission, exit 64, nothing written.
+    // (the registrar's client certificate; the user is what the password authenticates)
+    let mut args = creds(&certs, "registrar", &ca);
+    let user = args.iter().position(|a| a == "--user").unwrap() + 1;
+    args[user] = webapp.to_string();
+    args.extend(["--port", "4003", "--id", "a1", "--service", "api"].map(String::from));
+    let mut p = registrar(
+        dir.path(),
+        "registrar-other-service",
+        &etcd,
+        &args,
+        &certs.join(format!("{webapp}.password")),
+    );
+    assert_eq!(p.exited(T).await.expect("exits").code(), Some(64));
+    let log = p.log();
+    assert!(log.contains("permission denied"), "{log}");
+    assert!(log.contains("/services/api/a1"), "{log}");
+    assert_eq!(log.matches("ERROR").count(), 1, "{log}");
+    assert!(etcd.etcdctl(&["get", "/services/api/a1"]).is_empty());
 
     // Wrong password: fatal start-up error saying so.
     let wrong = dir.path().join("wrong.password");
