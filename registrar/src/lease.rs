@@ -355,21 +355,14 @@ impl Registration {
         // The mark first: load balancers drain the instance at once and take its going
         // for a deliberate stop, not a lost lease. Without it (etcd unreachable), the
         // revoke below still deregisters.
-        let client = self.etcd.client();
-        match registry::etcd::mark_leaving(
-            &client,
-            &self.key,
-            &self.value,
-            lease,
-            self.call_limit(),
-        )
-        .await
+        let mut c = self.etcd.client();
+        match registry::etcd::mark_leaving(&c, &self.key, &self.value, lease, self.call_limit())
+            .await
         {
             Ok(true) => debug!("record marked leaving"),
             Ok(false) => debug!("record not ours any more; not marked leaving"),
             Err(e) => debug!(error = %error_chain(&e), "could not mark the record leaving"),
         }
-        let mut c = self.etcd.client();
         match self.timed(c.lease_revoke(lease)).await {
             Ok(_) => info!(
                 lease = format_args!("{lease:x}"),

@@ -389,16 +389,7 @@ impl ChaosLb {
     /// (systemd kills the whole control group), then, after `gap`, HAProxy started again
     /// from the file on disk. Returns once it answers on the traffic port (or after 15 s).
     async fn restart_haproxy(&mut self, gap: Duration) {
-        let children =
-            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.haproxy.pid()))
-                .unwrap_or_default();
-        self.haproxy.kill();
-        for pid in children
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-        {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
-        }
+        crate::lb::kill_haproxy(&mut self.haproxy);
         tokio::time::sleep(gap).await;
         self.starts += 1;
         self.haproxy = spawn_haproxy(&self.dir, &self.master, &self.cfg, self.starts);
@@ -552,6 +543,7 @@ impl System {
                 .expect("iptables")
                 .success()
         };
+        let p = format!("{:.2}", f64::from(percent) / 100.0);
         for (chain, from) in [("LOSSY_IN", "INPUT"), ("LOSSY_OUT", "OUTPUT")] {
             if !ipt(&["-n", "-L", chain]) {
                 assert!(ipt(&["-N", chain]), "iptables -N {chain}");
@@ -560,9 +552,8 @@ impl System {
                     "iptables -A {from} -j {chain}"
                 );
             }
-            if on {
-                let p = format!("{:.2}", f64::from(percent) / 100.0);
-                let rule = [
+            let ok = if on {
+                ipt(&[
                     "-A",
                     chain,
                     "-p",
@@ -571,18 +562,15 @@ impl System {
                     "statistic",
                     "--mode",
                     "random",
-                ];
-                let ok = Command::new("ip")
-                    .args(["netns", "exec", &self.ns.name, "iptables"])
-                    .args(rule)
-                    .args(["--probability", &p, "-j", "DROP"])
-                    .status()
-                    .expect("iptables")
-                    .success();
-                assert!(ok, "iptables -A {chain} statistic");
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DROP",
+                ])
             } else {
-                assert!(ipt(&["-F", chain]), "iptables -F {chain}");
-            }
+                ipt(&["-F", chain])
+            };
+            assert!(ok, "iptables {} {chain}", if on { "-A" } else { "-F" });
         }
     }
 

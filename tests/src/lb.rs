@@ -492,6 +492,23 @@ impl Standalone {
     }
 }
 
+/// What a supervisor does to a dead or stuck HAProxy (systemd kills the whole control
+/// group): the master and every worker SIGKILLed.
+pub fn kill_haproxy(master: &mut Proc) {
+    let workers = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", master.pid()))
+        .unwrap_or_default();
+    master.kill();
+    for pid in workers
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
 /// HAProxy in master-worker mode from `cfg`, its master CLI at `master`: how a system
 /// service runs it.
 pub fn haproxy_command(master: &Path, cfg: &Path) -> Command {

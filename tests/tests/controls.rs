@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::lb::{master_cli, put_instance, wait_routed, Backend, Lb, Standalone};
@@ -21,21 +20,8 @@ const T: Duration = Duration::from_secs(15);
 /// `show stat` rows of backend `nodes`' servers in the current worker: name → column → value.
 async fn stat(master: &Path) -> BTreeMap<String, BTreeMap<String, String>> {
     let csv = master_cli(master, "@1 show stat nodes 4 -1").await;
-    let mut lines = csv.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .unwrap_or("")
-        .trim_start_matches("# ")
-        .split(',')
-        .collect();
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .zip(l.split(','))
-                .map(|(h, v)| (h.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>()
-        })
+    renderer::apply::haproxy::parse_stat(&csv)
+        .into_iter()
         .filter_map(|row| Some((row.get("svname")?.clone(), row)))
         .filter(|(name, _)| name != "BACKEND" && !name.is_empty())
         .collect()
@@ -214,16 +200,6 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
     assert!(!lb.proc.log().contains(" WARN "), "{}", lb.proc.log());
 }
 
-/// The master and its workers killed, as a supervisor's SIGKILL would.
-fn kill_haproxy(master: &mut Proc) {
-    let workers = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", master.pid()))
-        .unwrap_or_default();
-    master.kill();
-    for w in workers.split_whitespace() {
-        let _ = Command::new("kill").args(["-9", w]).status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn maintenance_is_kept_across_a_reload_and_an_haproxy_restart_from_the_file() {
     let dir = temp_dir();
@@ -278,7 +254,7 @@ async fn maintenance_is_kept_across_a_reload_and_an_haproxy_restart_from_the_fil
     // HAProxy restarted from the file with no renderer to repair anything.
     renderer.signal(Signal::SIGTERM);
     renderer.exited(T).await;
-    kill_haproxy(&mut haproxy);
+    e2e::lb::kill_haproxy(&mut haproxy);
     let _second = lb.haproxy("haproxy-2");
     wait_routed(lb.http_port, &["s2", "s3", "s4", "s5"], T).await;
     wait_live(&m, "s1", "MAINT", "100", Instant::now()).await;

@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::lb::{master_cli, put_instance, template, wait_routed, Backend, Lb, Standalone};
@@ -247,12 +246,7 @@ async fn haproxy_restarted_by_its_supervisor_gets_the_live_changes_again() {
         "the file is still being checked"
     );
     // The supervisor: the master and its workers killed, HAProxy started from the file.
-    let workers = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", first.pid()))
-        .unwrap_or_default();
-    first.kill();
-    for w in workers.split_whitespace() {
-        let _ = Command::new("kill").args(["-9", w]).status();
-    }
+    e2e::lb::kill_haproxy(&mut first);
     let _second = lb.haproxy("haproxy-2");
     wait_routed(http_port, &["s1", "s2"], T).await;
     let log = r.log();

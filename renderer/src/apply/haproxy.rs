@@ -492,6 +492,25 @@ impl ServerState {
     }
 }
 
+/// Reads `show stat` CSV by the column names of its header line (`# pxname,svname,…`):
+/// one map per row.
+pub fn parse_stat(csv: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    let mut lines = csv.lines();
+    let Some(first) = lines.next() else {
+        return Vec::new();
+    };
+    let header: Vec<&str> = first.trim_start_matches("# ").split(',').collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split(','))
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect()
+        })
+        .collect()
+}
+
 /// A backend's servers by name.
 pub type ServersState = std::collections::BTreeMap<String, ServerState>;
 

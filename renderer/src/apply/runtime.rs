@@ -794,20 +794,10 @@ async fn stat_row(
 }
 
 fn parse_stat_row(csv: &str, sid: u32) -> Option<BTreeMap<String, String>> {
-    let mut lines = csv.lines();
-    let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
     let sid = sid.to_string();
-    lines
-        .map(|l| {
-            header
-                .iter()
-                .zip(l.split(','))
-                .map(|(h, v)| (h.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>()
-        })
-        .find(|row| {
-            row.get("sid") == Some(&sid) && row.get("svname").is_some_and(|n| n != "BACKEND")
-        })
+    haproxy::parse_stat(csv).into_iter().find(|row| {
+        row.get("sid") == Some(&sid) && row.get("svname").is_some_and(|n| n != "BACKEND")
+    })
 }
 
 #[cfg(test)]
