@@ -25,8 +25,16 @@ pub mod signal;
 
 pub use prometheus_client;
 
+/// How log lines are written (`--log-format`, `LOG_FORMAT`), the same for every binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Sets up `tracing`: filter from `RUST_LOG` (default `info`), JSON or human text on stderr.
-pub fn init_logging(json: bool) {
+pub fn init_logging(format: LogFormat) {
+    let json = format == LogFormat::Json;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

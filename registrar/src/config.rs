@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use registry::duration::parse_duration;
 use registry::etcd::EtcdArgs;
 use registry::validate::ValidationError;
@@ -32,12 +32,7 @@ Exit status: 0 after a graceful stop; the child's status in exec mode (128+N whe
 was killed by signal N); 64 for bad flags or a fatal etcd setup error (authentication,
 certificates); 1 for other failures.";
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use observe::LogFormat;
 
 /// Raw command-line flags.
 #[derive(Debug, Parser)]

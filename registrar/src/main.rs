@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use observe::cli::EX_USAGE;
-use registrar::config::{Args, Config, LogFormat};
+use registrar::config::{Args, Config};
 use tokio_util::sync::CancellationToken;
 
 fn main() {
@@ -12,7 +12,7 @@ fn main() {
         docker_main();
     }
     let args: Args = observe::cli::parse_or_exit();
-    observe::init_logging(args.log_format == LogFormat::Json);
+    observe::init_logging(args.log_format);
     let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -51,7 +51,7 @@ fn main() {
 fn docker_main() -> ! {
     use registrar::docker::{daemon, DockerArgs, DockerConfig};
     let args: DockerArgs = observe::cli::parse_from_or_exit(std::env::args_os().skip(1));
-    observe::init_logging(args.log_format == LogFormat::Json);
+    observe::init_logging(args.log_format);
     let config = match DockerConfig::from_args(args) {
         Ok(c) => c,
         Err(e) => {

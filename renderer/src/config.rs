@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use registry::duration::parse_duration;
 use registry::etcd::EtcdArgs;
 use thiserror::Error;
@@ -33,12 +33,7 @@ Exit status: 0 after a graceful stop; HAProxy's status if it exits in exec mode;
 64 for bad flags or templates (or fatal etcd setup errors); 1 for other failures
 (with --once: any render, check, write or reload failure).";
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use observe::LogFormat;
 
 /// Raw command-line flags.
 #[derive(Debug, Parser)]
@@ -276,7 +271,7 @@ pub struct Config {
     pub dry_run: bool,
     pub reload: ReloadMode,
     pub runtime_api: bool,
-    pub runtime_limits: crate::apply::runtime::Limits,
+    pub runtime_limits: crate::apply::plan::Limits,
     pub drain_timeout: Duration,
     pub stop_timeout: Duration,
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -373,7 +368,7 @@ impl Config {
             dry_run: args.dry_run,
             reload,
             runtime_api: !args.no_runtime_api,
-            runtime_limits: crate::apply::runtime::Limits {
+            runtime_limits: crate::apply::plan::Limits {
                 max_changes: args.runtime_max_changes,
                 max_cookie_servers: args.runtime_max_cookie_servers,
             },

@@ -62,7 +62,7 @@ impl Quarantine {
 }
 
 /// Which instance (not in `exclude`) most likely produced `line` of a rendered config
-/// (the line `haproxy -c` rejected, see [`crate::apply::haproxy::rejected_line`]): a
+/// (the line `haproxy -c` rejected, see [`crate::haproxy::rejected_line`]): a
 /// `server <id>` line naming it, else a line with its address:port, else one holding one
 /// of its tags or meta values as a word.
 pub fn culprit(model: &Model, line: &str, exclude: &BTreeSet<String>) -> Option<String> {

@@ -1,7 +1,8 @@
 //! renderer: watches the registry in etcd and keeps HAProxy's config in step with it.
 //!
 //! Data flows one way: [`watch`] (etcd) → [`model`] (BTreeMaps) → [`render`] (Handlebars,
-//! pure) → [`apply`] (files, HAProxy). The [`daemon`] is the loop that owns them;
+//! pure) → [`apply`] (files, HAProxy; [`haproxy`] speaks HAProxy's CLI and parses what it
+//! prints). The [`daemon`] is the loop that owns them;
 //! [`coalesce`] decides when it applies, [`guard`] keeps bad renders and records out.
 //! [`start`] compiles the templates, [`once`] is `--once`/`--dry-run`, [`metrics`] holds
 //! the counters, readiness and `/status`, [`status`] is `renderer status`. `main.rs` only
@@ -14,6 +15,7 @@ pub mod config;
 pub mod daemon;
 pub mod data;
 pub mod guard;
+pub mod haproxy;
 pub mod metrics;
 pub mod model;
 pub mod once;
@@ -47,7 +49,7 @@ pub enum Error {
     EtcdUnavailable(String),
     /// HAProxy could not be started (exec mode).
     #[error(transparent)]
-    Haproxy(#[from] apply::haproxy::HaproxyError),
+    Haproxy(#[from] haproxy::HaproxyError),
     /// --once: something failed.
     #[error("{0} failure(s) while applying; see the log")]
     Apply(usize),

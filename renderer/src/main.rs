@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 
 use observe::cli::EX_USAGE;
-use renderer::config::{Args, Config, LogFormat};
+use renderer::config::{Args, Config};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc: a render at 10 000 instances allocates ~100 000 small objects and frees
@@ -17,7 +17,7 @@ fn main() {
         std::process::exit(status());
     }
     let args: Args = observe::cli::parse_or_exit();
-    observe::init_logging(args.log_format == LogFormat::Json);
+    observe::init_logging(args.log_format);
     let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {

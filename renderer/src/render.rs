@@ -269,7 +269,7 @@ handlebars_helper!(version_at_least: |version: str, minimum: str| {
 handlebars_helper!(dynamic_cookie: |key: str, address: str, port: u64| {
     u16::try_from(port)
         .ok()
-        .and_then(|p| crate::apply::haproxy::dynamic_cookie(key, address, p))
+        .and_then(|p| crate::haproxy::dynamic_cookie(key, address, p))
         .unwrap_or_default()
 });
 
@@ -279,7 +279,7 @@ handlebars_helper!(dynamic_cookie: |key: str, address: str, port: u64| {
 handlebars_helper!(dynamic_cookie_keyword: |key: str, address: str, port: u64| {
     u16::try_from(port)
         .ok()
-        .and_then(|p| crate::apply::haproxy::dynamic_cookie(key, address, p))
+        .and_then(|p| crate::haproxy::dynamic_cookie(key, address, p))
         .map(|c| format!(" cookie {c}"))
         .unwrap_or_default()
 });

@@ -4,7 +4,7 @@
 use tracing::{info, warn};
 
 use crate::apply::file::FileTarget;
-use crate::apply::{self, Target};
+use crate::apply::Target;
 use crate::config::{Config, ReloadMode};
 use crate::render::{RenderFailure, Renderer};
 use crate::Error;
@@ -46,7 +46,7 @@ async fn haproxy_version(config: &Config) -> String {
         ReloadMode::Exec { command, .. } => command[0].as_str(),
         _ => "haproxy",
     };
-    match apply::haproxy::detect_version(program).await {
+    match crate::haproxy::detect_version(program).await {
         Some(v) => {
             info!(version = %v, %program, "HAProxy version");
             v

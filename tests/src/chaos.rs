@@ -283,30 +283,47 @@ async fn registry_set(c: &mut Client) -> Option<BTreeMap<String, Server>> {
     Some(out)
 }
 
-/// Every process a run started (PID, name): none may outlive it.
-static SPAWNED: std::sync::Mutex<Vec<(u32, String)>> = std::sync::Mutex::new(Vec::new());
+/// Every process a run started (PID, name, start time): none may outlive it.
+static SPAWNED: std::sync::Mutex<Vec<(u32, String, Option<u64>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A process's state letter and start time (clock ticks since boot) from `/proc/PID/stat`.
+fn stat_of(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3 of stat(5), starttime field 22.
+    Some((
+        fields.first()?.chars().next()?,
+        fields.get(19)?.parse().ok()?,
+    ))
+}
+
+/// Remembers a spawned process, with its start time: over a 2-hour run PIDs are reused
+/// (one was, by a kernel worker), so a PID alone does not say the process is still ours.
+fn remember(pid: u32, name: String) {
+    SPAWNED.lock().unwrap_or_else(|e| e.into_inner()).push((
+        pid,
+        name,
+        stat_of(pid).map(|(_, t)| t),
+    ));
+}
 
 fn spawn(name: &str, dir: &Path, cmd: Command) -> Proc {
     let p = Proc::spawn(name, dir, cmd);
-    SPAWNED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push((p.pid(), name.to_string()));
+    remember(p.pid(), name.to_string());
     p
 }
 
-/// Spawned processes still alive (not zombies).
+/// Spawned processes still alive (not zombies, and not another process that got the PID).
 fn still_running() -> Vec<(u32, String)> {
     let spawned = SPAWNED.lock().unwrap_or_else(|e| e.into_inner());
     spawned
         .iter()
-        .filter(|(pid, _)| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
-                .unwrap_or(false)
+        .filter(|(pid, _, started)| {
+            stat_of(*pid).is_some_and(|(state, t)| state != 'Z' && Some(t) == *started)
         })
-        .cloned()
+        .map(|(pid, name, _)| (*pid, name.clone()))
         .collect()
 }
 
@@ -432,10 +449,7 @@ struct App {
 impl App {
     fn start(dir: &Path, endpoints: &str, id: &str, ttl: u64) -> App {
         let backend = Backend::start(dir, id);
-        SPAWNED
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((backend.proc.pid(), format!("webapp-{id}")));
+        remember(backend.proc.pid(), format!("webapp-{id}"));
         let port = backend.port;
         let mut app = App {
             dir: dir.to_path_buf(),
@@ -1509,6 +1523,28 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reused_pid_is_not_a_leaked_process() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let (state, started) = stat_of(pid).unwrap();
+        assert_ne!(state, 'Z');
+        SPAWNED.lock().unwrap().clear();
+        remember(pid, "mine".into());
+        // Another process with this PID (a start time that differs) is not ours.
+        SPAWNED.lock().unwrap()[0].2 = Some(started + 1);
+        assert!(still_running().is_empty());
+        SPAWNED.lock().unwrap()[0].2 = Some(started);
+        assert_eq!(still_running(), [(pid, "mine".to_string())]);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(still_running().is_empty());
+        SPAWNED.lock().unwrap().clear();
+    }
 
     #[test]
     fn same_seed_same_schedule_every_kind_and_quorum_kept() {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use renderer::apply::haproxy::ProcTable;
+use renderer::haproxy::ProcTable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -22,7 +22,7 @@ pub fn haproxy_version() -> (u32, u32) {
             .output()
             .expect("run haproxy -v");
         let text = String::from_utf8_lossy(&out.stdout);
-        let v = renderer::apply::haproxy::parse_version(&text)
+        let v = renderer::haproxy::parse_version(&text)
             .unwrap_or_else(|| panic!("no version in `haproxy -v`: {text}"));
         let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
         (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
@@ -218,7 +218,7 @@ pub async fn live_servers_at(master: &Path) -> BTreeMap<String, LiveServer> {
 /// master is re-executing for a reload) — which is not the same as no servers.
 pub async fn try_live_servers_at(master: &Path) -> Option<BTreeMap<String, LiveServer>> {
     let out = master_cli(master, "@1 show servers state nodes").await;
-    let servers = renderer::apply::haproxy::parse_servers_state(&out)?;
+    let servers = renderer::haproxy::parse_servers_state(&out)?;
     Some(
         servers
             .into_iter()

@@ -1,8 +1,8 @@
 //! Operators steer instances from etcd (`<prefix>/_admin/<service>/<id>`): drain,
-//! maintenance and weight go live through the runtime API under load with no reload, and
-//! the file keeps them across a reload and an HAProxy restart; a deliberate stop of every
-//! instance (records marked `leaving`) empties the backend at once, while leases lost
-//! without the mark are still held.
+//! maintenance and weight go live through the runtime API of every load balancer under load
+//! with no reload, and the file keeps them across a reload and an HAProxy restart; a
+//! deliberate stop of every instance (records marked `leaving`) empties the backend at once,
+//! while leases lost without the mark are still held.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
@@ -20,7 +20,7 @@ const T: Duration = Duration::from_secs(15);
 /// `show stat` rows of backend `nodes`' servers in the current worker: name → column → value.
 async fn stat(master: &Path) -> BTreeMap<String, BTreeMap<String, String>> {
     let csv = master_cli(master, "@1 show stat nodes 4 -1").await;
-    renderer::apply::haproxy::parse_stat(&csv)
+    renderer::haproxy::parse_stat(&csv)
         .into_iter()
         .filter_map(|row| Some((row.get("svname")?.clone(), row)))
         .filter(|(name, _)| name != "BACKEND" && !name.is_empty())
@@ -48,6 +48,21 @@ async fn wait_live(
         (state_ok && row.get("uweight")? == weight).then(|| since.elapsed())
     })
     .await
+}
+
+/// [`wait_live`] on every load balancer: the slowest one's time.
+async fn wait_live_all(
+    masters: &[&Path],
+    name: &str,
+    status: &str,
+    weight: &str,
+    since: Instant,
+) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for m in masters {
+        slowest = slowest.max(wait_live(m, name, status, weight, since).await);
+    }
+    slowest
 }
 
 /// Total sessions server `name` has had.
@@ -92,9 +107,17 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
     let lb = Lb::start(dir.path(), &etcd, &["--var", "cookie_key=controls-test"]);
     lb.wait_serving().await;
     wait_routed(lb.http_port, &["s1", "s2", "s3"], T).await;
+    // A second load balancer on the same registry: every control must reach both.
+    let dir2 = dir.path().join("lb2");
+    std::fs::create_dir_all(&dir2).unwrap();
+    let lb2 = Lb::start(&dir2, &etcd, &["--var", "cookie_key=controls-test"]);
+    lb2.wait_serving().await;
+    wait_routed(lb2.http_port, &["s1", "s2", "s3"], T).await;
     let m = lb.master.clone();
-    wait_live(&m, "s1", "READY", "100", Instant::now()).await;
-    let before = lb.proc_state().await;
+    let m2 = lb2.master.clone();
+    let both = [m.as_path(), m2.as_path()];
+    wait_live_all(&both, "s1", "READY", "100", Instant::now()).await;
+    let before = (lb.proc_state().await, lb2.proc_state().await);
     let load = Load::start(lb.http_port, 25, 8, false);
 
     // Drain: HAProxy's DRAIN, weight 0, no new requests; the file says weight 0.
@@ -104,7 +127,7 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
         r#"{"state":"drain","reason":"disk swap"}"#,
     )
     .await;
-    let drain = wait_live(&m, "s1", "DRAIN", "0", t).await;
+    let drain = wait_live_all(&both, "s1", "DRAIN", "0", t).await;
     takes_no_new_requests(&m, "s1", &["s2", "s3"], 500).await;
     // The file follows a live change once its check is done.
     eventually(T, "the file drains s1", || async {
@@ -118,7 +141,7 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
     // Maintenance: MAINT, no requests; the file says disabled.
     let t = Instant::now();
     etcd.put(&admin_key("s2"), r#"{"state":"maint"}"#).await;
-    let maint = wait_live(&m, "s2", "MAINT", "100", t).await;
+    let maint = wait_live_all(&both, "s2", "MAINT", "100", t).await;
     takes_no_new_requests(&m, "s2", &["s3"], 500).await;
     eventually(T, "the file has s2 disabled", || async {
         lb.config()
@@ -164,7 +187,7 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
     // Weight.
     let t = Instant::now();
     etcd.put(&admin_key("s3"), r#"{"weight":7}"#).await;
-    let weight = wait_live(&m, "s3", "READY", "7", t).await;
+    let weight = wait_live_all(&both, "s3", "READY", "7", t).await;
 
     // Keys deleted: every instance back to its own record.
     let t = Instant::now();
@@ -173,7 +196,7 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
     }
     let mut back = Duration::ZERO;
     for id in ["s1", "s2", "s3"] {
-        back = back.max(wait_live(&m, id, "READY", "100", t).await);
+        back = back.max(wait_live_all(&both, id, "READY", "100", t).await);
     }
     // …and taking requests again.
     let (s1, s2) = (stot(&m, "s1").await, stot(&m, "s2").await);
@@ -183,21 +206,23 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
     .await;
     let result = load.finish();
     eprintln!(
-        "etcd write → live state: drain {drain:?}, maint {maint:?}, weight {weight:?}, cleared {back:?}; {} requests, {} failed",
+        "etcd write → live state on both load balancers (the slower): drain {drain:?}, maint {maint:?}, weight {weight:?}, cleared {back:?}; {} requests, {} failed",
         result.requests,
         result.failed()
     );
     assert!(result.requests > 1000, "{}", result.raw);
     assert_eq!(result.failed(), 0, "{}", result.raw);
     assert_eq!(
-        lb.proc_state().await,
+        (lb.proc_state().await, lb2.proc_state().await),
         before,
-        "no reload, same worker (reloads, failed, worker pid)"
+        "no reload on either load balancer, same workers (reloads, failed, worker pid)"
     );
     for took in [drain, maint, weight, back] {
         assert!(took < Duration::from_secs(5), "{took:?}");
     }
-    assert!(!lb.proc.log().contains(" WARN "), "{}", lb.proc.log());
+    for l in [&lb, &lb2] {
+        assert!(!l.proc.log().contains(" WARN "), "{}", l.proc.log());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

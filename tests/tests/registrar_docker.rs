@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::compose::{build_images, Stack};
-use e2e::{bin, eventually, free_port, stays, temp_dir, Etcd, Proc};
+use e2e::{bin, eventually, free_port, http, stays, temp_dir, Etcd, Proc};
 use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(10);
@@ -362,5 +362,33 @@ async fn compose_balances_an_image_without_a_registrar_and_stops_it_cleanly() {
     assert!(
         !after.contains(&plain_id) && after.len() == 1,
         "{both:?} then {after:?}"
+    );
+
+    // The last app stopped on purpose too: its registrar marks the record leaving before it
+    // revokes (as `registrar docker` marked the plain app's), so the backend empties at once
+    // instead of being held for --empty-hold, and the load balancer logs no WARN for it.
+    let logged = stack.stdout(&["logs", "--no-color", "ha"]).lines().count();
+    stack.compose(&["stop", "webapp"]);
+    eventually(T, "no server left in backend nodes", || async {
+        let body = http::get(stack.stats_port, "/;csv", None).await.ok()?.body;
+        let servers = renderer::haproxy::parse_stat(&body)
+            .into_iter()
+            .filter(|r| r.get("pxname").map(String::as_str) == Some("nodes"))
+            .filter(|r| {
+                !matches!(
+                    r.get("svname").map(String::as_str),
+                    Some("BACKEND" | "FRONTEND")
+                )
+            })
+            .count();
+        (servers == 0).then_some(())
+    })
+    .await;
+    let log = stack.stdout(&["logs", "--no-color", "ha"]);
+    let new: Vec<&str> = log.lines().skip(logged).collect();
+    assert!(
+        !new.iter().any(|l| l.contains(" WARN ")),
+        "WARN after a deliberate stop:\n{}",
+        new.join("\n")
     );
 }

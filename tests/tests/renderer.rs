@@ -614,7 +614,7 @@ async fn sighup_reloads_the_templates_under_load_without_restarting_haproxy() {
     wait_routed(lb.http_port, &["s1", "s2"], T).await;
     let table = || async {
         eventually(T, "the master answers show proc", || async {
-            renderer::apply::haproxy::ProcTable::parse(&lb.master_cli("show proc").await)
+            renderer::haproxy::ProcTable::parse(&lb.master_cli("show proc").await)
         })
         .await
     };

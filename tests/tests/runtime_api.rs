@@ -435,7 +435,7 @@ async fn an_ipv6_instance_joins_and_leaves_live() {
     let want = if e2e::lb::haproxy_version() >= (3, 0) {
         "six".to_string()
     } else {
-        renderer::apply::haproxy::dynamic_cookie("ipv6-test-secret", "::1", port6).unwrap()
+        renderer::haproxy::dynamic_cookie("ipv6-test-secret", "::1", port6).unwrap()
     };
     let http_port = lb.http_port;
     let served = eventually(T, "six answers with its cookie", || async move {

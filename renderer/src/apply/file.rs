@@ -252,8 +252,8 @@ async fn run_check(
     }
     let mut text = String::from_utf8_lossy(&out.stderr).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stdout));
-    let summary = super::haproxy::check_summary(&text);
-    let offending = super::haproxy::rejected_line(&text, &staged_str, bytes);
+    let summary = crate::haproxy::check_summary(&text);
+    let offending = crate::haproxy::rejected_line(&text, &staged_str, bytes);
     Err(FileError::Check {
         command: line,
         line: offending

@@ -1,22 +1,21 @@
 //! Bringing the outside world to a rendered config: [`file`] stages, checks and writes
-//! files atomically; [`haproxy`] talks to HAProxy (master CLI, exec-mode child) and
-//! reloads it, confirming that the reload took; [`runtime`] applies membership-only
-//! changes through HAProxy's runtime API without a reload.
+//! files atomically; [`plan`] finds the server-only changes between the running config and
+//! the new one; [`runtime`] applies such a plan through HAProxy's runtime API without a
+//! reload and verifies it; everything else goes through a confirmed reload. Talking to
+//! HAProxy itself is [`crate::haproxy`].
 
-#[cfg(test)]
-mod fake;
 pub mod file;
-pub mod haproxy;
+pub mod plan;
 pub mod runtime;
 
 use std::time::Duration;
 
 use tracing::{debug, error, info, warn};
 
+use crate::haproxy::{self, HaproxyChild, HaproxyError, MasterCli, ProcTable};
 use crate::metrics::{Metrics, ResultLabel};
 use crate::render::Renderer;
 use file::FileTarget;
-use haproxy::{HaproxyChild, HaproxyError, MasterCli, ProcTable};
 
 /// How the consumer of the files is told about a new config.
 pub enum Reloader {
@@ -190,7 +189,7 @@ pub struct Applier {
     /// Apply membership-only changes through the runtime API (no reload).
     pub runtime_api: bool,
     /// When a membership change goes through a reload anyway.
-    pub runtime_limits: runtime::Limits,
+    pub runtime_limits: plan::Limits,
     /// How long a leaving server may keep its in-flight requests.
     pub drain_timeout: Duration,
     pub metrics: Metrics,
@@ -292,7 +291,7 @@ impl Applier {
                 let old = String::from_utf8_lossy(old);
                 let new = String::from_utf8_lossy(&bytes);
                 let started = std::time::Instant::now();
-                let planned = runtime::plan(&old, &new);
+                let planned = plan::plan(&old, &new);
                 report.timings.plan += started.elapsed();
                 match planned {
                     Some(plan) if plan.too_big(&self.runtime_limits).is_some() => {
@@ -605,8 +604,8 @@ fn write(
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use super::fake::FakeMaster;
     use super::*;
+    use crate::haproxy::fake::FakeMaster;
     use crate::model::Model;
     use std::collections::BTreeMap;
 
@@ -638,7 +637,7 @@ mod tests {
                 targets: vec![target],
                 reloader: Reloader::Master(MasterCli::new(&fake.socket)),
                 runtime_api: true,
-                runtime_limits: runtime::Limits::default(),
+                runtime_limits: plan::Limits::default(),
                 drain_timeout: Duration::from_secs(1),
                 metrics,
                 known_master: None,

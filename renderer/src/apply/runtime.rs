@@ -1,7 +1,7 @@
-//! Hitless membership: when a new config differs from the running one only in `server`
-//! lines, bring HAProxy to it through the runtime API (`add server`, `set server`,
-//! drain + `del server`) instead of a reload, then check that the running state matches
-//! the file. Anything else — or any refused command — is left to the reload path.
+//! Hitless membership: runs a [`Plan`] (server lines only changed) through HAProxy's runtime
+//! API instead of a reload — `add server`, `set server` addr/weight/state, drain + `del
+//! server` — then checks that the running state matches the file. Anything refused is left
+//! to the reload path. The commands themselves are [`crate::haproxy::commands`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -9,419 +9,28 @@ use std::time::Duration;
 use registry::AdminState;
 use thiserror::Error;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::info;
 
-use super::haproxy::{self, HaproxyError, MasterCli, ServersState};
-
-/// A `server` line of a backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Server {
-    pub backend: String,
-    pub name: String,
-    pub addr: String,
-    pub port: String,
-    /// Everything after the address, e.g. `check inter 2s weight 100`.
-    pub keywords: Vec<String>,
-}
-
-impl Server {
-    fn weight(&self) -> Option<&str> {
-        self.keywords
-            .windows(2)
-            .find(|w| w[0] == "weight")
-            .map(|w| w[1].as_str())
-    }
-
-    /// The value of a keyword that takes one argument (`cookie`, `id`).
-    fn keyword(&self, name: &str) -> Option<&str> {
-        self.keywords
-            .windows(2)
-            .find(|w| w[0] == name)
-            .map(|w| w[1].as_str())
-    }
-
-    fn cookie(&self) -> Option<&str> {
-        self.keyword("cookie")
-    }
-
-    /// Its keywords for `add server`, without `cookie <v>` when HAProxy derives it, and
-    /// with the idle-connection pool a server from the config file gets by default.
-    /// HAProxy 2.6 gives a server added at runtime no pool at all (`pool-purge-delay` and
-    /// `pool-max-conn` 0: it skips `default-server` and the defaults, src/server.c), so
-    /// every request to it opened and closed a connection; 3.0 sets these same defaults.
-    fn add_keywords(&self, derived_cookie: bool) -> Vec<&str> {
-        let mut out = Vec::new();
-        let mut words = self.keywords.iter();
-        while let Some(k) = words.next() {
-            if derived_cookie && k == "cookie" {
-                words.next();
-                continue;
-            }
-            // A runtime-added server starts in maintenance anyway; it stays there (no
-            // `enable server`) when its line says `disabled`.
-            if k == "disabled" {
-                continue;
-            }
-            out.push(k.as_str());
-        }
-        for (keyword, default) in [("pool-max-conn", "-1"), ("pool-purge-delay", "5s")] {
-            if self.keyword(keyword).is_none() {
-                out.extend([keyword, default]);
-            }
-        }
-        out
-    }
-
-    /// Its keywords without `weight <w>` and `disabled`: what the runtime API cannot
-    /// change in place.
-    fn keywords_without_state(&self) -> Vec<&str> {
-        let mut out = Vec::new();
-        let mut skip = false;
-        for k in &self.keywords {
-            if skip {
-                skip = false;
-                continue;
-            }
-            if k == "weight" {
-                skip = true;
-                continue;
-            }
-            if k == "disabled" {
-                continue;
-            }
-            out.push(k.as_str());
-        }
-        out
-    }
-
-    /// The administrative state its line asks for: `disabled` is maintenance, `weight 0`
-    /// is drain (HAProxy's config has no drain keyword; weight 0 takes no new requests
-    /// while persistent ones still arrive, as drain does), anything else ready.
-    pub fn admin(&self) -> AdminState {
-        if self.keywords.iter().any(|k| k == "disabled") {
-            AdminState::Maint
-        } else if self.weight() == Some("0") {
-            AdminState::Drain
-        } else {
-            AdminState::Ready
-        }
-    }
-}
-
-/// What to change in the running HAProxy.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Plan {
-    pub add: Vec<Server>,
-    pub remove: Vec<Server>,
-    /// (old, new) with only address, port, weight or state (`disabled`) changed.
-    pub update: Vec<(Server, Server)>,
-    /// The new config's backends, by name.
-    pub backend_info: BTreeMap<String, Backend>,
-}
-
-/// What the runtime path needs to know about a backend of the new config.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Backend {
-    /// `cookie … dynamic`: HAProxy derives server cookies from `dynamic-cookie-key`.
-    pub dynamic_cookie: bool,
-    /// The backend's `dynamic-cookie-key` (or the one in `defaults`).
-    pub cookie_key: Option<String>,
-    /// Servers in the new config.
-    pub servers: usize,
-}
-
-/// When a plan goes through a reload instead (`--runtime-max-changes`,
-/// `--runtime-max-cookie-servers`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// Above this many server changes in one apply, reload.
-    pub max_changes: usize,
-    /// A server whose dynamic cookie HAProxy can only derive with `enable dynamic-cookie
-    /// backend` (an address that is not an IP literal) makes HAProxy recompute every
-    /// server's cookie against every other's: quadratic (2.6: 0.8 s at 10 000 servers,
-    /// ~5 000 stalled a worker past its watchdog under load). Above this many servers in
-    /// such a backend, reload.
-    pub max_cookie_servers: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_changes: 200,
-            max_cookie_servers: 1000,
-        }
-    }
-}
-
-/// How a new server gets its cookie.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Cookie {
-    /// As written (`cookie <v>` among its keywords, or none at all).
-    AsWritten,
-    /// HAProxy derives it (dynamic cookies) when the address is set: the server is added
-    /// with `placeholder` as its address, then `set server … addr` gives it the real one
-    /// and HAProxy computes that one server's cookie. An explicit `cookie` equal to the
-    /// derived value is left out of `add server` (HAProxy < 3.0 refuses the keyword there).
-    Derived { placeholder: &'static str },
-    /// Only `enable dynamic-cookie backend` derives it (the address is a hostname).
-    BackendWide,
-}
-
-impl Plan {
-    pub fn is_empty(&self) -> bool {
-        self.add.is_empty() && self.remove.is_empty() && self.update.is_empty()
-    }
-
-    /// Number of server changes.
-    pub fn len(&self) -> usize {
-        self.add.len() + self.remove.len() + self.update.len()
-    }
-
-    /// Why this plan should go through a reload instead, if it should.
-    pub fn too_big(&self, limits: &Limits) -> Option<String> {
-        if self.len() > limits.max_changes {
-            return Some(format!(
-                "{} server changes at once, more than --runtime-max-changes {}",
-                self.len(),
-                limits.max_changes
-            ));
-        }
-        self.add
-            .iter()
-            .filter(|s| self.cookie(s) == Cookie::BackendWide)
-            .filter_map(|s| Some((&s.backend, self.backend_info.get(&s.backend)?.servers)))
-            .find(|(_, n)| *n > limits.max_cookie_servers)
-            .map(|(be, n)| format!("a server with a hostname joins backend {be}, whose {n} servers (more than --runtime-max-cookie-servers {}) would all get their dynamic cookie recomputed", limits.max_cookie_servers))
-    }
-
-    /// How the added server `s` gets its cookie.
-    fn cookie(&self, s: &Server) -> Cookie {
-        let Some(be) = self.backend_info.get(&s.backend) else {
-            return Cookie::AsWritten;
-        };
-        if !be.dynamic_cookie {
-            return Cookie::AsWritten;
-        }
-        let Ok(ip) = s.addr.parse::<std::net::IpAddr>() else {
-            return match s.cookie() {
-                Some(_) => Cookie::AsWritten,
-                None => Cookie::BackendWide,
-            };
-        };
-        if let Some(written) = s.cookie() {
-            let derived = match (&be.cookie_key, s.port.parse::<u16>()) {
-                (Some(key), Ok(port)) => super::haproxy::dynamic_cookie(key, &s.addr, port),
-                _ => None,
-            };
-            if derived.as_deref() != Some(written) {
-                return Cookie::AsWritten;
-            }
-        }
-        // Any address of the same family that differs from the real one.
-        let placeholder = match ip {
-            std::net::IpAddr::V4(a) if a.is_unspecified() => "0.0.0.1",
-            std::net::IpAddr::V4(_) => "0.0.0.0",
-            std::net::IpAddr::V6(a) if a.is_unspecified() => "::1",
-            std::net::IpAddr::V6(_) => "::",
-        };
-        Cookie::Derived { placeholder }
-    }
-
-    /// Backends this plan touches.
-    pub fn backends(&self) -> Vec<String> {
-        let mut b: Vec<String> = self
-            .add
-            .iter()
-            .chain(&self.remove)
-            .chain(self.update.iter().map(|(_, n)| n))
-            .map(|s| s.backend.clone())
-            .collect();
-        b.sort();
-        b.dedup();
-        b
-    }
-}
-
-/// Servers by (backend, name).
-type Servers = BTreeMap<(String, String), Server>;
-
-/// Splits a config into its skeleton (every line but backend `server` lines) and the
-/// servers by backend.
-#[cfg(test)]
-fn split(config: &str) -> (Vec<&str>, Servers) {
-    let lines: Vec<&str> = config.lines().collect();
-    split_lines(&lines, None)
-}
-
-/// A section header line (`backend x`, `defaults`, …): (kind, name).
-fn header(line: &str) -> Option<(&str, &str)> {
-    let trimmed = line.trim();
-    if line.starts_with(char::is_whitespace) || trimmed.is_empty() || trimmed.starts_with('#') {
-        return None;
-    }
-    let mut words = trimmed.split_whitespace();
-    Some((words.next().unwrap_or(""), words.next().unwrap_or("")))
-}
-
-/// [`split`] of `lines`, which start inside `section` (kind, name).
-fn split_lines<'a>(lines: &[&'a str], section: Option<(&str, &str)>) -> (Vec<&'a str>, Servers) {
-    let mut skeleton = Vec::new();
-    let mut servers = BTreeMap::new();
-    let (mut kind, mut name) = section.unwrap_or(("", ""));
-    for &line in lines {
-        if let Some((k, n)) = header(line) {
-            (kind, name) = (k, n);
-        }
-        if kind == "backend" || kind == "listen" {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if words.first() == Some(&"server") {
-                if let (Some(server), Some(target)) = (words.get(1), words.get(2)) {
-                    if let Some((addr, port)) = target.rsplit_once(':') {
-                        let s = Server {
-                            backend: name.to_string(),
-                            name: server.to_string(),
-                            addr: addr.to_string(),
-                            port: port.to_string(),
-                            keywords: words[3..].iter().map(|w| w.to_string()).collect(),
-                        };
-                        servers.insert((name.to_string(), server.to_string()), s);
-                        continue;
-                    }
-                }
-            }
-        }
-        skeleton.push(line);
-    }
-    (skeleton, servers)
-}
-
-/// What the runtime path needs to know of each backend of a config: dynamic cookies, the
-/// cookie key (its own or `defaults`'), the number of servers. One pass, no allocation
-/// per server.
-fn backend_info(lines: &[&str]) -> BTreeMap<String, Backend> {
-    let mut backends: BTreeMap<String, Backend> = BTreeMap::new();
-    let mut defaults_key: Option<String> = None;
-    let mut current: Option<String> = None;
-    let mut kind = "";
-    for line in lines {
-        if let Some((k, n)) = header(line) {
-            kind = k;
-            current = None;
-            if k == "backend" || k == "listen" {
-                backends.entry(n.to_string()).or_insert_with(|| Backend {
-                    cookie_key: defaults_key.clone(),
-                    ..Default::default()
-                });
-                current = Some(n.to_string());
-            }
-            continue;
-        }
-        let trimmed = line.trim_start();
-        let first = trimmed.split_whitespace().next().unwrap_or("");
-        match (kind, first, &current) {
-            ("defaults", "dynamic-cookie-key", _) => {
-                defaults_key = trimmed.split_whitespace().nth(1).map(str::to_string)
-            }
-            (_, "server", Some(be)) => {
-                if let Some(b) = backends.get_mut(be) {
-                    b.servers += 1;
-                }
-            }
-            (_, "cookie", Some(be)) if trimmed.split_whitespace().any(|w| w == "dynamic") => {
-                if let Some(b) = backends.get_mut(be) {
-                    b.dynamic_cookie = true;
-                }
-            }
-            (_, "dynamic-cookie-key", Some(be)) => {
-                if let Some(b) = backends.get_mut(be) {
-                    b.cookie_key = trimmed.split_whitespace().nth(1).map(str::to_string);
-                }
-            }
-            _ => {}
-        }
-    }
-    backends
-}
-
-/// The runtime plan from `old` to `new`, or `None` when anything besides backend `server`
-/// lines differs (that needs a reload). Only the lines between the common beginning and
-/// the common end of the two configs are parsed: at 10 000 servers, a join touches one.
-pub fn plan(old: &str, new: &str) -> Option<Plan> {
-    let o: Vec<&str> = old.lines().collect();
-    let n: Vec<&str> = new.lines().collect();
-    let pre = o.iter().zip(&n).take_while(|(a, b)| a == b).count();
-    let most = o.len().min(n.len()) - pre;
-    let suf = o
-        .iter()
-        .rev()
-        .zip(n.iter().rev())
-        .take(most)
-        .take_while(|(a, b)| a == b)
-        .count();
-    // The section the differing lines start in (the same in both: the lines before agree).
-    let section = n[..pre].iter().rev().find_map(|l| header(l));
-    let (old_skel, old_servers) = split_lines(&o[pre..o.len() - suf], section);
-    let (new_skel, new_servers) = split_lines(&n[pre..n.len() - suf], section);
-    if old_skel != new_skel {
-        return None;
-    }
-    let mut plan = Plan {
-        backend_info: backend_info(&n),
-        ..Default::default()
-    };
-    for (key, n) in &new_servers {
-        match old_servers.get(key) {
-            None => plan.add.push(n.clone()),
-            Some(o) if o == n => {}
-            Some(o) if o.keywords_without_state() == n.keywords_without_state() => {
-                plan.update.push((o.clone(), n.clone()))
-            }
-            Some(o) => {
-                plan.remove.push(o.clone());
-                plan.add.push(n.clone());
-            }
-        }
-    }
-    for (key, o) in &old_servers {
-        if !new_servers.contains_key(key) {
-            plan.remove.push(o.clone());
-        }
-    }
-    Some(plan)
-}
+use super::plan::{Cookie, Plan, Server};
+use crate::haproxy::{HaproxyError, MasterCli, ServerRef, ServersState};
 
 /// A runtime change HAProxy refused, or a state that does not match afterwards.
 #[derive(Debug, Error)]
 pub enum RuntimeError {
-    #[error("HAProxy refused `{command}`: {answer}")]
-    Refused { command: String, answer: String },
     #[error("running state does not match the config: {0}")]
     Mismatch(String),
     #[error(transparent)]
     Cli(#[from] HaproxyError),
 }
 
-async fn send(
-    cli: &MasterCli,
-    command: &str,
-    ok: impl Fn(&str) -> bool,
-) -> Result<(), RuntimeError> {
-    let answer = cli.worker_command(command).await?;
-    let answer = answer.trim();
-    debug!(%command, %answer, "runtime API");
-    if ok(answer) {
-        Ok(())
-    } else {
-        Err(RuntimeError::Refused {
-            command: command.to_string(),
-            answer: answer.chars().take(300).collect(),
-        })
+impl Server {
+    /// How the runtime API names it.
+    fn at(&self) -> ServerRef<'_> {
+        ServerRef {
+            backend: &self.backend,
+            name: &self.name,
+        }
     }
-}
-
-/// Answers that mean success: nothing, or HAProxy's confirmations.
-fn quiet(answer: &str) -> bool {
-    answer.is_empty()
 }
 
 /// Applies `plan`. Leaves drain first: no new requests, in-flight ones finish (up to
@@ -445,45 +54,33 @@ pub async fn execute(
     let mut backend_wide: Vec<&str> = Vec::new();
     add_servers(cli, plan, &first, &mut backend_wide).await?;
     for (o, n) in &plan.update {
-        let id = format!("{}/{}", n.backend, n.name);
-        send(
-            cli,
-            &format!("set server {id} addr {} port {}", n.addr, n.port),
-            |a| a.is_empty() || a.contains("changed") || a.contains("no need to change"),
-        )
-        .await?;
+        cli.set_addr(n.at(), &n.addr, &n.port).await?;
         if let Some(w) = n.weight() {
-            send(cli, &format!("set server {id} weight {w}"), quiet).await?;
+            cli.set_weight(n.at(), w).await?;
         }
         if o.admin() != n.admin() {
-            set_state(cli, &id, n.admin()).await?;
+            cli.set_server_state(n.at(), n.admin()).await?;
         }
     }
     // Drain every leaving server at once, then wait for all of them.
     for s in &plan.remove {
-        send(
-            cli,
-            &format!("set server {}/{} state drain", s.backend, s.name),
-            quiet,
-        )
-        .await?;
+        cli.set_server_state(s.at(), AdminState::Drain).await?;
     }
     if !plan.remove.is_empty() {
         wait_drained(cli, &plan.remove, drain_timeout).await?;
     }
     for s in &plan.remove {
-        let id = format!("{}/{}", s.backend, s.name);
-        send(cli, &format!("set server {id} state maint"), quiet).await?;
+        cli.set_server_state(s.at(), AdminState::Maint).await?;
         if s.keywords.iter().any(|k| k == "check") {
             // Stops the check task so the server has no activity left.
-            let _ = send(cli, &format!("disable health {id}"), |_| true).await;
+            let _ = cli.disable_health(s.at()).await;
         }
         delete(cli, s).await?;
     }
     add_servers(cli, plan, &later, &mut backend_wide).await?;
     for be in backend_wide {
         // A hostname's dynamic cookie is derived only when asked, for the whole backend.
-        send(cli, &format!("enable dynamic-cookie backend {be}"), quiet).await?;
+        cli.enable_dynamic_cookie(be).await?;
     }
     Ok(())
 }
@@ -497,29 +94,24 @@ async fn add_servers<'a>(
     backend_wide: &mut Vec<&'a str>,
 ) -> Result<(), RuntimeError> {
     for s in servers {
-        let id = format!("{}/{}", s.backend, s.name);
         let cookie = plan.cookie(s);
         let (addr, keywords) = match &cookie {
             Cookie::Derived { placeholder } => (*placeholder, s.add_keywords(true)),
             _ => (s.addr.as_str(), s.add_keywords(false)),
         };
-        let cmd = format!("add server {id} {addr}:{} {}", s.port, keywords.join(" "));
-        send(cli, cmd.trim_end(), |a| a.contains("New server registered")).await?;
+        cli.add_server(s.at(), addr, &s.port, &keywords).await?;
         if matches!(cookie, Cookie::Derived { .. }) {
-            send(
-                cli,
-                &format!("set server {id} addr {} port {}", s.addr, s.port),
-                |a| a.contains("IP changed"),
-            )
-            .await?;
+            cli.move_to_addr(s.at(), &s.addr, &s.port).await?;
         }
         if s.keywords.iter().any(|k| k == "check") {
-            send(cli, &format!("enable health {id}"), quiet).await?;
+            cli.enable_health(s.at()).await?;
         }
+        // Drain is HAProxy's own drain flag on top of the line's `weight 0`, so `show
+        // stat` says DRAIN.
         match s.admin() {
             AdminState::Maint => {}
-            AdminState::Ready => send(cli, &format!("enable server {id}"), quiet).await?,
-            AdminState::Drain => set_state(cli, &id, AdminState::Drain).await?,
+            AdminState::Ready => cli.enable_server(s.at()).await?,
+            AdminState::Drain => cli.set_server_state(s.at(), AdminState::Drain).await?,
         }
         if cookie == Cookie::BackendWide && !backend_wide.contains(&s.backend.as_str()) {
             backend_wide.push(&s.backend);
@@ -528,55 +120,26 @@ async fn add_servers<'a>(
     Ok(())
 }
 
-/// `set server <id> state ready|drain|maint`. Drain is HAProxy's own drain flag on top
-/// of the line's `weight 0`, so `show stat` says DRAIN; ready clears both flags.
-async fn set_state(cli: &MasterCli, id: &str, state: AdminState) -> Result<(), RuntimeError> {
-    send(
-        cli,
-        &format!("set server {id} state {}", state.as_str()),
-        quiet,
-    )
-    .await
-}
-
 /// `del server`. HAProxy 2.6 refuses it while the server has idle connections (3.0 closes
 /// them itself), and those are only purged every `pool-purge-delay`: on that refusal the
 /// server's address is changed to a placeholder, which makes HAProxy drop its idle
-/// connections at once (`srv_cleanup_connections()`), and the delete is retried for up
-/// to a second.
+/// connections at once, and the delete is retried for up to a second.
 async fn delete(cli: &MasterCli, s: &Server) -> Result<(), RuntimeError> {
-    let id = format!("{}/{}", s.backend, s.name);
-    let deleted = |a: &str| a.contains("Server deleted");
-    let first = cli.worker_command(&format!("del server {id}")).await?;
-    if deleted(&first) {
-        return Ok(());
-    }
-    if !first.contains("still has connections") {
-        return Err(RuntimeError::Refused {
-            command: format!("del server {id}"),
-            answer: first.trim().chars().take(300).collect(),
-        });
+    match cli.del_server(s.at()).await {
+        Err(HaproxyError::StillHasConnections { .. }) => {}
+        done => return done.map_err(RuntimeError::from),
     }
     let placeholder = if s.addr.contains(':') {
         "::"
     } else {
         "0.0.0.0"
     };
-    let _ = send(cli, &format!("set server {id} addr {placeholder}"), |_| {
-        true
-    })
-    .await;
+    let _ = cli.drop_idle_connections(s.at(), placeholder).await;
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        let answer = cli.worker_command(&format!("del server {id}")).await?;
-        if deleted(&answer) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(RuntimeError::Refused {
-                command: format!("del server {id}"),
-                answer: answer.trim().chars().take(300).collect(),
-            });
+        match cli.del_server(s.at()).await {
+            Err(HaproxyError::StillHasConnections { .. }) if Instant::now() < deadline => {}
+            done => return done.map_err(RuntimeError::from),
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -596,20 +159,21 @@ async fn wait_drained(
         let mut busy = Vec::new();
         for (s, sid) in servers.iter().zip(&ids) {
             if sessions(cli, &s.backend, *sid).await? > 0 {
-                busy.push(format!("{}/{}", s.backend, s.name));
+                busy.push(s.at());
             }
         }
         if busy.is_empty() {
             return Ok(());
         }
         if Instant::now() >= deadline {
+            let names: Vec<String> = busy.iter().map(ToString::to_string).collect();
             info!(
-                ?busy,
+                busy = ?names,
                 ?timeout,
                 "drain timeout: removing servers with sessions left"
             );
-            for id in busy {
-                let _ = send(cli, &format!("shutdown sessions server {id}"), |_| true).await;
+            for s in busy {
+                let _ = cli.shutdown_sessions(s).await;
             }
             return Ok(());
         }
@@ -628,7 +192,7 @@ async fn numeric_ids(cli: &MasterCli, servers: &[Server]) -> Result<Vec<u32>, Ru
             continue;
         }
         if !states.contains_key(s.backend.as_str()) {
-            let state = servers_state(cli, &s.backend).await?;
+            let state = cli.show_servers_state(&s.backend).await?;
             states.insert(&s.backend, state);
         }
         let id = states[s.backend.as_str()]
@@ -647,22 +211,11 @@ async fn numeric_ids(cli: &MasterCli, servers: &[Server]) -> Result<Vec<u32>, Ru
 
 /// Current sessions (`scur`) of server `sid` of `backend`.
 async fn sessions(cli: &MasterCli, backend: &str, sid: u32) -> Result<u64, RuntimeError> {
-    Ok(stat_row(cli, backend, sid)
+    Ok(cli
+        .show_stat_server(backend, sid)
         .await?
         .and_then(|r| r.get("scur")?.parse().ok())
         .unwrap_or(0))
-}
-
-async fn servers_state(cli: &MasterCli, backend: &str) -> Result<ServersState, RuntimeError> {
-    let out = cli
-        .worker_command(&format!("show servers state {backend}"))
-        .await?;
-    haproxy::parse_servers_state(&out).ok_or_else(|| {
-        RuntimeError::Mismatch(format!(
-            "unexpected `show servers state` output: {}",
-            out.chars().take(200).collect::<String>()
-        ))
-    })
 }
 
 /// Checks that HAProxy runs what `plan` meant: every added or updated server with the
@@ -688,7 +241,7 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
     let id = |s: &Server| s.keyword("id").and_then(|v| v.parse::<u32>().ok());
     if present.iter().chain(&gone).all(|s| id(s).is_some()) {
         for s in &present {
-            let row = stat_row(cli, &s.backend, id(s).unwrap_or(0)).await?;
+            let row = cli.show_stat_server(&s.backend, id(s).unwrap_or(0)).await?;
             let want = endpoint(&s.addr, &s.port);
             let weight = s.weight().unwrap_or("1");
             let maint = s.admin() == AdminState::Maint;
@@ -708,7 +261,7 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
             }
         }
         for s in &gone {
-            let row = stat_row(cli, &s.backend, id(s).unwrap_or(0)).await?;
+            let row = cli.show_stat_server(&s.backend, id(s).unwrap_or(0)).await?;
             if row.is_some_and(|r| r.get("svname") == Some(&s.name)) {
                 return Err(RuntimeError::Mismatch(format!(
                     "{}/{}: still running after its removal",
@@ -719,7 +272,7 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
         return Ok(());
     }
     for be in plan.backends() {
-        let running = servers_state(cli, &be).await?;
+        let running = cli.show_servers_state(&be).await?;
         let want = plan.backend_info.get(&be).map_or(0, |b| b.servers);
         if running.len() != want {
             return Err(RuntimeError::Mismatch(format!(
@@ -780,301 +333,13 @@ fn endpoint(addr: &str, port: &str) -> String {
     }
 }
 
-/// The `show stat` row of server `sid` of `backend` by column name, `None` when there is
-/// no such server.
-async fn stat_row(
-    cli: &MasterCli,
-    backend: &str,
-    sid: u32,
-) -> Result<Option<BTreeMap<String, String>>, RuntimeError> {
-    let csv = cli
-        .worker_command(&format!("show stat {backend} 4 {sid}"))
-        .await?;
-    Ok(parse_stat_row(&csv, sid))
-}
-
-fn parse_stat_row(csv: &str, sid: u32) -> Option<BTreeMap<String, String>> {
-    let sid = sid.to_string();
-    haproxy::parse_stat(csv).into_iter().find(|row| {
-        row.get("sid") == Some(&sid) && row.get("svname").is_some_and(|n| n != "BACKEND")
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const BASE: &str = "global\n    maxconn 10\nbackend nodes\n    balance roundrobin\n";
-
-    fn cfg(servers: &[&str]) -> String {
-        let mut s = BASE.to_string();
-        for line in servers {
-            s.push_str(&format!("    {line}\n"));
-        }
-        s.push_str("frontend f\n    bind :80\n");
-        s
-    }
-
     #[test]
-    fn server_only_changes_make_a_plan() {
-        let old = cfg(&[
-            "server a 10.0.0.1:80 check weight 100",
-            "server b 10.0.0.2:80 check weight 100",
-        ]);
-        let new = cfg(&[
-            "server b 10.0.0.2:81 check weight 50",
-            "server c 10.0.0.3:80 check weight 100",
-        ]);
-        let p = plan(&old, &new).unwrap();
-        assert_eq!(
-            p.add.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-            ["c"]
-        );
-        assert_eq!(
-            p.remove.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-            ["a"]
-        );
-        assert_eq!(p.update.len(), 1);
-        assert_eq!(p.update[0].1.port, "81");
-        assert_eq!(p.backends(), ["nodes"]);
-        assert!(plan(&old, &old).unwrap().is_empty());
-    }
-
-    #[test]
-    fn drain_and_maintenance_are_changes_in_place() {
-        let old = cfg(&[
-            "server a 10.0.0.1:80 check weight 100 id 1",
-            "server b 10.0.0.2:80 check weight 100 id 2",
-            "server c 10.0.0.3:80 check weight 0 id 3 disabled",
-        ]);
-        let new = cfg(&[
-            "server a 10.0.0.1:80 check weight 0 id 1",
-            "server b 10.0.0.2:80 check weight 100 id 2 disabled",
-            "server c 10.0.0.3:80 check weight 100 id 3",
-            "server d 10.0.0.4:80 check weight 100 id 4 disabled",
-        ]);
-        let p = plan(&old, &new).unwrap();
-        assert!(p.remove.is_empty(), "{p:?}");
-        let states: Vec<(&str, AdminState, AdminState)> = p
-            .update
-            .iter()
-            .map(|(o, n)| (n.name.as_str(), o.admin(), n.admin()))
-            .collect();
-        assert_eq!(
-            states,
-            [
-                ("a", AdminState::Ready, AdminState::Drain),
-                ("b", AdminState::Ready, AdminState::Maint),
-                ("c", AdminState::Maint, AdminState::Ready),
-            ]
-        );
-        assert_eq!(p.add[0].admin(), AdminState::Maint);
-        assert!(!p.add[0].add_keywords(false).contains(&"disabled"));
-    }
-
-    #[test]
-    fn keyword_changes_replace_the_server_and_other_changes_need_a_reload() {
-        let old = cfg(&["server a 10.0.0.1:80 check"]);
-        let p = plan(&old, &cfg(&["server a 10.0.0.1:80 check backup"])).unwrap();
-        assert_eq!((p.add.len(), p.remove.len()), (1, 1));
-        assert!(plan(&old, &old.replace("maxconn 10", "maxconn 20")).is_none());
-        assert!(plan(&old, &format!("{old}backend other\n")).is_none());
-    }
-
-    #[test]
-    fn bulk_plans_reload() {
-        let limits = Limits::default();
-        let old = cfg(&[]);
-        let many: Vec<String> = (0..=limits.max_changes)
-            .map(|i| format!("server n{i} 10.0.0.1:{} check", 1000 + i))
-            .collect();
-        let refs: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert!(plan(&old, &cfg(&refs)).unwrap().too_big(&limits).is_some());
-        assert!(plan(&old, &cfg(&refs[..3]))
-            .unwrap()
-            .too_big(&limits)
-            .is_none());
-    }
-
-    fn with_dynamic_cookies(c: String) -> String {
-        c.replace(
-            "balance roundrobin",
-            "balance roundrobin\n    cookie S insert dynamic\n    dynamic-cookie-key k",
-        )
-    }
-
-    #[test]
-    fn joins_get_their_dynamic_cookie_one_server_at_a_time() {
-        let limits = Limits::default();
-        let big: Vec<String> = (0..=limits.max_cookie_servers)
-            .map(|i| format!("server n{i} 10.0.0.1:{} check", 1000 + i))
-            .collect();
-        let refs: Vec<&str> = big.iter().map(String::as_str).collect();
-        let old = with_dynamic_cookies(cfg(&refs[1..]));
-        // An IP address: HAProxy derives the cookie when the address is set, whatever the
-        // backend's size.
-        let p = plan(&old, &with_dynamic_cookies(cfg(&refs))).unwrap();
-        assert_eq!(p.backend_info["nodes"].servers, big.len());
-        assert_eq!(p.backend_info["nodes"].cookie_key.as_deref(), Some("k"));
-        assert_eq!(
-            p.cookie(&p.add[0]),
-            Cookie::Derived {
-                placeholder: "0.0.0.0"
-            }
-        );
-        assert!(p.too_big(&limits).is_none());
-        // The derived value written out is left to HAProxy; another value is passed on.
-        let derived = crate::apply::haproxy::dynamic_cookie("k", "10.0.0.9", 80).unwrap();
-        let join = |cookie: &str| {
-            let line = format!("server j 10.0.0.9:80 check cookie {cookie}");
-            let p = plan(&old, &with_dynamic_cookies(cfg(&[&line]))).unwrap();
-            let s = p.add.iter().find(|s| s.name == "j").unwrap().clone();
-            (p.cookie(&s), s.add_keywords(true).join(" "))
-        };
-        assert_eq!(
-            join(&derived),
-            (
-                Cookie::Derived {
-                    placeholder: "0.0.0.0"
-                },
-                "check pool-max-conn -1 pool-purge-delay 5s".to_string()
-            )
-        );
-        assert_eq!(join("other").0, Cookie::AsWritten);
-        // A hostname needs the backend-wide recomputation: only for small backends.
-        let mut with_host = refs.clone();
-        with_host[0] = "server n0 web-0.internal:80 check";
-        let p = plan(&old, &with_dynamic_cookies(cfg(&with_host))).unwrap();
-        assert_eq!(p.cookie(&p.add[0]), Cookie::BackendWide);
-        assert!(p.too_big(&limits).unwrap().contains("dynamic cookie"));
-        // Without dynamic cookies nothing is derived.
-        let p = plan(&cfg(&[]), &cfg(&["server a 10.0.0.1:80 cookie a"])).unwrap();
-        assert_eq!(p.cookie(&p.add[0]), Cookie::AsWritten);
-        assert_eq!(
-            p.add[0].add_keywords(false),
-            [
-                "cookie",
-                "a",
-                "pool-max-conn",
-                "-1",
-                "pool-purge-delay",
-                "5s"
-            ]
-        );
-    }
-
-    #[test]
-    fn the_cookie_key_may_come_from_defaults() {
-        let c = "defaults\n    dynamic-cookie-key d\nbackend b\n    cookie S insert dynamic\n    server x 10.0.0.1:80\n";
-        let lines: Vec<&str> = c.lines().collect();
-        let backends = backend_info(&lines);
-        assert_eq!(backends["b"].cookie_key.as_deref(), Some("d"));
-        assert!(backends["b"].dynamic_cookie);
-    }
-
-    #[test]
-    fn a_stat_row_is_read_by_column_name() {
-        let csv = "# pxname,svname,qcur,scur,weight,sid,addr,uweight\nnodes,s2,0,3,1,20001,127.0.0.1:3001,1\n\n";
-        let row = parse_stat_row(csv, 20001).unwrap();
-        assert_eq!(row["scur"], "3");
-        assert_eq!(row["addr"], "127.0.0.1:3001");
-        assert!(parse_stat_row(csv, 7).is_none());
-        assert!(parse_stat_row("# pxname,svname,sid\n", 1).is_none());
-    }
-
-    #[test]
-    fn ipv6_addresses_split_at_the_last_colon() {
-        let (_, s) = split("backend b\n    server x ::1:3000 check\n");
-        let p = plan(
-            "backend b\n    cookie S insert dynamic\n",
-            "backend b\n    cookie S insert dynamic\n    server x ::1:3000 check\n",
-        )
-        .unwrap();
-        assert_eq!(p.cookie(&p.add[0]), Cookie::Derived { placeholder: "::" });
-        let x = &s[&("b".to_string(), "x".to_string())];
-        assert_eq!((x.addr.as_str(), x.port.as_str()), ("::1", "3000"));
-        assert_eq!(
-            endpoint(&x.addr, &x.port),
-            "[::1]:3000",
-            "as show stat writes it"
-        );
+    fn ipv6_endpoints_are_bracketed_as_show_stat_writes_them() {
+        assert_eq!(endpoint("::1", "3000"), "[::1]:3000");
         assert_eq!(endpoint("10.0.0.1", "80"), "10.0.0.1:80");
-    }
-
-    /// The plan from whole-config splits (what `plan` computed before it parsed only the
-    /// differing lines).
-    fn plan_whole(old: &str, new: &str) -> Option<(Vec<String>, Vec<String>, Vec<String>)> {
-        let (os, oserv) = split(old);
-        let (ns, nserv) = split(new);
-        if os != ns {
-            return None;
-        }
-        let name = |s: &Server| format!("{}/{}", s.backend, s.name);
-        let mut add = Vec::new();
-        let mut remove = Vec::new();
-        let mut update = Vec::new();
-        for (k, n) in &nserv {
-            match oserv.get(k) {
-                None => add.push(name(n)),
-                Some(o) if o == n => {}
-                Some(o) if o.keywords_without_state() == n.keywords_without_state() => {
-                    update.push(name(n))
-                }
-                Some(o) => {
-                    remove.push(name(o));
-                    add.push(name(n));
-                }
-            }
-        }
-        for (k, o) in &oserv {
-            if !nserv.contains_key(k) {
-                remove.push(name(o));
-            }
-        }
-        add.sort();
-        remove.sort();
-        update.sort();
-        Some((add, remove, update))
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn parsing_only_the_differing_lines_plans_the_same(
-            a in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),
-            b in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),
-            c in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),
-            d in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),
-            both in proptest::bool::ANY,
-            skel_change in 0u8..6,
-        ) {
-            let backend = |name: &str, servers: &std::collections::BTreeMap<u8, u8>, extra: &str| {
-                let mut s = format!("backend {name}\n    balance roundrobin{extra}\n");
-                for (i, v) in servers {
-                    s.push_str(&format!("    server s{i} 10.0.0.{i}:{} check weight {}\n", 80 + u16::from(*v % 2), 10 * (1 + u32::from(*v))));
-                }
-                s
-            };
-            let old = format!("global\n    maxconn 10\n{}{}frontend f\n    bind :80\n", backend("one", &a, ""), backend("two", &b, ""));
-            let extra = if skel_change == 0 { "\n    option httpchk" } else { "" };
-            let two = if both { &d } else { &b };
-            let new = format!("global\n    maxconn 10\n{}{}frontend f\n    bind :80\n", backend("one", &c, extra), backend("two", two, ""));
-            let p = plan(&old, &new);
-            let want = plan_whole(&old, &new);
-            proptest::prop_assert_eq!(p.is_some(), want.is_some());
-            if let (Some(p), Some((add, remove, update))) = (p, want) {
-                let name = |s: &Server| format!("{}/{}", s.backend, s.name);
-                let mut got_add: Vec<String> = p.add.iter().map(name).collect();
-                let mut got_remove: Vec<String> = p.remove.iter().map(name).collect();
-                let mut got_update: Vec<String> = p.update.iter().map(|(_, n)| name(n)).collect();
-                got_add.sort();
-                got_remove.sort();
-                got_update.sort();
-                proptest::prop_assert_eq!(got_add, add);
-                proptest::prop_assert_eq!(got_remove, remove);
-                proptest::prop_assert_eq!(got_update, update);
-                proptest::prop_assert_eq!(p.backend_info["one"].servers, c.len());
-                proptest::prop_assert_eq!(p.backend_info["two"].servers, two.len());
-            }
-        }
     }
 }

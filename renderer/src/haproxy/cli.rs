@@ -1,0 +1,237 @@
+//! HAProxy's master CLI (`-S`): master commands (`show proc`, `reload`) on a connection of
+//! their own, worker commands (`@1 …`) on one shared interactive session. Each reload is
+//! confirmed, never assumed (a SIGUSR2 sent while the master is still starting has been
+//! seen to get lost). The typed worker commands are in [`super::commands`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::{HaproxyError, ProcTable};
+
+/// True when nothing has arrived on `s` and the master has not closed it.
+fn still_open(s: &UnixStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Reads one answer of an interactive session, up to and without the prompt.
+async fn read_answer(s: &mut UnixStream) -> std::io::Result<String> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the master CLI closed the session",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = ends_with_prompt(&buf) {
+            buf.truncate(end);
+            return Ok(String::from_utf8_lossy(&buf).into_owned());
+        }
+    }
+}
+
+/// How long one CLI exchange may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a reload may take to show up in `show proc` before it is sent again.
+const RELOAD_CONFIRM: Duration = Duration::from_secs(10);
+/// Reload attempts before giving up.
+const RELOAD_ATTEMPTS: u32 = 3;
+
+/// A client for HAProxy's master CLI socket (`-S`).
+///
+/// Master commands (`show proc`, `reload`) get a connection each. Commands for the worker
+/// share one interactive session (`prompt` mode: every answer ends with the master's
+/// prompt), which saves a connect per command: 0.09 ms instead of 0.16 ms, four of them
+/// per join. The session is checked before each use and opened again when the master
+/// closed it (a reload re-executes the master; idle sessions time out).
+#[derive(Debug, Clone)]
+pub struct MasterCli {
+    pub path: PathBuf,
+    session: std::sync::Arc<tokio::sync::Mutex<Option<UnixStream>>>,
+}
+
+/// True when `answer` ends with the master CLI's prompt (`master> `, or with its
+/// decorations: `[0:00:01:02] master[ReloadFailed](xe)> `) on a line of its own.
+fn ends_with_prompt(answer: &[u8]) -> Option<usize> {
+    let start = answer
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |i| i + 1);
+    let last = std::str::from_utf8(&answer[start..])
+        .ok()?
+        .strip_suffix("> ")?;
+    let last = match last.strip_prefix('[') {
+        Some(rest) => rest.split_once("] ")?.1,
+        None => last,
+    };
+    last.starts_with("master").then_some(start)
+}
+
+impl MasterCli {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        MasterCli {
+            path: path.into(),
+            session: Default::default(),
+        }
+    }
+
+    /// Sends one command line and returns the whole answer.
+    pub async fn command(&self, cmd: &str) -> Result<String, HaproxyError> {
+        let exchange = async {
+            let mut s = UnixStream::connect(&self.path).await?;
+            s.write_all(format!("{cmd}\n").as_bytes()).await?;
+            // Without the half-close the master keeps the session open for more commands.
+            s.shutdown().await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            Ok::<_, std::io::Error>(out)
+        };
+        match tokio::time::timeout(CLI_TIMEOUT, exchange).await {
+            Ok(r) => r.map_err(|source| self.err(source)),
+            Err(_) => Err(self.err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer to {cmd:?} within {CLI_TIMEOUT:?}"),
+            ))),
+        }
+    }
+
+    /// Sends a command to the current worker (`@1 …`) through the master, on the shared
+    /// interactive session.
+    pub async fn worker_command(&self, cmd: &str) -> Result<String, HaproxyError> {
+        if cmd.contains(['\n', ';']) {
+            // One command per exchange: a second one would be answered after our prompt.
+            return self.command(&format!("@1 {cmd}")).await;
+        }
+        let mut session = self.session.lock().await;
+        let exchange = async {
+            let stream = match session.take() {
+                Some(s) if still_open(&s) => s,
+                _ => {
+                    let mut s = UnixStream::connect(&self.path).await?;
+                    s.write_all(b"prompt\n").await?;
+                    read_answer(&mut s).await?;
+                    s
+                }
+            };
+            let mut stream = stream;
+            stream.write_all(format!("@1 {cmd}\n").as_bytes()).await?;
+            let answer = read_answer(&mut stream).await?;
+            *session = Some(stream);
+            Ok::<_, std::io::Error>(answer)
+        };
+        match tokio::time::timeout(CLI_TIMEOUT, exchange).await {
+            Ok(r) => r.map_err(|source| self.err(source)),
+            Err(_) => Err(self.err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer to {cmd:?} within {CLI_TIMEOUT:?}"),
+            ))),
+        }
+    }
+
+    fn err(&self, source: std::io::Error) -> HaproxyError {
+        HaproxyError::Cli {
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    pub async fn show_proc(&self) -> Result<ProcTable, HaproxyError> {
+        let out = self.command("show proc").await?;
+        ProcTable::parse(&out).ok_or(HaproxyError::ShowProc(out.chars().take(500).collect()))
+    }
+
+    /// Waits until the master answers and has a worker.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<ProcTable, HaproxyError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.show_proc().await {
+                Ok(t) if !t.workers.is_empty() => return Ok(t),
+                Ok(_) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Ok(_) => return Err(HaproxyError::NotReady(timeout)),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reloads and confirms: the master's reload counter must move, without a new failure,
+    /// and a new worker must be current. Resends if nothing happened.
+    pub async fn reload(&self) -> Result<ProcTable, HaproxyError> {
+        let before = self.wait_ready(RELOAD_CONFIRM).await?;
+        for attempt in 1..=RELOAD_ATTEMPTS {
+            // The master re-executes itself on reload and never answers this command.
+            let send = async {
+                let mut s = UnixStream::connect(&self.path).await?;
+                s.write_all(b"reload\n").await?;
+                s.shutdown().await
+            };
+            if let Err(e) = tokio::time::timeout(CLI_TIMEOUT, send)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "send timed out",
+                    ))
+                })
+            {
+                warn!(error = %e, attempt, "could not send reload to the master CLI");
+            }
+            let deadline = Instant::now() + RELOAD_CONFIRM;
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let Ok(now) = self.show_proc().await else {
+                    continue;
+                };
+                if now.reloads <= before.reloads {
+                    continue;
+                }
+                if now.failed > before.failed {
+                    return Err(HaproxyError::ReloadFailed);
+                }
+                if now.current_worker().is_some() && now.current_worker() != before.current_worker()
+                {
+                    return Ok(now);
+                }
+            }
+            warn!(
+                attempt,
+                "reload not confirmed by the master; sending it again"
+            );
+        }
+        Err(HaproxyError::NotConfirmed {
+            attempts: RELOAD_ATTEMPTS,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_master_prompt_ends_an_answer() {
+        assert_eq!(ends_with_prompt(b"master> "), Some(0));
+        assert_eq!(
+            ends_with_prompt(b"New server registered.\n\nmaster> "),
+            Some(24)
+        );
+        assert_eq!(
+            ends_with_prompt(b"x\n[0:00:01:02] master[ReloadFailed](xe)> "),
+            Some(2)
+        );
+        // Not (yet) the end: a worker's line, a partial prompt, a prompt inside a line.
+        assert_eq!(ends_with_prompt(b"# be_id be_name srv_id\n1 b> "), None);
+        assert_eq!(ends_with_prompt(b"ok\nmaster"), None);
+        assert_eq!(ends_with_prompt(b"ok\nsee master> "), None);
+    }
+}

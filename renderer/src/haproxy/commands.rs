@@ -1,0 +1,214 @@
+//! The runtime API commands the renderer sends to the current worker (`@1 …` through the
+//! master CLI), one typed method each, with the answer that means HAProxy did what was
+//! asked (HAProxy 2.6 and 3.0 answer alike; see `cli_parse_*_server()` in src/server.c).
+//! Every runtime command line is spelled here and nowhere else.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use registry::AdminState;
+use tracing::debug;
+
+use super::{parse, HaproxyError, MasterCli, ServersState};
+
+/// A server as the runtime API names it: `<backend>/<server>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerRef<'a> {
+    pub backend: &'a str,
+    pub name: &'a str,
+}
+
+impl fmt::Display for ServerRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.backend, self.name)
+    }
+}
+
+/// Answers that mean success for most `set`/`enable` commands: nothing at all.
+fn quiet(answer: &str) -> bool {
+    answer.is_empty()
+}
+
+/// Keeps a refused answer short enough for a log line.
+fn short(answer: &str) -> String {
+    answer.trim().chars().take(300).collect()
+}
+
+impl MasterCli {
+    /// Sends `command` to the worker: `Ok` when `ok` accepts the (trimmed) answer,
+    /// [`HaproxyError::Refused`] otherwise.
+    async fn expect(&self, command: String, ok: impl Fn(&str) -> bool) -> Result<(), HaproxyError> {
+        let answer = self.worker_command(&command).await?;
+        let answer = answer.trim();
+        debug!(%command, %answer, "runtime API");
+        if ok(answer) {
+            Ok(())
+        } else {
+            Err(HaproxyError::Refused {
+                command,
+                answer: short(answer),
+            })
+        }
+    }
+
+    /// `add server <backend>/<name> <addr>:<port> <keywords…>`: the server starts in
+    /// maintenance, with its health checks stopped.
+    pub async fn add_server(
+        &self,
+        s: ServerRef<'_>,
+        addr: &str,
+        port: &str,
+        keywords: &[&str],
+    ) -> Result<(), HaproxyError> {
+        let command = format!("add server {s} {addr}:{port} {}", keywords.join(" "));
+        self.expect(command.trim_end().to_string(), |a| {
+            a.contains("New server registered")
+        })
+        .await
+    }
+
+    /// `set server … addr <addr> port <port>`, whether or not anything changes.
+    pub async fn set_addr(
+        &self,
+        s: ServerRef<'_>,
+        addr: &str,
+        port: &str,
+    ) -> Result<(), HaproxyError> {
+        self.expect(format!("set server {s} addr {addr} port {port}"), |a| {
+            a.is_empty() || a.contains("changed") || a.contains("no need to change")
+        })
+        .await
+    }
+
+    /// `set server … addr <addr> port <port>` for a server added on a placeholder address:
+    /// the IP must change, which is when HAProxy derives its dynamic cookie.
+    pub async fn move_to_addr(
+        &self,
+        s: ServerRef<'_>,
+        addr: &str,
+        port: &str,
+    ) -> Result<(), HaproxyError> {
+        self.expect(format!("set server {s} addr {addr} port {port}"), |a| {
+            a.contains("IP changed")
+        })
+        .await
+    }
+
+    /// `set server … addr <placeholder>`: HAProxy closes the server's idle connections at
+    /// once when its address changes (`srv_cleanup_connections()`). Any answer will do.
+    pub async fn drop_idle_connections(
+        &self,
+        s: ServerRef<'_>,
+        placeholder: &str,
+    ) -> Result<(), HaproxyError> {
+        self.expect(format!("set server {s} addr {placeholder}"), |_| true)
+            .await
+    }
+
+    /// `set server … weight <w>`.
+    pub async fn set_weight(&self, s: ServerRef<'_>, weight: &str) -> Result<(), HaproxyError> {
+        self.expect(format!("set server {s} weight {weight}"), quiet)
+            .await
+    }
+
+    /// `set server … state ready|drain|maint`. Drain is HAProxy's own drain flag (`show
+    /// stat` says DRAIN); ready clears drain and maintenance.
+    pub async fn set_server_state(
+        &self,
+        s: ServerRef<'_>,
+        state: AdminState,
+    ) -> Result<(), HaproxyError> {
+        self.expect(format!("set server {s} state {}", state.as_str()), quiet)
+            .await
+    }
+
+    /// `enable server …`: out of maintenance.
+    pub async fn enable_server(&self, s: ServerRef<'_>) -> Result<(), HaproxyError> {
+        self.expect(format!("enable server {s}"), quiet).await
+    }
+
+    /// `enable health …`: starts the server's health checks.
+    pub async fn enable_health(&self, s: ServerRef<'_>) -> Result<(), HaproxyError> {
+        self.expect(format!("enable health {s}"), quiet).await
+    }
+
+    /// `disable health …`: stops the check task. Any answer will do (a server without
+    /// checks has none to stop).
+    pub async fn disable_health(&self, s: ServerRef<'_>) -> Result<(), HaproxyError> {
+        self.expect(format!("disable health {s}"), |_| true).await
+    }
+
+    /// `del server …`. While the server still has connections (2.6 keeps idle ones until
+    /// `pool-purge-delay`) HAProxy refuses with [`HaproxyError::StillHasConnections`],
+    /// which is worth retrying; any other refusal is [`HaproxyError::Refused`].
+    pub async fn del_server(&self, s: ServerRef<'_>) -> Result<(), HaproxyError> {
+        let command = format!("del server {s}");
+        let answer = self.worker_command(&command).await?;
+        debug!(%command, answer = %answer.trim(), "runtime API");
+        if answer.contains("Server deleted") {
+            Ok(())
+        } else if answer.contains("still has connections") {
+            Err(HaproxyError::StillHasConnections {
+                command,
+                answer: short(&answer),
+            })
+        } else {
+            Err(HaproxyError::Refused {
+                command,
+                answer: short(&answer),
+            })
+        }
+    }
+
+    /// `shutdown sessions server …`: ends the server's sessions. Any answer will do.
+    pub async fn shutdown_sessions(&self, s: ServerRef<'_>) -> Result<(), HaproxyError> {
+        self.expect(format!("shutdown sessions server {s}"), |_| true)
+            .await
+    }
+
+    /// `enable dynamic-cookie backend <backend>`: HAProxy derives every server's dynamic
+    /// cookie again (the only way for a server whose address is a hostname).
+    pub async fn enable_dynamic_cookie(&self, backend: &str) -> Result<(), HaproxyError> {
+        self.expect(format!("enable dynamic-cookie backend {backend}"), quiet)
+            .await
+    }
+
+    /// `show servers state <backend>`, by server name.
+    pub async fn show_servers_state(&self, backend: &str) -> Result<ServersState, HaproxyError> {
+        let command = format!("show servers state {backend}");
+        let out = self.worker_command(&command).await?;
+        parse::parse_servers_state(&out).ok_or_else(|| HaproxyError::Unexpected {
+            command,
+            answer: out.chars().take(200).collect(),
+        })
+    }
+
+    /// The `show stat <backend> 4 <sid>` row of server `sid` by column name; `None` when
+    /// the backend has no such server. ~0.3 ms, where a whole backend's `show stat` is
+    /// ~300 bytes per server.
+    pub async fn show_stat_server(
+        &self,
+        backend: &str,
+        sid: u32,
+    ) -> Result<Option<BTreeMap<String, String>>, HaproxyError> {
+        let csv = self
+            .worker_command(&format!("show stat {backend} 4 {sid}"))
+            .await?;
+        Ok(parse::stat_row(&csv, sid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_is_named_backend_slash_name() {
+        let s = ServerRef {
+            backend: "nodes",
+            name: "web-1",
+        };
+        assert_eq!(s.to_string(), "nodes/web-1");
+        assert_eq!(short(&format!("  {}  ", "x".repeat(400))).len(), 300);
+    }
+}
