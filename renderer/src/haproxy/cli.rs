@@ -95,13 +95,7 @@ impl MasterCli {
             s.read_to_string(&mut out).await?;
             Ok::<_, std::io::Error>(out)
         };
-        match tokio::time::timeout(CLI_TIMEOUT, exchange).await {
-            Ok(r) => r.map_err(|source| self.err(source)),
-            Err(_) => Err(self.err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no answer to {cmd:?} within {CLI_TIMEOUT:?}"),
-            ))),
-        }
+        self.bounded(cmd, exchange).await
     }
 
     /// Sends a command to the current worker (`@1 …`) through the master, on the shared
@@ -128,6 +122,15 @@ impl MasterCli {
             *session = Some(stream);
             Ok::<_, std::io::Error>(answer)
         };
+        self.bounded(cmd, exchange).await
+    }
+
+    /// Runs one exchange about `cmd` within [`CLI_TIMEOUT`].
+    async fn bounded(
+        &self,
+        cmd: &str,
+        exchange: impl std::future::Future<Output = std::io::Result<String>>,
+    ) -> Result<String, HaproxyError> {
         match tokio::time::timeout(CLI_TIMEOUT, exchange).await {
             Ok(r) => r.map_err(|source| self.err(source)),
             Err(_) => Err(self.err(std::io::Error::new(
