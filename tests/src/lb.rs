@@ -150,6 +150,23 @@ impl Lb {
         .await;
     }
 
+    /// Waits up to `timeout` until the config file's `server <name>` line contains `part`
+    /// (a live change reaches the file once its background check is done).
+    pub async fn wait_server_line(&self, name: &str, part: &str, timeout: Duration) {
+        let head = format!("server {name} ");
+        eventually(
+            timeout,
+            &format!("the file's {head}line has {part:?}"),
+            || async {
+                self.config()
+                    .lines()
+                    .any(|l| l.contains(&head) && l.contains(part))
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
     /// The rendered config on disk.
     pub fn config(&self) -> String {
         std::fs::read_to_string(&self.cfg).unwrap_or_default()

@@ -130,26 +130,14 @@ async fn drain_maintenance_and_weight_go_live_under_load_without_a_reload() {
     let drain = wait_live_all(&both, "s1", "DRAIN", "0", t).await;
     takes_no_new_requests(&m, "s1", &["s2", "s3"], 500).await;
     // The file follows a live change once its check is done.
-    eventually(T, "the file drains s1", || async {
-        lb.config()
-            .lines()
-            .any(|l| l.contains("server s1 ") && l.contains(" weight 0 "))
-            .then_some(())
-    })
-    .await;
+    lb.wait_server_line("s1", " weight 0 ", T).await;
 
     // Maintenance: MAINT, no requests; the file says disabled.
     let t = Instant::now();
     etcd.put(&admin_key("s2"), r#"{"state":"maint"}"#).await;
     let maint = wait_live_all(&both, "s2", "MAINT", "100", t).await;
     takes_no_new_requests(&m, "s2", &["s3"], 500).await;
-    eventually(T, "the file has s2 disabled", || async {
-        lb.config()
-            .lines()
-            .any(|l| l.contains("server s2 ") && l.contains(" disabled"))
-            .then_some(())
-    })
-    .await;
+    lb.wait_server_line("s2", " disabled", T).await;
 
     // `lb-renderer status` names each instance's state and reason, and admin keys with no
     // instance.

@@ -190,13 +190,8 @@ async fn tls_auth_and_least_privilege_roles() {
         ],
     );
     assert!(ok, "{out}");
-    eventually(T, "the operator's maintenance applied", || async {
-        lb.config()
-            .lines()
-            .any(|l| l.contains("server s1 ") && l.contains(" disabled"))
-            .then_some(())
-    })
-    .await;
+    // The operator's maintenance applied.
+    lb.wait_server_line("s1", " disabled", T).await;
     // A registrar for another service with webapp's credentials: one clear error naming
     // the key and the permission, exit 64, nothing written.
     // (the registrar's client certificate; the user is what the password authenticates)
