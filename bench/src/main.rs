@@ -57,6 +57,10 @@ struct Args {
     /// run must then report violations (proves the checker can fail).
     #[arg(long)]
     sabotage: bool,
+    /// `chaos` only: never kill or freeze load balancer 2's renderer or app 1's registrar,
+    /// so their memory and open files are measured over the whole run.
+    #[arg(long)]
+    spare: bool,
     /// `chaos` only: write the timeline (faults, registry and live sizes) as SVG.
     #[arg(long, value_name = "FILE")]
     timeline_svg: Option<std::path::PathBuf>,
@@ -149,6 +153,7 @@ fn main() {
     if args.scenarios.iter().any(|s| s == "chaos") {
         let o = e2e::chaos::Options {
             sabotage: args.sabotage,
+            spare: args.spare,
             ..e2e::chaos::Options::new(args.seed, args.duration)
         };
         eprintln!("schedule: {:?}", e2e::chaos::schedule(&o));

@@ -72,6 +72,9 @@ pub struct Daemon {
     watchdog: observe::notify::Watchdog,
     /// SIGHUPs: read the templates again.
     hup: Option<mpsc::Receiver<()>>,
+    /// When HAProxy's servers are next compared with the config it was given (every
+    /// `--resync`, like the registry's listing: the same safety net on the other side).
+    next_live_check: Option<Instant>,
 }
 
 impl Daemon {
@@ -82,6 +85,7 @@ impl Daemon {
         metrics: metrics::Metrics,
         state: std::sync::Arc<metrics::State>,
     ) -> Self {
+        let next_live_check = config.resync.map(|p| Instant::now() + p);
         Daemon {
             model: Model::new(&config.prefix),
             data: TemplateData::new(),
@@ -98,6 +102,7 @@ impl Daemon {
             check: None,
             next_check_at: Instant::now(),
             next_probe: Instant::now() + PROBE_EVERY,
+            next_live_check,
             retry_at: None,
             hold: None,
             peaks: BTreeMap::new(),
@@ -226,6 +231,12 @@ impl Daemon {
                 _ = tokio::time::sleep_until(self.retry_at.unwrap_or_else(far)), if self.retry_at.is_some() => {
                     self.retry_at = None;
                     self.coalescer.changed(Instant::now());
+                }
+                _ = tokio::time::sleep_until(self.next_live_check.unwrap_or_else(far)), if self.synced && self.next_live_check.is_some() => {
+                    self.next_live_check = self.config.resync.map(|p| Instant::now() + p);
+                    if self.applier.check_live().await {
+                        self.coalescer.changed(Instant::now());
+                    }
                 }
                 _ = tokio::time::sleep_until(self.next_probe), if self.synced && matches!(self.applier.reloader, crate::apply::Reloader::Master(_)) => {
                     self.next_probe = Instant::now() + PROBE_EVERY;

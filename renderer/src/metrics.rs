@@ -50,6 +50,7 @@ pub struct Metrics {
     pub watch_reconnects: Counter,
     pub resyncs: Family<ReasonLabel, Counter>,
     pub drift: Family<ChangeLabel, Counter>,
+    pub haproxy_drift: Counter,
     pub records_skipped: Family<ReasonLabel, Counter>,
     pub renders: Family<ResultLabel, Counter>,
     pub applies: Family<ResultLabel, Counter>,
@@ -77,6 +78,7 @@ impl Metrics {
             watch_reconnects: Counter::default(),
             resyncs: Family::default(),
             drift: Family::default(),
+            haproxy_drift: Counter::default(),
             records_skipped: Family::default(),
             renders: Family::default(),
             applies: Family::default(),
@@ -142,6 +144,11 @@ impl Metrics {
         );
         r.register("renderer_resyncs", "Listings of the registry by reason: initial, compaction and store_replaced replace the model; reconnect and periodic verify the watch against it", m.resyncs.clone());
         r.register("renderer_resync_drift", "Keys a verifying listing found the watch had not delivered (change: put or delete), repaired from the listing: etcd lost an event", m.drift.clone());
+        r.register(
+            "renderer_haproxy_drift",
+            "Comparisons that found HAProxy running other servers than the config it was given (a renderer stopped between a live change and its file, a change by hand through the runtime API); each repaired by a reload",
+            m.haproxy_drift.clone(),
+        );
         r.register(
             "renderer_records_skipped",
             "Registry records skipped as invalid, by reason",

@@ -43,6 +43,10 @@ pub struct Options {
     /// Freeze load balancer 1's renderer after the first fault, for good: the checker must
     /// report it.
     pub sabotage: bool,
+    /// Never kill, freeze or restart load balancer 2's renderer or app 1's registrar, so
+    /// one of each lives the whole run (its memory and open files start → end are then a
+    /// true long-run figure).
+    pub spare: bool,
     pub apps: usize,
     /// Registrar lease TTL, seconds.
     pub ttl: u64,
@@ -54,6 +58,7 @@ impl Options {
             seed,
             duration,
             sabotage: false,
+            spare: false,
             apps: 8,
             ttl: 3,
         }
@@ -163,14 +168,22 @@ pub fn schedule(o: &Options) -> Vec<Planned> {
                 0
             }
             "registrar_kill" | "registrar_freeze" | "app_restart" => {
-                let t = rng.below(o.apps);
+                let t = if o.spare {
+                    1 + rng.below(o.apps - 1)
+                } else {
+                    rng.below(o.apps)
+                };
                 at = at.max(app_free[t]);
                 app_free[t] = at + length + Duration::from_secs(ttl / 1000 + 2);
                 t
             }
             "renderer_kill" | "haproxy_restart" | "disk_full" => {
                 // Under --sabotage, load balancer 1's renderer stays frozen: not restarted.
-                let t = if o.sabotage { 0 } else { rng.below(2) };
+                let t = if o.sabotage || (o.spare && kind == "renderer_kill") {
+                    0
+                } else {
+                    rng.below(2)
+                };
                 at = at.max(lb_free[t]);
                 lb_free[t] = at + length + Duration::from_secs(2);
                 t
@@ -1569,5 +1582,18 @@ mod tests {
         assert!(schedule(&sabotage)
             .iter()
             .all(|p| p.kind != "renderer_kill" || p.target == 0));
+        let spare = Options {
+            spare: true,
+            ..o.clone()
+        };
+        let spared = schedule(&spare);
+        for kind in KINDS {
+            assert!(spared.iter().any(|p| p.kind == kind), "{kind} missing");
+        }
+        assert!(spared.iter().all(|p| match p.kind {
+            "renderer_kill" => p.target == 0,
+            "registrar_kill" | "registrar_freeze" | "app_restart" => p.target != 0,
+            _ => true,
+        }));
     }
 }

@@ -1,6 +1,8 @@
 //! Failure behaviour with real processes: quarantine of a record HAProxy rejects, the
 //! --min-instances guard, a frozen registrar, HAProxy dying under the renderer, a renderer
-//! restarted under a running HAProxy, and etcd killed during a burst.
+//! restarted under a running HAProxy (also one killed between a live join and its file),
+//! etcd killed during a burst, HAProxy restarted by its supervisor, a server added to
+//! HAProxy by hand.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a test failure
 
@@ -262,4 +264,99 @@ async fn haproxy_restarted_by_its_supervisor_gets_the_live_changes_again() {
             .then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renderer_killed_between_a_live_join_and_its_file_leaves_no_ghost() {
+    // HAProxy on its own, the renderer through its master CLI with a slow file check: a
+    // join goes live, the renderer is killed before the join's file is written, and the
+    // instance leaves while no renderer runs. The next renderer must not trust the file
+    // to be what HAProxy runs: it compares, finds the join, and reloads HAProxy from the
+    // registry's config (the chaos run's ghost: 270 servers stayed in HAProxy).
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s1, s2) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let lb = Standalone::prepare(dir.path(), &etcd).await;
+    let _haproxy = lb.haproxy("haproxy");
+    let (http_port, cfg, master) = (lb.http_port, lb.cfg.clone(), lb.master.clone());
+    wait_routed(http_port, &["s1"], T).await;
+    let mut first = lb.renderer(
+        "renderer-1",
+        &["--check-cmd", "sh -c 'sleep 60 && haproxy -c -f {}'"],
+    );
+    eventually(T, "the first renderer is following", || async {
+        first.log().contains("apply").then_some(())
+    })
+    .await;
+    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    wait_routed(http_port, &["s1", "s2"], T).await;
+    first.kill();
+    assert!(
+        !std::fs::read_to_string(&cfg)
+            .unwrap()
+            .contains("server s2 "),
+        "the file was still being checked"
+    );
+    etcd.delete(&registry::instance_key("/services", "webapp", "s2"))
+        .await;
+
+    let second = lb.renderer("renderer-2", &[]);
+    wait_routed(http_port, &["s1"], T).await;
+    let state = master_cli(&master, "@1 show servers state nodes").await;
+    assert!(!state.contains(" s2 "), "{state}");
+    let log = second.log();
+    assert!(
+        log.contains("HAProxy does not run the config on disk") && log.contains("nodes/s2"),
+        "{log}"
+    );
+    // One reload (the repair), none for the start of HAProxy.
+    let proc_out = master_cli(&master, "show proc").await;
+    assert!(proc_out.contains("1 [failed: 0]"), "{proc_out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_added_by_hand_through_the_runtime_api_is_found_by_the_live_check() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (s1, s2) = (
+        Backend::start(dir.path(), "s1"),
+        Backend::start(dir.path(), "s2"),
+    );
+    put_instance(&etcd, "webapp", "s1", s1.port).await;
+    let lb = Standalone::prepare(dir.path(), &etcd).await;
+    let _haproxy = lb.haproxy("haproxy");
+    let (http_port, master) = (lb.http_port, lb.master.clone());
+    wait_routed(http_port, &["s1"], T).await;
+    let r = lb.renderer("renderer", &["--resync", "1s"]);
+    eventually(T, "the renderer is following", || async {
+        r.log().contains("apply").then_some(())
+    })
+    .await;
+    // Something else than the renderer (a hand, a script) adds a server HAProxy serves.
+    let added = master_cli(
+        &master,
+        &format!("@1 add server nodes/byhand 127.0.0.1:{}", s2.port),
+    )
+    .await;
+    assert!(added.contains("New server registered"), "{added}");
+    master_cli(&master, "@1 enable server nodes/byhand").await;
+    eventually(
+        T,
+        "the renderer names the server and reloads it away",
+        || async {
+            let log = r.log();
+            let state = master_cli(&master, "@1 show servers state nodes").await;
+            (log.contains("HAProxy runs other servers than it was given")
+                && log.contains("nodes/byhand: running, not in the config")
+                && state.contains(" s1 ")
+                && !state.contains(" byhand "))
+            .then_some(())
+        },
+    )
+    .await;
+    wait_routed(http_port, &["s1"], T).await;
 }

@@ -199,6 +199,9 @@ pub struct Applier {
     /// The last reload failed without HAProxy refusing the config (the master could not be
     /// reached, or did not confirm): tried again once the master answers.
     reload_unreached: bool,
+    /// What an HAProxy started elsewhere runs was compared with the files it should run
+    /// ([`Applier::adopt`]).
+    adopted: bool,
 }
 
 fn count(
@@ -244,10 +247,15 @@ impl Applier {
             metrics,
             known_master: None,
             reload_unreached: false,
+            adopted: false,
         }
     }
 
     pub async fn apply(&mut self, renderer: &Renderer, ctx: &handlebars::Context) -> Report {
+        if !self.adopted {
+            // Boxed: run once, it need not make every apply's future larger.
+            Box::pin(self.adopt()).await;
+        }
         let mut report = Report::default();
         let mut need_reload = false;
         let m = self.metrics.clone();
@@ -537,6 +545,84 @@ impl Applier {
         Some((what, lost))
     }
 
+    /// Before the first apply to an HAProxy started elsewhere (master CLI mode): it runs
+    /// what the renderer before us told it, which is the file on disk only if that
+    /// renderer wrote the file of every live change before it stopped (a graceful stop
+    /// does; a crash between a live change and its file does not). Compares the servers
+    /// HAProxy runs with the file's, weights and maintenance included; on any difference
+    /// forgets what it runs, so the first apply reloads it from a freshly written file
+    /// rather than plan live changes from a file it does not run (which would leave
+    /// servers the registry no longer has in HAProxy). A master that does not answer is
+    /// asked again at the next apply.
+    async fn adopt(&mut self) {
+        let Reloader::Master(cli) = &self.reloader else {
+            self.adopted = true;
+            return;
+        };
+        for t in &mut self.targets {
+            let Some(running) = t.running.as_deref() else {
+                continue;
+            };
+            match runtime::drift(cli, &String::from_utf8_lossy(running), true).await {
+                Ok(differences) if differences.is_empty() => {}
+                Ok(differences) => {
+                    warn!(
+                        dest = %t.file.dest.display(),
+                        count = differences.len(),
+                        differences = ?&differences[..differences.len().min(10)],
+                        "HAProxy does not run the config on disk (live changes of a renderer stopped before it wrote their file?); reloading it from the registry's config"
+                    );
+                    self.metrics.haproxy_drift.inc();
+                    t.running = None;
+                }
+                Err(e) => {
+                    debug!(error = %e, "cannot compare HAProxy's servers with the file yet");
+                    return;
+                }
+            }
+        }
+        self.adopted = true;
+    }
+
+    /// Compares the servers HAProxy runs with the state it was given (membership, address
+    /// and port; weights and maintenance set by hand through the runtime API are left
+    /// alone). Every difference is logged at WARN, counted, and what HAProxy runs
+    /// forgotten so the next apply reloads it; returns whether there was one. Nothing to
+    /// compare without a master CLI, or while the master does not answer.
+    pub async fn check_live(&mut self) -> bool {
+        let Some(cli) = self.reloader.cli() else {
+            return false;
+        };
+        let mut found = false;
+        for t in &mut self.targets {
+            let Some(running) = t.running.as_deref() else {
+                continue;
+            };
+            match Box::pin(runtime::drift(
+                cli,
+                &String::from_utf8_lossy(running),
+                false,
+            ))
+            .await
+            {
+                Ok(differences) if differences.is_empty() => {}
+                Ok(differences) => {
+                    warn!(
+                        dest = %t.file.dest.display(),
+                        count = differences.len(),
+                        differences = ?&differences[..differences.len().min(10)],
+                        "HAProxy runs other servers than it was given; reloading it from the registry's config"
+                    );
+                    self.metrics.haproxy_drift.inc();
+                    t.running = None;
+                    found = true;
+                }
+                Err(e) => debug!(error = %e, "cannot compare HAProxy's servers with its config"),
+            }
+        }
+        found
+    }
+
     /// True when every destination holds a config (HAProxy can be started from them).
     pub fn all_written(&self) -> bool {
         self.targets.iter().all(|t| t.last.is_some())
@@ -642,6 +728,7 @@ mod tests {
                 metrics,
                 known_master: None,
                 reload_unreached: false,
+                adopted: false,
             };
             let vars = BTreeMap::from([("balance".to_string(), "roundrobin".to_string())]);
             let mut s = Setup {
@@ -684,6 +771,23 @@ mod tests {
             self.fake.with(|f| f.reloads)
         }
 
+        /// A renderer killed and started again: a new applier that knows only the file.
+        fn restart(&mut self) {
+            let old = &self.applier.targets[0];
+            let target = Target::new(old.name.clone(), old.file.clone());
+            self.applier = Applier {
+                targets: vec![target],
+                reloader: Reloader::Master(MasterCli::new(&self.fake.socket)),
+                runtime_api: true,
+                runtime_limits: plan::Limits::default(),
+                drain_timeout: Duration::from_secs(1),
+                metrics: self.applier.metrics.clone(),
+                known_master: None,
+                reload_unreached: false,
+                adopted: false,
+            };
+        }
+
         fn file(&self) -> String {
             std::fs::read_to_string(&self.dest).unwrap()
         }
@@ -714,6 +818,54 @@ mod tests {
         assert!(outcome.errors.is_empty(), "{:?}", outcome.errors);
         assert!(s.file().contains("server c 10.0.0.1:3003"));
         assert_eq!(s.reloads(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_renderer_restarted_before_its_file_was_written_removes_the_live_join() {
+        let mut s = Setup::new(None).await;
+        s.put("c", 3003);
+        let r = s.apply().await;
+        assert_eq!(r.runtime_changes, 1, "{r:?}");
+        // Killed before the file listing c was checked and written; c leaves meanwhile.
+        s.restart();
+        s.delete("c");
+        let r = s.apply().await;
+        assert!(
+            r.reloaded,
+            "HAProxy runs c, the file does not: reload {r:?}"
+        );
+        assert_eq!(s.fake.names(), ["web/a", "web/b"]);
+        assert_eq!(s.applier.metrics.haproxy_drift.get(), 1);
+        // A restart over an HAProxy that runs its file keeps the no-reload path.
+        s.restart();
+        s.put("d", 3004);
+        let r = s.apply().await;
+        assert_eq!((r.reloaded, r.runtime_changes), (false, 1), "{r:?}");
+        assert_eq!(s.applier.metrics.haproxy_drift.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_server_added_by_hand_is_found_and_reloaded_away() {
+        let mut s = Setup::new(None).await;
+        assert!(!s.applier.check_live().await, "HAProxy runs its config");
+        s.fake.with(|f| {
+            let a = f.servers["web"]["a"].clone();
+            f.servers.get_mut("web").unwrap().insert("ghost".into(), a);
+        });
+        assert!(s.applier.check_live().await);
+        let r = s.apply().await;
+        assert!(r.reloaded, "{r:?}");
+        assert_eq!(s.fake.names(), ["web/a", "web/b"]);
+        // A weight set by hand is left alone.
+        s.fake.with(|f| {
+            f.servers
+                .get_mut("web")
+                .unwrap()
+                .get_mut("a")
+                .unwrap()
+                .weight = 7
+        });
+        assert!(!s.applier.check_live().await);
     }
 
     #[tokio::test]

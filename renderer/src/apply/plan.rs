@@ -337,6 +337,33 @@ fn backend_info(lines: &[&str]) -> BTreeMap<String, Backend> {
     backends
 }
 
+/// What a config says each backend runs: every `backend` and `listen` section, empty ones
+/// included, with its `server` lines; `None` for a section whose servers are not all
+/// spelled out one by one (`server-template`), which cannot be compared server by server.
+pub fn servers_by_backend(config: &str) -> BTreeMap<String, Option<Vec<Server>>> {
+    let lines: Vec<&str> = config.lines().collect();
+    let mut out: BTreeMap<String, Option<Vec<Server>>> = backend_info(&lines)
+        .into_keys()
+        .map(|b| (b, Some(Vec::new())))
+        .collect();
+    let mut current: Option<&str> = None;
+    for line in &lines {
+        if let Some((kind, name)) = header(line) {
+            current = (kind == "backend" || kind == "listen").then_some(name);
+        } else if let Some(be) = current {
+            if line.split_whitespace().next() == Some("server-template") {
+                out.insert(be.to_string(), None);
+            }
+        }
+    }
+    for ((backend, _), server) in split_lines(&lines, None).1 {
+        if let Some(Some(list)) = out.get_mut(&backend) {
+            list.push(server);
+        }
+    }
+    out
+}
+
 /// The runtime plan from `old` to `new`, or `None` when anything besides backend `server`
 /// lines differs (that needs a reload). Only the lines between the common beginning and
 /// the common end of the two configs are parsed: at 10 000 servers, a join touches one.
@@ -554,6 +581,24 @@ mod tests {
         let backends = backend_info(&lines);
         assert_eq!(backends["b"].cookie_key.as_deref(), Some("d"));
         assert!(backends["b"].dynamic_cookie);
+    }
+
+    #[test]
+    fn servers_by_backend_lists_empty_backends_and_skips_templates() {
+        let c = "defaults\n    mode http\nfrontend f\n    bind :80\nbackend a\n    server a1 10.0.0.1:80 check\n    server a2 ::1:81\nbackend empty\n    balance roundrobin\nbackend t\n    server-template w 3 web:80\nlisten l\n    server l1 h:1\n";
+        let got = servers_by_backend(c);
+        let names = |b: &str| -> Option<Vec<String>> {
+            got[b].as_ref().map(|v| {
+                v.iter()
+                    .map(|s| format!("{}@{}:{}", s.name, s.addr, s.port))
+                    .collect()
+            })
+        };
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["a", "empty", "l", "t"]);
+        assert_eq!(names("a").unwrap(), ["a1@10.0.0.1:80", "a2@::1:81"]);
+        assert_eq!(names("empty").unwrap(), Vec::<String>::new());
+        assert_eq!(names("l").unwrap(), ["l1@h:1"]);
+        assert_eq!(names("t"), None);
     }
 
     #[test]

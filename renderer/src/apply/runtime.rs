@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::plan::{Cookie, Plan, Server};
-use crate::haproxy::{HaproxyError, MasterCli, ServerRef, ServersState};
+use crate::haproxy::{HaproxyError, MasterCli, ServerRef, ServerState, ServersState};
 
 /// A runtime change HAProxy refused, or a state that does not match afterwards.
 #[derive(Debug, Error)]
@@ -297,30 +297,89 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
                     s.name
                 )));
             };
-            let weight = s.weight().unwrap_or("1");
-            // Hostnames resolve to an IP at runtime; compare addresses only for IP literals.
-            let addr_ok = s.addr.parse::<std::net::IpAddr>().is_err() || s.addr == r.addr;
-            let maint = s.admin() == AdminState::Maint;
-            if !addr_ok || s.port != r.port || weight != r.weight || maint != r.in_maintenance() {
-                return Err(RuntimeError::Mismatch(format!(
-                    "{be}/{}: running {}:{} weight {}{}, config {}:{} weight {weight}{}",
-                    s.name,
-                    r.addr,
-                    r.port,
-                    r.weight,
-                    if r.in_maintenance() {
-                        " in maintenance"
-                    } else {
-                        ""
-                    },
-                    s.addr,
-                    s.port,
-                    if maint { " disabled" } else { "" }
-                )));
+            if let Some(d) = differs(s, r, true) {
+                return Err(RuntimeError::Mismatch(d));
             }
         }
     }
     Ok(())
+}
+
+/// How the running server `r` differs from the config's `s`: address (IP literals only:
+/// a hostname resolves at runtime), port and — with `state` — weight and maintenance.
+/// `None` when it runs as configured.
+fn differs(s: &Server, r: &ServerState, state: bool) -> Option<String> {
+    let ip = |a: &str| a.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok();
+    let addr_ok = ip(&s.addr).is_none() || ip(&s.addr) == ip(&r.addr);
+    let weight = s.weight().unwrap_or("1");
+    let maint = s.admin() == AdminState::Maint;
+    let state_ok = !state || (weight == r.weight && maint == r.in_maintenance());
+    if addr_ok && s.port == r.port && state_ok {
+        return None;
+    }
+    let (running, config) = if state {
+        (
+            format!(
+                " weight {}{}",
+                r.weight,
+                if r.in_maintenance() {
+                    " in maintenance"
+                } else {
+                    ""
+                }
+            ),
+            format!(" weight {weight}{}", if maint { " disabled" } else { "" }),
+        )
+    } else {
+        Default::default()
+    };
+    Some(format!(
+        "{}/{}: running {}:{}{running}, config {}:{}{config}",
+        s.backend, s.name, r.addr, r.port, s.addr, s.port
+    ))
+}
+
+/// How one backend's running servers differ from the config's list of them.
+fn compare(backend: &str, config: &[Server], running: &ServersState, state: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in config {
+        match running.get(&s.name) {
+            None => out.push(format!("{backend}/{}: in the config, not running", s.name)),
+            Some(r) => out.extend(differs(s, r, state)),
+        }
+    }
+    for name in running.keys() {
+        if !config.iter().any(|s| &s.name == name) {
+            out.push(format!("{backend}/{name}: running, not in the config"));
+        }
+    }
+    out
+}
+
+/// Compares what HAProxy runs with `config`, backend by backend (`show servers state`,
+/// ~25 ms at 10 000 servers): servers running that the config does not have, servers of
+/// the config that do not run, servers at another address or port, and — with `state` —
+/// another weight or maintenance state. Every difference, named; empty when HAProxy runs
+/// the config. A backend of the config HAProxy does not know is a difference; a backend
+/// with a `server-template` is not compared.
+pub async fn drift(
+    cli: &MasterCli,
+    config: &str,
+    state: bool,
+) -> Result<Vec<String>, RuntimeError> {
+    let mut out = Vec::new();
+    for (backend, servers) in super::plan::servers_by_backend(config) {
+        let Some(servers) = servers else { continue };
+        match cli.show_servers_state(&backend).await {
+            Ok(running) => out.extend(compare(&backend, &servers, &running, state)),
+            // No such backend (its header is missing from the answer).
+            Err(HaproxyError::Unexpected { .. }) => {
+                out.push(format!("backend {backend}: in the config, not running"))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(out)
 }
 
 /// `addr:port` as HAProxy's `show stat` writes it: an IPv6 address in brackets
@@ -336,6 +395,83 @@ fn endpoint(addr: &str, port: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server(line: &str) -> Server {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let (addr, port) = w[1].rsplit_once(':').unwrap();
+        Server {
+            backend: "b".into(),
+            name: w[0].into(),
+            addr: addr.into(),
+            port: port.into(),
+            keywords: w[2..].iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn state(addr: &str, port: &str, weight: &str, admin: u32) -> ServerState {
+        ServerState {
+            id: None,
+            addr: addr.into(),
+            port: port.into(),
+            weight: weight.into(),
+            admin,
+        }
+    }
+
+    #[test]
+    fn drift_names_ghosts_missing_and_moved_servers() {
+        let config = [
+            server("a 10.0.0.1:80 weight 10"),
+            server("b ::1:81"),
+            server("c web:82 disabled"),
+            server("d 10.0.0.4:84"),
+        ];
+        let mut running = ServersState::new();
+        running.insert("a".into(), state("10.0.0.1", "80", "10", 0));
+        running.insert("b".into(), state("::1", "81", "1", 0));
+        // A hostname resolves at runtime: its address is not compared.
+        running.insert("c".into(), state("10.9.9.9", "82", "1", 1));
+        running.insert("ghost".into(), state("10.0.0.9", "89", "1", 0));
+        assert_eq!(
+            compare("b", &config, &running, true),
+            [
+                "b/d: in the config, not running",
+                "b/ghost: running, not in the config"
+            ]
+        );
+        running.insert("a".into(), state("10.0.0.2", "80", "3", 0));
+        running.insert("c".into(), state("10.9.9.9", "82", "1", 0));
+        let all = compare("b", &config, &running, true);
+        assert_eq!(all.len(), 4, "{all:?}");
+        assert_eq!(
+            all[0],
+            "b/a: running 10.0.0.2:80 weight 3, config 10.0.0.1:80 weight 10"
+        );
+        assert_eq!(
+            all[1],
+            "b/c: running 10.9.9.9:82 weight 1, config web:82 weight 1 disabled"
+        );
+        // Without the state, weight and maintenance are not compared; addresses are.
+        let membership = compare("b", &config, &running, false);
+        assert_eq!(membership.len(), 3, "{membership:?}");
+        assert_eq!(
+            membership[0],
+            "b/a: running 10.0.0.2:80, config 10.0.0.1:80"
+        );
+        running.clear();
+        for s in &config {
+            running.insert(
+                s.name.clone(),
+                state(
+                    &s.addr,
+                    &s.port,
+                    s.weight().unwrap_or("1"),
+                    if s.admin() == AdminState::Maint { 1 } else { 0 },
+                ),
+            );
+        }
+        assert_eq!(compare("b", &config, &running, true), Vec::<String>::new());
+    }
 
     #[test]
     fn ipv6_endpoints_are_bracketed_as_show_stat_writes_them() {
