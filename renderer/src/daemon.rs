@@ -23,12 +23,12 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 use crate::coalesce::Coalescer;
 use crate::config::{Config, ReloadMode};
 use crate::data::TemplateData;
+use crate::error::Error;
 use crate::guard::{self, Quarantine};
 use crate::metrics;
 use crate::model::Model;
 use crate::render::Renderer;
 use crate::watch::{self, Update};
-use crate::Error;
 
 /// The loop's state.
 pub struct Daemon {
@@ -467,15 +467,22 @@ impl Daemon {
 
     /// Updates metrics, readiness and `/status` after an apply or a background check.
     fn record(&self, report: &apply::Report, took: Duration) {
-        metrics::record_apply(
-            &self.metrics,
-            &self.state,
+        let ok = report.errors.is_empty();
+        self.metrics.record_apply(
+            ok,
+            self.model.revision,
+            self.model.services().iter().map(|(s, ids)| (s, ids.len())),
+            self.quarantine.messages().count(),
+            self.applier.targets.first().and_then(|t| t.last.as_deref()),
+        );
+        let doc = crate::status::StatusDoc::after_apply(
             &self.model,
             &self.quarantine,
-            &self.applier,
+            self.applier.files_due(),
             report,
             took,
         );
+        self.state.set_applied(ok, doc.to_json());
     }
 
     /// Writes the files HAProxy is ahead of; stops HAProxy in exec mode on a clean shutdown.
@@ -853,7 +860,7 @@ mod loop_tests {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = metrics::Metrics::new(&mut registry);
         let state = metrics::State::new(config.ready_grace);
-        let applier = Applier::from_config(&config, targets, metrics.clone(), false);
+        let applier = crate::start::applier(&config, targets, metrics.clone(), false);
         let (hup, hup_rx) = mpsc::channel(1);
         let mut daemon = Daemon::new(config, renderer, applier, metrics.clone(), state)
             .with_service_manager(observe::notify::Notifier::disabled(), hup_rx);

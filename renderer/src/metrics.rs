@@ -241,8 +241,8 @@ pub struct State {
     pub down_since: Mutex<Option<Instant>>,
     /// How long the watch may be down before the renderer reports not ready.
     pub grace: Duration,
-    /// The `/status` document.
-    pub status: Mutex<serde_json::Value>,
+    /// The `/status` document ([`crate::status::StatusDoc`]) as JSON.
+    pub status: Mutex<String>,
 }
 
 impl State {
@@ -251,7 +251,7 @@ impl State {
             applied: AtomicBool::new(false),
             down_since: Mutex::new(Some(Instant::now())),
             grace,
-            status: Mutex::new(serde_json::json!({})),
+            status: Mutex::new("{}".into()),
         })
     }
 
@@ -268,6 +268,17 @@ impl State {
                 self.grace
             )),
             _ => Ok(()),
+        }
+    }
+
+    /// After an apply: ready from the first good one on; `/status` serves `doc`.
+    pub fn set_applied(&self, ok: bool, doc: String) {
+        if ok {
+            self.applied
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if let Ok(mut s) = self.status.lock() {
+            *s = doc;
         }
     }
 
@@ -290,11 +301,7 @@ impl State {
             registry: Arc::new(registry),
             ready: Arc::new(move || ready.ready()),
             status: Some(Arc::new(move || {
-                status
-                    .status
-                    .lock()
-                    .map(|s| s.to_string())
-                    .unwrap_or_default()
+                status.status.lock().map(|s| s.clone()).unwrap_or_default()
             })),
         }
     }
@@ -318,89 +325,39 @@ pub async fn mirror_live(
     }
 }
 
-/// Updates metrics, readiness and the `/status` document after an apply.
-pub fn record_apply(
-    m: &Metrics,
-    state: &State,
-    model: &crate::model::Model,
-    quarantine: &crate::guard::Quarantine,
-    applier: &crate::apply::Applier,
-    report: &crate::apply::Report,
-    took: std::time::Duration,
-) {
-    let ok = report.errors.is_empty();
-    let result = if ok { "ok" } else { "error" };
-    m.applies
-        .get_or_create(&ResultLabel {
-            result: result.into(),
-        })
-        .inc();
-    m.revision.set(model.revision);
-    m.quarantined.set(quarantine.messages().count() as i64);
-    m.instances.clear();
-    for (service, ids) in model.services() {
-        m.instances
-            .get_or_create(&ServiceLabel {
-                service: service.clone(),
+impl Metrics {
+    /// Counts an apply (`ok`: without error) and sets the gauges that describe its result:
+    /// the registry revision, instances per service, quarantined records and, after a good
+    /// apply, its time and the hash of the first config.
+    pub fn record_apply<'a>(
+        &self,
+        ok: bool,
+        revision: i64,
+        services: impl Iterator<Item = (&'a String, usize)>,
+        quarantined: usize,
+        config: Option<&[u8]>,
+    ) {
+        self.applies
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" }.into(),
             })
-            .set(ids.len() as i64);
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
-    if ok {
-        state
-            .applied
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        m.last_apply.set(now);
-        if let Some(bytes) = applier.targets.first().and_then(|t| t.last.as_deref()) {
-            m.config_hash.set(hash53(bytes));
+            .inc();
+        self.revision.set(revision);
+        self.quarantined.set(quarantined as i64);
+        self.instances.clear();
+        for (service, n) in services {
+            self.instances
+                .get_or_create(&ServiceLabel {
+                    service: service.clone(),
+                })
+                .set(n as i64);
         }
-    }
-    let skipped: serde_json::Map<String, serde_json::Value> = model
-        .skipped()
-        .iter()
-        .map(|(k, s)| {
-            (
-                k.clone(),
-                serde_json::json!({"reason": s.reason, "error": s.message}),
-            )
-        })
-        .collect();
-    let services: serde_json::Map<String, serde_json::Value> = model
-        .services()
-        .iter()
-        .map(|(name, ids)| {
-            let list: Vec<String> = ids
-                .values()
-                .map(|i| format!("{} {}:{}", i.id, i.address, i.port))
-                .collect();
-            (name.clone(), serde_json::json!(list))
-        })
-        .collect();
-    let doc = serde_json::json!({
-        "revision": model.revision,
-        "services": services,
-        "skipped": skipped,
-        "quarantined": quarantine
-            .messages()
-            .map(|(k, msg)| (k.clone(), serde_json::json!(msg)))
-            .collect::<serde_json::Map<_, _>>(),
-        "file_pending": applier.files_due(),
-        "last_apply": {
-            "unix_time": now,
-            "ok": ok,
-            "how": report.reload.unwrap_or("unchanged"),
-            "deferred": report.deferred,
-            "written": report.written,
-            "runtime_changes": report.runtime_changes,
-            "took_ms": took.as_secs_f64() * 1000.0,
-            "errors": report.errors,
-        },
-    });
-    if let Ok(mut s) = state.status.lock() {
-        *s = doc;
+        if ok {
+            self.last_apply.set(unix_now());
+            if let Some(bytes) = config {
+                self.config_hash.set(hash53(bytes));
+            }
+        }
     }
 }
 

@@ -5,11 +5,12 @@ use std::io::Write;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::apply::{Applier, Target};
+use crate::apply::Target;
 use crate::config::Config;
+use crate::error::Error;
 use crate::model::Model;
 use crate::render::Renderer;
-use crate::{metrics, watch, Error};
+use crate::{metrics, watch};
 
 /// Returns the exit code: 0 when everything applied.
 pub async fn run(config: &Config, renderer: Renderer, targets: Vec<Target>) -> Result<i32, Error> {
@@ -35,7 +36,7 @@ pub async fn run(config: &Config, renderer: Renderer, targets: Vec<Target>) -> R
         return Ok(0);
     }
     let metrics = metrics::Metrics::new(&mut prometheus_client::registry::Registry::default());
-    let mut applier = Applier::from_config(config, targets, metrics, true);
+    let mut applier = crate::start::applier(config, targets, metrics, true);
     let report = applier.apply(&renderer, &ctx).await;
     info!(
         revision = store.revision,

@@ -1,13 +1,16 @@
 //! What every mode does before its first apply: compile the templates (for the HAProxy
-//! version the config is for) and find the files they render to.
+//! version the config is for), find the files they render to, and build the applier the
+//! flags ask for.
 
 use tracing::{info, warn};
 
 use crate::apply::file::FileTarget;
-use crate::apply::Target;
+use crate::apply::{Applier, Reloader, Target};
 use crate::config::{Config, ReloadMode};
+use crate::error::Error;
+use crate::haproxy::MasterCli;
+use crate::metrics::Metrics;
 use crate::render::{RenderFailure, Renderer};
-use crate::Error;
 
 /// Compiles every template; a broken one stops the start. Templates see the HAProxy
 /// version of `--haproxy-version`, or the one the HAProxy we run (or find) says it is.
@@ -24,6 +27,29 @@ pub async fn load_templates(config: &Config) -> Result<(Renderer, Vec<Target>), 
         targets.push(Target::new(name, file));
     }
     Ok((renderer, targets))
+}
+
+/// The applier `config` asks for. `once` (--once): no HAProxy of our own to start, so
+/// exec mode only writes files.
+pub fn applier(config: &Config, targets: Vec<Target>, metrics: Metrics, once: bool) -> Applier {
+    let reloader = match &config.reload {
+        ReloadMode::None => Reloader::None,
+        ReloadMode::Exec { .. } if once => Reloader::None,
+        ReloadMode::Exec { .. } => Reloader::Exec(None),
+        ReloadMode::Master(path) => Reloader::Master(MasterCli::new(path)),
+        ReloadMode::Command { command, timeout } => Reloader::Command {
+            command: command.clone(),
+            timeout: *timeout,
+        },
+    };
+    Applier::new(
+        targets,
+        reloader,
+        config.runtime_api,
+        config.runtime_limits,
+        config.drain_timeout,
+        metrics,
+    )
 }
 
 /// Reads and compiles every template (at start, and again on SIGHUP); the first that does

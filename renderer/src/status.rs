@@ -2,15 +2,115 @@
 //! Reads the registry from etcd (what is admitted, what is skipped and why) and the running
 //! renderer's `/status` (what it last applied, and when), and names every difference
 //! between what the renderer serves and the registry: behind (changes not applied yet) or
-//! drift (served what the registry did not hold at the renderer's own revision).
+//! drift (served what the registry did not hold at the renderer's own revision). The
+//! document itself, [`StatusDoc`], is written here too, after every apply.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use clap::Parser;
 use registry::etcd::EtcdArgs;
+use serde::{Deserialize, Serialize};
 
+use crate::apply;
+use crate::guard::Quarantine;
 use crate::model::Model;
+
+/// The renderer's `/status` document: written after every apply, read by `renderer
+/// status` (and by operators: `curl 127.0.0.1:9105/status`). Missing fields read as
+/// their defaults, so an older renderer's document still reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusDoc {
+    /// The registry revision the served config was rendered at.
+    pub revision: i64,
+    /// Per service, `id address:port` of every instance served.
+    pub services: BTreeMap<String, Vec<String>>,
+    /// Records left out as invalid, by key.
+    pub skipped: BTreeMap<String, Skipped>,
+    /// Records left out because HAProxy rejected what they render, by key: why.
+    pub quarantined: BTreeMap<String, String>,
+    /// HAProxy runs a state whose file is still being checked and written.
+    pub file_pending: bool,
+    pub last_apply: LastApply,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Skipped {
+    pub reason: String,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LastApply {
+    pub unix_time: f64,
+    pub ok: bool,
+    /// How HAProxy was brought along: `runtime API`, `master CLI reload`, `unchanged`, …
+    pub how: String,
+    pub deferred: usize,
+    pub written: usize,
+    pub runtime_changes: usize,
+    pub took_ms: f64,
+    pub errors: Vec<String>,
+}
+
+impl StatusDoc {
+    /// The document after an apply that took `took` and reported `report`.
+    pub fn after_apply(
+        model: &Model,
+        quarantine: &Quarantine,
+        file_pending: bool,
+        report: &apply::Report,
+        took: Duration,
+    ) -> StatusDoc {
+        StatusDoc {
+            revision: model.revision,
+            services: model
+                .services()
+                .iter()
+                .map(|(name, ids)| {
+                    let list = ids
+                        .values()
+                        .map(|i| format!("{} {}:{}", i.id, i.address, i.port))
+                        .collect();
+                    (name.clone(), list)
+                })
+                .collect(),
+            skipped: model
+                .skipped()
+                .iter()
+                .map(|(k, s)| {
+                    let skipped = Skipped {
+                        reason: s.reason.to_string(),
+                        error: s.message.clone(),
+                    };
+                    (k.clone(), skipped)
+                })
+                .collect(),
+            quarantined: quarantine
+                .messages()
+                .map(|(k, msg)| (k.clone(), msg.clone()))
+                .collect(),
+            file_pending,
+            last_apply: LastApply {
+                unix_time: crate::metrics::unix_now(),
+                ok: report.errors.is_empty(),
+                how: report.reload.unwrap_or("unchanged").to_string(),
+                deferred: report.deferred,
+                written: report.written,
+                runtime_changes: report.runtime_changes,
+                took_ms: took.as_secs_f64() * 1000.0,
+                errors: report.errors.clone(),
+            },
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+    }
+}
 
 /// Flags of `renderer status`.
 #[derive(Debug, Parser)]
@@ -157,23 +257,20 @@ pub async fn report(args: &StatusArgs) -> Result<Report, StatusError> {
     let mut drift = false;
     match get_status(&args.renderer).await {
         Ok(doc) => {
-            let rev = doc["revision"].as_i64().unwrap_or(0);
-            let last = &doc["last_apply"];
-            let age = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0)
-                - last["unix_time"].as_f64().unwrap_or(0.0);
+            let rev = doc.revision;
+            let last = &doc.last_apply;
+            let age = crate::metrics::unix_now() - last.unix_time;
             out.push_str(&format!(
                 "renderer {}: model at revision {rev}, last apply {:.0}s ago: {} via {}, {:.1} ms{}\n",
                 args.renderer,
                 age,
-                if last["ok"].as_bool() == Some(true) { "ok" } else { "FAILED" },
-                last["how"].as_str().unwrap_or("?"),
-                last["took_ms"].as_f64().unwrap_or(0.0),
-                match last["errors"].as_array() {
-                    Some(e) if !e.is_empty() => format!("\n  errors: {}", e.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join("\n          ")),
-                    _ => String::new(),
+                if last.ok { "ok" } else { "FAILED" },
+                last.how,
+                last.took_ms,
+                if last.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("\n  errors: {}", last.errors.join("\n          "))
                 }
             ));
             let served = served_by(&doc);
@@ -248,19 +345,12 @@ fn instances_of(model: &Model) -> BTreeMap<String, String> {
 }
 
 /// `service/id` → `address:port` of what the renderer's `/status` says it serves.
-fn served_by(doc: &serde_json::Value) -> BTreeMap<String, String> {
+fn served_by(doc: &StatusDoc) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    if let Some(services) = doc["services"].as_object() {
-        for (service, list) in services {
-            for line in list
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|x| x.as_str())
-            {
-                if let Some((id, endpoint)) = line.split_once(' ') {
-                    out.insert(format!("{service}/{id}"), endpoint.to_string());
-                }
+    for (service, list) in &doc.services {
+        for line in list {
+            if let Some((id, endpoint)) = line.split_once(' ') {
+                out.insert(format!("{service}/{id}"), endpoint.to_string());
             }
         }
     }
@@ -290,7 +380,7 @@ fn differences(
     out
 }
 
-async fn get_status(addr: &str) -> Result<serde_json::Value, FetchError> {
+async fn get_status(addr: &str) -> Result<StatusDoc, FetchError> {
     let base = if addr.contains("://") {
         addr.trim_end_matches('/').to_string()
     } else {
@@ -345,7 +435,10 @@ mod tests {
             ]
         );
         assert!(differences(&served, &served).is_empty());
-        let doc = serde_json::json!({"services": {"w": ["a 10.0.0.1:80", "ghost 10.0.0.9:80"]}});
+        let doc: StatusDoc = serde_json::from_str(
+            r#"{"services": {"w": ["a 10.0.0.1:80", "ghost 10.0.0.9:80"]}, "unknown": 1}"#,
+        )
+        .unwrap();
         assert_eq!(
             served_by(&doc),
             m(&[("w/a", "10.0.0.1:80"), ("w/ghost", "10.0.0.9:80")])

@@ -609,12 +609,12 @@ async fn list_root(
 /// Connects to `config`'s etcd (retrying while it is unreachable, unless `--once`; fatal on
 /// bad credentials or certificates) and follows the registry into `tx` until `stop`.
 pub async fn follow(
-    config: crate::Config,
+    config: crate::config::Config,
     tx: mpsc::Sender<Update>,
     live: watch::Sender<bool>,
     metrics: crate::metrics::Metrics,
     stop: CancellationToken,
-) -> Result<(), crate::Error> {
+) -> Result<(), crate::error::Error> {
     let Some(client) = connect(&config, &stop).await? else {
         return Ok(());
     };
@@ -634,9 +634,9 @@ pub async fn follow(
 
 /// One member of `config`'s etcd; `None` when `stop` came first.
 pub async fn connect(
-    config: &crate::Config,
+    config: &crate::config::Config,
     stop: &CancellationToken,
-) -> Result<Option<Member>, crate::Error> {
+) -> Result<Option<Member>, crate::error::Error> {
     use registry::etcd::ConnectError;
     let attempt = if config.once {
         config.etcd.connect().await.map(Some)
@@ -648,8 +648,8 @@ pub async fn connect(
             .await
     };
     attempt.map_err(|e| match e {
-        ConnectError::Fatal(msg) => crate::Error::EtcdSetup(msg),
-        e @ ConnectError::Unavailable { .. } => crate::Error::EtcdUnavailable(e.to_string()),
+        ConnectError::Fatal(msg) => crate::error::Error::EtcdSetup(msg),
+        e @ ConnectError::Unavailable { .. } => crate::error::Error::EtcdUnavailable(e.to_string()),
     })
 }
 

@@ -219,31 +219,23 @@ fn count(
 }
 
 impl Applier {
-    /// The applier `config` asks for. `once` (--once): no HAProxy of our own to start, so
-    /// exec mode only writes files.
-    pub fn from_config(
-        config: &crate::Config,
+    /// An applier for `targets` that tells HAProxy through `reloader`; membership-only
+    /// changes go through the runtime API when `runtime_api` (within `runtime_limits`),
+    /// leaving servers drain for up to `drain_timeout`.
+    pub fn new(
         targets: Vec<Target>,
+        reloader: Reloader,
+        runtime_api: bool,
+        runtime_limits: plan::Limits,
+        drain_timeout: Duration,
         metrics: Metrics,
-        once: bool,
     ) -> Applier {
-        use crate::ReloadMode;
-        let reloader = match &config.reload {
-            ReloadMode::None => Reloader::None,
-            ReloadMode::Exec { .. } if once => Reloader::None,
-            ReloadMode::Exec { .. } => Reloader::Exec(None),
-            ReloadMode::Master(path) => Reloader::Master(MasterCli::new(path)),
-            ReloadMode::Command { command, timeout } => Reloader::Command {
-                command: command.clone(),
-                timeout: *timeout,
-            },
-        };
         Applier {
             targets,
             reloader,
-            runtime_api: config.runtime_api,
-            runtime_limits: config.runtime_limits,
-            drain_timeout: config.drain_timeout,
+            runtime_api,
+            runtime_limits,
+            drain_timeout,
             metrics,
             known_master: None,
             reload_unreached: false,
@@ -707,6 +699,18 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
+    /// An applier of `target` to the fake HAProxy, live changes on.
+    fn applier(target: Target, fake: &FakeMaster, metrics: Metrics) -> Applier {
+        Applier::new(
+            vec![target],
+            Reloader::Master(MasterCli::new(&fake.socket)),
+            true,
+            plan::Limits::default(),
+            Duration::from_secs(1),
+            metrics,
+        )
+    }
+
     impl Setup {
         /// An applier whose HAProxy (the fake) runs web/a and web/b, applied by a reload.
         async fn new(check: Option<&str>) -> Setup {
@@ -719,17 +723,7 @@ mod tests {
             let fake = FakeMaster::start(dir.path(), dest.clone());
             let metrics = Metrics::new(&mut prometheus_client::registry::Registry::default());
             let target = Target::new(name, FileTarget::new(dest.clone(), check.map(String::from)));
-            let applier = Applier {
-                targets: vec![target],
-                reloader: Reloader::Master(MasterCli::new(&fake.socket)),
-                runtime_api: true,
-                runtime_limits: plan::Limits::default(),
-                drain_timeout: Duration::from_secs(1),
-                metrics,
-                known_master: None,
-                reload_unreached: false,
-                adopted: false,
-            };
+            let applier = applier(target, &fake, metrics);
             let vars = BTreeMap::from([("balance".to_string(), "roundrobin".to_string())]);
             let mut s = Setup {
                 applier,
@@ -775,17 +769,7 @@ mod tests {
         fn restart(&mut self) {
             let old = &self.applier.targets[0];
             let target = Target::new(old.name.clone(), old.file.clone());
-            self.applier = Applier {
-                targets: vec![target],
-                reloader: Reloader::Master(MasterCli::new(&self.fake.socket)),
-                runtime_api: true,
-                runtime_limits: plan::Limits::default(),
-                drain_timeout: Duration::from_secs(1),
-                metrics: self.applier.metrics.clone(),
-                known_master: None,
-                reload_unreached: false,
-                adopted: false,
-            };
+            self.applier = applier(target, &self.fake, self.applier.metrics.clone());
         }
 
         fn file(&self) -> String {
