@@ -1,11 +1,15 @@
 //! Guard rails around an apply: `--min-instances` refuses renders that would empty a
-//! service too far, `--max-instances-per-service` caps each service, and records a config
-//! check fails on are quarantined (left out until they change).
+//! service too far, `--max-instances-per-service` caps each service, records a config
+//! check fails on are quarantined (left out until they change), and `--empty-hold` keeps
+//! the servers of a service that lost every instance at once ([`EmptyHold`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::applied::Applied;
 use crate::apply::{self, Applier};
 use crate::config::Config;
 use crate::data::TemplateData;
@@ -147,4 +151,160 @@ pub async fn apply_guarded(
         }
     }
     apply::Report::default()
+}
+
+/// `--empty-hold`: when a service that had two or more instances loses all of them at
+/// once (a registrar-side outage more likely than a decision), nothing is applied for up
+/// to the hold, waiting for them to register again; applied at once when they are back,
+/// or when every one of them left on purpose.
+#[derive(Debug)]
+pub struct EmptyHold {
+    hold: Duration,
+    /// The hold in force: (until, service, how many it had).
+    active: Option<(Instant, String, usize)>,
+    /// Per service, the most instances applied within the last `hold` (and when): a mass
+    /// revocation reaches the watch as several events, applied one by one, so "at once"
+    /// is judged over that window, not over one apply.
+    peaks: BTreeMap<String, (usize, Instant)>,
+}
+
+impl EmptyHold {
+    pub fn new(hold: Duration) -> EmptyHold {
+        EmptyHold {
+            hold,
+            active: None,
+            peaks: BTreeMap::new(),
+        }
+    }
+
+    /// Ends the hold once the service has its instances back.
+    pub fn release_if_back(&mut self, model: &Model) {
+        if let Some((_, service, had)) = &self.active {
+            let now = model.services().get(service).map_or(0, BTreeMap::len);
+            if now >= *had {
+                info!(%service, instances = now, "the service's instances are back; applying");
+                self.active = None;
+            }
+        }
+    }
+
+    /// An apply due at `due`, or at the end of the hold if that is later.
+    pub fn delay(&self, due: Instant) -> Instant {
+        self.active.as_ref().map_or(due, |h| due.max(h.0))
+    }
+
+    /// True when the apply due now must wait: a service was emptied at once (a hold
+    /// starts) or a hold runs. A hold whose time is up ends with a WARN and lets it go.
+    pub fn holds(&mut self, now: Instant, applied: &Applied, model: &Model) -> bool {
+        if self.hold.is_zero() {
+            return false;
+        }
+        if self.active.is_none() {
+            if let Some((service, had)) = emptied(applied, &self.peaks, model) {
+                warn!(%service, instances = had, hold = ?self.hold, "every instance of the service left at once; keeping its servers while they may register again (--empty-hold)");
+                self.active = Some((now + self.hold, service, had));
+            }
+        }
+        if let Some((until, service, had)) = &self.active {
+            if now < *until {
+                return true;
+            }
+            let back = model.services().get(service).map_or(0, BTreeMap::len);
+            warn!(%service, instances = back, had, "the service did not get its instances back within --empty-hold; applying");
+        }
+        self.active = None;
+        false
+    }
+
+    /// After an apply: `applied` is what runs now.
+    pub fn applied(&mut self, applied: &Applied, now: Instant) {
+        note_peaks(&mut self.peaks, applied, now, self.hold);
+    }
+}
+
+/// A service with at least one instance applied and none in the model, that had two or
+/// more applied within the last `--empty-hold` ([`note_peaks`]), with that many — unless
+/// every applied instance left on purpose (deleted while its record said `leaving`): a
+/// deliberate stop of the whole service is applied at once.
+fn emptied(
+    applied: &Applied,
+    peaks: &BTreeMap<String, (usize, Instant)>,
+    model: &Model,
+) -> Option<(String, usize)> {
+    applied.iter().find_map(|(name, ids)| {
+        let had = peaks.get(name).map_or(0, |p| p.0).max(ids.len());
+        let gone = model.services().get(name).is_none_or(|now| now.is_empty());
+        let deliberate = model
+            .departed()
+            .get(name)
+            .is_some_and(|left| ids.iter().all(|id| left.contains(id)));
+        (had >= 2 && gone && !deliberate).then(|| (name.clone(), had))
+    })
+}
+
+/// Keeps, per service, the most instances applied within the last `window`.
+fn note_peaks(
+    peaks: &mut BTreeMap<String, (usize, Instant)>,
+    applied: &Applied,
+    now: Instant,
+    window: Duration,
+) {
+    peaks.retain(|name, (_, at)| applied.contains_key(name) || now.duration_since(*at) < window);
+    for (name, ids) in applied {
+        let n = ids.len();
+        let peak = peaks.entry(name.clone()).or_insert((n, now));
+        if n >= peak.0 || now.duration_since(peak.1) >= window {
+            *peak = (n, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::applied::diff_applied;
+
+    #[test]
+    fn a_service_is_emptied_when_two_or_more_recent_instances_are_all_gone() {
+        let mut model = Model::new("/services");
+        let key = |s: &str, i: &str| registry::instance_key("/services", s, i);
+        let put = |m: &mut Model, s: &str, i: &str| {
+            let v = registry::Instance::new(s, i, "10.0.0.1", 80).encode();
+            m.put(&key(s, i), v.as_bytes());
+        };
+        for (s, i) in [("web", "a"), ("web", "b"), ("web", "c"), ("solo", "x")] {
+            put(&mut model, s, i);
+        }
+        let (t0, window) = (Instant::now(), Duration::from_secs(3));
+        let mut applied = Applied::new();
+        let mut peaks = BTreeMap::new();
+        let mut commit = |applied: &mut Applied, model: &Model, at: Instant| {
+            diff_applied(applied, model, |_, _| true, true);
+            note_peaks(&mut peaks, applied, at, window);
+            peaks.clone()
+        };
+        let p = commit(&mut applied, &model, t0);
+        assert_eq!(emptied(&applied, &p, &model), None);
+        // A one-instance service leaving is ordinary; some of three leaving too.
+        model.delete(&key("solo", "x"));
+        model.delete(&key("web", "a"));
+        model.delete(&key("web", "b"));
+        assert_eq!(emptied(&applied, &p, &model), None);
+        // Those removals are applied one by one (as watch events arrive)…
+        let p = commit(&mut applied, &model, t0 + Duration::from_millis(10));
+        // …and the last one goes: the three of 10 ms ago count.
+        model.delete(&key("web", "c"));
+        let t1 = t0 + Duration::from_millis(20);
+        assert_eq!(emptied(&applied, &p, &model), Some(("web".to_string(), 3)));
+        // One is back: not empty any more.
+        put(&mut model, "web", "b");
+        assert_eq!(emptied(&applied, &p, &model), None);
+        model.delete(&key("web", "b"));
+        // A service that shrank to one long ago and now loses it: ordinary.
+        commit(&mut applied, &model, t1 + window);
+        put(&mut model, "web", "c");
+        let p = commit(&mut applied, &model, t1 + window * 2);
+        model.delete(&key("web", "c"));
+        assert_eq!(emptied(&applied, &p, &model), None);
+    }
 }

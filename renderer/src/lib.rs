@@ -11,6 +11,7 @@
 //! Modules name each other in one direction only (checked by a unit test: no circle).
 #![forbid(unsafe_code)]
 
+pub mod applied;
 pub mod apply;
 pub mod coalesce;
 pub mod config;
