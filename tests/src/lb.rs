@@ -127,9 +127,8 @@ impl Lb {
             .arg(&master)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))
-            .args(extra)
-            .args(["--", "haproxy", "-W", "-db", "-f"])
-            .arg(&cfg);
+            .args(extra);
+        exec_haproxy(&mut cmd, &cfg);
         let proc = Proc::spawn("renderer", dir, cmd);
         Lb {
             http_port,
@@ -505,7 +504,11 @@ impl Standalone {
 
     /// HAProxy from the file on disk, as its supervisor starts it.
     pub fn haproxy(&self, name: &str) -> Proc {
-        Proc::spawn(name, &self.dir, haproxy_command(&self.master, &self.cfg))
+        Proc::spawn(
+            name,
+            &self.dir,
+            haproxy_command(Some(&self.master), &self.cfg),
+        )
     }
 }
 
@@ -526,10 +529,20 @@ pub fn kill_haproxy(master: &mut Proc) {
     }
 }
 
-/// HAProxy in master-worker mode from `cfg`, its master CLI at `master`: how a system
-/// service runs it.
-pub fn haproxy_command(master: &Path, cfg: &Path) -> Command {
+/// HAProxy from `cfg` in the foreground, the one way the suites start it: in master-worker
+/// mode with its master CLI at `master` (how a system service runs it), or without a
+/// master (`None`: one process, as a hand-run `haproxy -f` would).
+pub fn haproxy_command(master: Option<&Path>, cfg: &Path) -> Command {
     let mut hp = Command::new("haproxy");
-    hp.args(["-W", "-db", "-S"]).arg(master).arg("-f").arg(cfg);
+    if let Some(master) = master {
+        hp.args(["-W", "-S"]).arg(master);
+    }
+    hp.arg("-db").arg("-f").arg(cfg);
     hp
+}
+
+/// Exec mode for a renderer command: the renderer starts HAProxy from `cfg` as its child
+/// (master-worker, `-db`) once the first config is written.
+pub fn exec_haproxy<'a>(renderer: &'a mut Command, cfg: &Path) -> &'a mut Command {
+    renderer.args(["--", "haproxy", "-W", "-db", "-f"]).arg(cfg)
 }

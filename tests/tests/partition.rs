@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::lb::{put_instance, renderer_command, template, wait_routed, Backend, Lb};
+use e2e::lb::{exec_haproxy, put_instance, renderer_command, template, wait_routed, Backend, Lb};
 use e2e::netns::Netns;
 use e2e::{bin, eventually, free_port, temp_dir, Etcd, Proc};
 
@@ -105,9 +105,8 @@ async fn a_full_disk_keeps_the_old_config_and_retries() {
         "--no-runtime-api",
         "--haproxy-master-socket",
     ])
-    .arg(dir.path().join("master.sock"))
-    .args(["--", "haproxy", "-W", "-db", "-f"])
-    .arg(&cfg);
+    .arg(dir.path().join("master.sock"));
+    exec_haproxy(&mut cmd, &cfg);
     let renderer = Proc::spawn("renderer", dir.path(), cmd);
     wait_routed(http_port, &["s1"], T).await;
     let good = std::fs::read_to_string(&cfg).unwrap();
@@ -157,9 +156,8 @@ async fn a_full_disk_does_not_undo_a_live_join_and_the_file_follows_once_freed()
         dir.path(),
     );
     cmd.args(["--metrics-addr", "off", "--haproxy-master-socket"])
-        .arg(dir.path().join("master.sock"))
-        .args(["--", "haproxy", "-W", "-db", "-f"])
-        .arg(&cfg);
+        .arg(dir.path().join("master.sock"));
+    exec_haproxy(&mut cmd, &cfg);
     let renderer = Proc::spawn("renderer", dir.path(), cmd);
     wait_routed(http_port, &["s1"], T).await;
 

@@ -531,8 +531,7 @@ async fn https_health_checks_trust_the_given_ca_only() {
         ),
     )
     .unwrap();
-    let mut haproxy = Command::new("haproxy");
-    haproxy.arg("-db").arg("-f").arg(&cfg);
+    let haproxy = e2e::lb::haproxy_command(None, &cfg);
     let _tls = Proc::spawn("haproxy-tls", dir.path(), haproxy);
     eventually(
         Duration::from_secs(10),

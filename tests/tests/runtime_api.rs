@@ -255,8 +255,7 @@ async fn haproxy_restarted_from_the_file_serves_the_same_set() {
     // Stop the renderer (HAProxy stops with it) and start a plain HAProxy from the file.
     lb.proc.signal(Signal::SIGTERM);
     assert!(lb.proc.exited(T).await.is_some());
-    let mut cmd = Command::new("haproxy");
-    cmd.arg("-db").arg("-f").arg(&lb.cfg);
+    let cmd = e2e::lb::haproxy_command(None, &lb.cfg);
     let _plain = Proc::spawn("haproxy-from-file", dir.path(), cmd);
     wait_routed(lb.http_port, &want_refs, T).await;
 }

@@ -161,7 +161,7 @@ pub(super) fn spawn_haproxy(dir: &Path, master: &Path, cfg: &Path, start: u32) -
     spawn(
         &format!("haproxy-{start}"),
         dir,
-        crate::lb::haproxy_command(master, cfg),
+        crate::lb::haproxy_command(Some(master), cfg),
     )
 }
 
