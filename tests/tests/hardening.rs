@@ -15,6 +15,49 @@ use nix::sys::signal::Signal;
 
 const T: Duration = Duration::from_secs(20);
 
+/// etcd, web apps s1 and s2 (s1 registered), and HAProxy run on its own from a first
+/// config (as a system service runs it), serving s1; the test starts the renderers.
+struct Site {
+    // Dropped in this order: HAProxy first, the directory last.
+    haproxy: Proc,
+    lb: Standalone,
+    s2: Backend,
+    _s1: Backend,
+    etcd: Etcd,
+    _dir: tempfile::TempDir,
+}
+
+impl Site {
+    async fn start() -> Site {
+        let dir = temp_dir();
+        let etcd = Etcd::start(dir.path()).await;
+        let (s1, s2) = (
+            Backend::start(dir.path(), "s1"),
+            Backend::start(dir.path(), "s2"),
+        );
+        put_instance(&etcd, "webapp", "s1", s1.port).await;
+        let lb = Standalone::prepare(dir.path(), &etcd).await;
+        let haproxy = lb.haproxy("haproxy");
+        wait_routed(lb.http_port, &["s1"], T).await;
+        Site {
+            haproxy,
+            lb,
+            s2,
+            _s1: s1,
+            etcd,
+            _dir: dir,
+        }
+    }
+}
+
+/// Waits for the renderer's first apply.
+async fn following(r: &Proc) {
+    eventually(T, "the renderer is following", || async {
+        r.log().contains("apply").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_haproxy_rejects_is_quarantined_not_fleet_freezing() {
     let dir = temp_dir();
@@ -144,18 +187,9 @@ async fn renderer_exits_promptly_when_haproxy_dies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renderer_restarted_under_a_running_haproxy_loses_no_traffic() {
-    let dir = temp_dir();
-    let etcd = Etcd::start(dir.path()).await;
-    let (s1, s2) = (
-        Backend::start(dir.path(), "s1"),
-        Backend::start(dir.path(), "s2"),
-    );
-    put_instance(&etcd, "webapp", "s1", s1.port).await;
-    // The first config once, then HAProxy on its own (as a system service would run it).
-    let lb = Standalone::prepare(dir.path(), &etcd).await;
-    let _haproxy = lb.haproxy("haproxy");
+    let site = Site::start().await;
+    let (etcd, s2, lb) = (&site.etcd, &site.s2, &site.lb);
     let (http_port, master) = (lb.http_port, lb.master.clone());
-    wait_routed(http_port, &["s1"], T).await;
 
     let mut first = lb.renderer("renderer-1", &[]);
     let load = Load::start(http_port, 5, 8, false);
@@ -219,25 +253,14 @@ async fn haproxy_restarted_by_its_supervisor_gets_the_live_changes_again() {
     // goes live at once; its file is checked slowly (3 s), so when the supervisor restarts
     // HAProxy from the file on disk the join is not in it. The renderer must notice the new
     // master and apply the registry again.
-    let dir = temp_dir();
-    let etcd = Etcd::start(dir.path()).await;
-    let (s1, s2) = (
-        Backend::start(dir.path(), "s1"),
-        Backend::start(dir.path(), "s2"),
-    );
-    put_instance(&etcd, "webapp", "s1", s1.port).await;
-    let lb = Standalone::prepare(dir.path(), &etcd).await;
+    let mut site = Site::start().await;
+    let (etcd, s2, lb, first) = (&site.etcd, &site.s2, &site.lb, &mut site.haproxy);
     let (http_port, cfg) = (lb.http_port, lb.cfg.clone());
-    let mut first = lb.haproxy("haproxy-1");
-    wait_routed(http_port, &["s1"], T).await;
     let r = lb.renderer(
         "renderer",
         &["--check-cmd", "sh -c 'sleep 3 && haproxy -c -f {}'"],
     );
-    eventually(T, "the renderer is following", || async {
-        r.log().contains("apply").then_some(())
-    })
-    .await;
+    following(&r).await;
 
     put_instance(&etcd, "webapp", "s2", s2.port).await;
     wait_routed(http_port, &["s1", "s2"], T).await;
@@ -248,7 +271,7 @@ async fn haproxy_restarted_by_its_supervisor_gets_the_live_changes_again() {
         "the file is still being checked"
     );
     // The supervisor: the master and its workers killed, HAProxy started from the file.
-    e2e::lb::kill_haproxy(&mut first);
+    e2e::lb::kill_haproxy(first);
     let _second = lb.haproxy("haproxy-2");
     wait_routed(http_port, &["s1", "s2"], T).await;
     let log = r.log();
@@ -273,25 +296,14 @@ async fn a_renderer_killed_between_a_live_join_and_its_file_leaves_no_ghost() {
     // instance leaves while no renderer runs. The next renderer must not trust the file
     // to be what HAProxy runs: it compares, finds the join, and reloads HAProxy from the
     // registry's config (the chaos run's ghost: 270 servers stayed in HAProxy).
-    let dir = temp_dir();
-    let etcd = Etcd::start(dir.path()).await;
-    let (s1, s2) = (
-        Backend::start(dir.path(), "s1"),
-        Backend::start(dir.path(), "s2"),
-    );
-    put_instance(&etcd, "webapp", "s1", s1.port).await;
-    let lb = Standalone::prepare(dir.path(), &etcd).await;
-    let _haproxy = lb.haproxy("haproxy");
+    let site = Site::start().await;
+    let (etcd, s2, lb) = (&site.etcd, &site.s2, &site.lb);
     let (http_port, cfg, master) = (lb.http_port, lb.cfg.clone(), lb.master.clone());
-    wait_routed(http_port, &["s1"], T).await;
     let mut first = lb.renderer(
         "renderer-1",
         &["--check-cmd", "sh -c 'sleep 60 && haproxy -c -f {}'"],
     );
-    eventually(T, "the first renderer is following", || async {
-        first.log().contains("apply").then_some(())
-    })
-    .await;
+    following(&first).await;
     put_instance(&etcd, "webapp", "s2", s2.port).await;
     wait_routed(http_port, &["s1", "s2"], T).await;
     first.kill();
@@ -320,22 +332,11 @@ async fn a_renderer_killed_between_a_live_join_and_its_file_leaves_no_ghost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_added_by_hand_through_the_runtime_api_is_found_by_the_live_check() {
-    let dir = temp_dir();
-    let etcd = Etcd::start(dir.path()).await;
-    let (s1, s2) = (
-        Backend::start(dir.path(), "s1"),
-        Backend::start(dir.path(), "s2"),
-    );
-    put_instance(&etcd, "webapp", "s1", s1.port).await;
-    let lb = Standalone::prepare(dir.path(), &etcd).await;
-    let _haproxy = lb.haproxy("haproxy");
+    let site = Site::start().await;
+    let (s2, lb) = (&site.s2, &site.lb);
     let (http_port, master) = (lb.http_port, lb.master.clone());
-    wait_routed(http_port, &["s1"], T).await;
     let r = lb.renderer("renderer", &["--resync", "1s"]);
-    eventually(T, "the renderer is following", || async {
-        r.log().contains("apply").then_some(())
-    })
-    .await;
+    following(&r).await;
     // Something else than the renderer (a hand, a script) adds a server HAProxy serves.
     let added = master_cli(
         &master,

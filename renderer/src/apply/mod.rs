@@ -547,33 +547,15 @@ impl Applier {
     /// servers the registry no longer has in HAProxy). A master that does not answer is
     /// asked again at the next apply.
     async fn adopt(&mut self) {
-        let Reloader::Master(cli) = &self.reloader else {
+        if !matches!(self.reloader, Reloader::Master(_)) {
             self.adopted = true;
             return;
-        };
-        for t in &mut self.targets {
-            let Some(running) = t.running.as_deref() else {
-                continue;
-            };
-            match runtime::drift(cli, &String::from_utf8_lossy(running), true).await {
-                Ok(differences) if differences.is_empty() => {}
-                Ok(differences) => {
-                    warn!(
-                        dest = %t.file.dest.display(),
-                        count = differences.len(),
-                        differences = ?&differences[..differences.len().min(10)],
-                        "HAProxy does not run the config on disk (live changes of a renderer stopped before it wrote their file?); reloading it from the registry's config"
-                    );
-                    self.metrics.haproxy_drift.inc();
-                    t.running = None;
-                }
-                Err(e) => {
-                    debug!(error = %e, "cannot compare HAProxy's servers with the file yet");
-                    return;
-                }
-            }
         }
-        self.adopted = true;
+        const WHAT: &str = "HAProxy does not run the config on disk (live changes of a renderer stopped before it wrote their file?); reloading it from the registry's config";
+        match self.find_drift(true, WHAT).await {
+            Ok(_) => self.adopted = true,
+            Err(e) => debug!(error = %e, "cannot compare HAProxy's servers with the file yet"),
+        }
     }
 
     /// Compares the servers HAProxy runs with the state it was given (membership, address
@@ -582,37 +564,46 @@ impl Applier {
     /// forgotten so the next apply reloads it; returns whether there was one. Nothing to
     /// compare without a master CLI, or while the master does not answer.
     pub async fn check_live(&mut self) -> bool {
-        let Some(cli) = self.reloader.cli() else {
+        if self.reloader.cli().is_none() {
             return false;
+        }
+        const WHAT: &str =
+            "HAProxy runs other servers than it was given; reloading it from the registry's config";
+        self.find_drift(false, WHAT)
+            .await
+            .inspect_err(|e| debug!(error = %e, "cannot compare HAProxy's servers with its config"))
+            .unwrap_or(false)
+    }
+
+    /// Compares, per target, the servers HAProxy runs with the state it was given
+    /// ([`runtime::drift`]; `state`: weights and maintenance too). A target that differs is
+    /// logged at WARN as `what` with its differences, counted in
+    /// `renderer_haproxy_drift_total` and forgotten (`running = None`: the next apply
+    /// reloads HAProxy). True when one differed.
+    async fn find_drift(&mut self, state: bool, what: &str) -> Result<bool, runtime::RuntimeError> {
+        let Some(cli) = self.reloader.cli() else {
+            return Ok(false);
         };
         let mut found = false;
         for t in &mut self.targets {
             let Some(running) = t.running.as_deref() else {
                 continue;
             };
-            match Box::pin(runtime::drift(
-                cli,
-                &String::from_utf8_lossy(running),
-                false,
-            ))
-            .await
-            {
-                Ok(differences) if differences.is_empty() => {}
-                Ok(differences) => {
-                    warn!(
-                        dest = %t.file.dest.display(),
-                        count = differences.len(),
-                        differences = ?&differences[..differences.len().min(10)],
-                        "HAProxy runs other servers than it was given; reloading it from the registry's config"
-                    );
-                    self.metrics.haproxy_drift.inc();
-                    t.running = None;
-                    found = true;
-                }
-                Err(e) => debug!(error = %e, "cannot compare HAProxy's servers with its config"),
+            let config = String::from_utf8_lossy(running);
+            let differences = Box::pin(runtime::drift(cli, &config, state)).await?;
+            if !differences.is_empty() {
+                warn!(
+                    dest = %t.file.dest.display(),
+                    count = differences.len(),
+                    differences = ?&differences[..differences.len().min(10)],
+                    "{what}"
+                );
+                self.metrics.haproxy_drift.inc();
+                t.running = None;
+                found = true;
             }
         }
-        found
+        Ok(found)
     }
 
     /// True when every destination holds a config (HAProxy can be started from them).
