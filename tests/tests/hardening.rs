@@ -196,7 +196,7 @@ async fn a_renderer_restarted_under_a_running_haproxy_loses_no_traffic() {
     first.kill(); // crash
     wait_routed(http_port, &["s1"], T).await;
     let _second = lb.renderer("renderer-2", &[]);
-    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    put_instance(etcd, "webapp", "s2", s2.port).await;
     wait_routed(http_port, &["s1", "s2"], T).await;
     let result = load.finish();
     assert_eq!(result.failed(), 0, "{}", result.raw);
@@ -262,7 +262,7 @@ async fn haproxy_restarted_by_its_supervisor_gets_the_live_changes_again() {
     );
     following(&r).await;
 
-    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    put_instance(etcd, "webapp", "s2", s2.port).await;
     wait_routed(http_port, &["s1", "s2"], T).await;
     assert!(
         !std::fs::read_to_string(&cfg)
@@ -304,7 +304,7 @@ async fn a_renderer_killed_between_a_live_join_and_its_file_leaves_no_ghost() {
         &["--check-cmd", "sh -c 'sleep 60 && haproxy -c -f {}'"],
     );
     following(&first).await;
-    put_instance(&etcd, "webapp", "s2", s2.port).await;
+    put_instance(etcd, "webapp", "s2", s2.port).await;
     wait_routed(http_port, &["s1", "s2"], T).await;
     first.kill();
     assert!(

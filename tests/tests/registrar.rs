@@ -11,6 +11,13 @@ use nix::sys::signal::Signal;
 
 const KEY: &str = "/services/webapp/s1";
 
+/// Registrar flags for instance s1 of webapp on port 3000 (under [`KEY`]), then `extra`.
+fn s1<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["--service", "webapp", "--id", "s1", "--port", "3000"];
+    args.extend_from_slice(extra);
+    args
+}
+
 fn registrar(dir: &std::path::Path, name: &str, etcd: &Etcd, args: &[&str]) -> Proc {
     let mut cmd = e2e::registrar_base(&etcd.endpoint(), "info,registrar=debug");
     cmd.args(args);
@@ -131,21 +138,7 @@ async fn registers_json_under_a_lease_and_revokes_on_sigterm() {
 async fn sigkill_leaves_the_key_until_the_ttl_expires() {
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
-    let reg = registrar(
-        dir.path(),
-        "registrar",
-        &etcd,
-        &[
-            "--service",
-            "webapp",
-            "--id",
-            "s1",
-            "--port",
-            "3000",
-            "--ttl",
-            "3s",
-        ],
-    );
+    let reg = registrar(dir.path(), "registrar", &etcd, &s1(&["--ttl", "3s"]));
     wait_kept_alive(&etcd, KEY, Duration::from_secs(10)).await;
     let t = Instant::now();
     reg.signal(Signal::SIGKILL);
@@ -230,18 +223,7 @@ async fn exec_mode_revokes_first_and_exits_with_the_childs_status() {
         dir.path(),
         "registrar-2",
         &etcd,
-        &[
-            "--service",
-            "webapp",
-            "--id",
-            "s1",
-            "--port",
-            "3000",
-            "--",
-            "sh",
-            "-c",
-            "sleep 1; exit 7",
-        ],
+        &s1(&["--", "sh", "-c", "sleep 1; exit 7"]),
     );
     let status = reg
         .exited(Duration::from_secs(15))
@@ -255,21 +237,7 @@ async fn exec_mode_revokes_first_and_exits_with_the_childs_status() {
 async fn registration_survives_etcd_restart_and_long_outage() {
     let dir = temp_dir();
     let mut etcd = Etcd::start(dir.path()).await;
-    let _reg = registrar(
-        dir.path(),
-        "registrar",
-        &etcd,
-        &[
-            "--service",
-            "webapp",
-            "--id",
-            "s1",
-            "--port",
-            "3000",
-            "--ttl",
-            "3s",
-        ],
-    );
+    let _reg = registrar(dir.path(), "registrar", &etcd, &s1(&["--ttl", "3s"]));
     wait_kept_alive(&etcd, KEY, Duration::from_secs(10)).await;
 
     // Quick restart on the same data dir.
@@ -293,21 +261,7 @@ async fn registration_survives_etcd_restart_and_long_outage() {
 async fn frozen_etcd_is_detected_and_registration_recovers() {
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
-    let reg = registrar(
-        dir.path(),
-        "registrar",
-        &etcd,
-        &[
-            "--service",
-            "webapp",
-            "--id",
-            "s1",
-            "--port",
-            "3000",
-            "--ttl",
-            "3s",
-        ],
-    );
+    let reg = registrar(dir.path(), "registrar", &etcd, &s1(&["--ttl", "3s"]));
     wait_kept_alive(&etcd, KEY, Duration::from_secs(10)).await;
     etcd.freeze();
     // The registrar must notice the frozen store (keep-alive failures), not hang silently.
