@@ -220,16 +220,20 @@ impl Registration {
 
     /// Keeps `lease` alive and follows the health verdict until the lease is lost or `stop`.
     async fn keep(&mut self, lease: i64, stop: &CancellationToken) -> SessionEnd {
-        let mut schedule = Schedule::new(Duration::from_secs(self.ttl as u64), Instant::now());
-        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        let mut keeper = Keeper::new(
+            lease,
+            Duration::from_secs(self.ttl as u64),
+            self.call_limit(),
+            self.metrics.keepalive_failures.clone(),
+        );
         let mut key_present = true;
         let mut want_present = *self.health.borrow_and_update();
         let mut next_presence_try = Instant::now();
         loop {
             let wake = if want_present != key_present {
-                schedule.next.min(next_presence_try)
+                keeper.due().min(next_presence_try)
             } else {
-                schedule.next
+                keeper.due()
             };
             tokio::select! {
                 _ = stop.cancelled() => return SessionEnd::Shutdown,
@@ -268,62 +272,15 @@ impl Registration {
                     }
                 }
             }
-            if Instant::now() < schedule.next {
+            if Instant::now() < keeper.due() {
                 continue;
             }
-            match self.keep_alive_once(lease, &mut stream).await {
-                Ok(remaining) if remaining > 0 => {
-                    let remaining = Duration::from_secs(remaining as u64);
-                    if schedule.answered(Instant::now(), remaining) {
-                        info!(member = %self.etcd.endpoint(), "keep-alive answered again; the lease was kept");
-                    }
-                }
-                Ok(_) => return SessionEnd::LeaseLost,
-                Err(e) if is_lease_not_found(&e) => return SessionEnd::LeaseLost,
-                Err(e) => {
-                    stream = None;
-                    self.metrics.keepalive_failures.inc();
-                    let failed_on = self.etcd.endpoint();
-                    let overdue = schedule.overdue(Instant::now());
-                    if overdue {
-                        warn!(error = %error_chain(&e), member = %failed_on, "no keep-alive answered for longer than the TTL; the key may have expired");
-                    } else {
-                        debug!(error = %error_chain(&e), member = %failed_on, "keep-alive failed; trying another etcd member");
-                    }
-                    match self.etcd.fail_over_unless(stop).await {
-                        FailOver::Stopped => return SessionEnd::Shutdown,
-                        moved => schedule.failed(Instant::now(), moved == FailOver::Moved),
-                    }
-                }
+            match keeper.round(&mut self.etcd, stop).await {
+                Kept::Alive | Kept::Failed => {}
+                Kept::Lost => return SessionEnd::LeaseLost,
+                Kept::Stopped => return SessionEnd::Shutdown,
             }
         }
-    }
-
-    /// One keep-alive round trip; returns the TTL etcd granted (0 = lease gone).
-    async fn keep_alive_once(
-        &self,
-        lease: i64,
-        stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-    ) -> Result<i64, etcd_client::Error> {
-        let round = async {
-            if stream.is_none() {
-                // Opening the stream already waits for etcd's first answer (gRPC sends the
-                // response headers with it): it is part of the round trip.
-                let mut c = self.etcd.client();
-                *stream = Some(c.lease_keep_alive(lease).await?);
-            }
-            let Some((keeper, responses)) = stream.as_mut() else {
-                return Err(etcd_client::Error::LeaseKeepAliveError("no stream".into()));
-            };
-            keeper.keep_alive().await?;
-            match responses.message().await? {
-                Some(r) => Ok(r.ttl()),
-                None => Err(etcd_client::Error::LeaseKeepAliveError(
-                    "keep-alive stream closed".into(),
-                )),
-            }
-        };
-        registry::etcd::within(self.call_limit(), "keep-alive", round).await
     }
 
     /// The bound of every etcd call: the request timeout, but never more than the
@@ -441,6 +398,114 @@ impl Schedule {
         } else {
             now + Duration::from_millis(200).min(self.period)
         };
+    }
+}
+
+/// Keeps one lease alive: a keep-alive every TTL/3 on a reused stream (one round trip
+/// each), another etcd member after a failure, "may have expired" warned once (and taken
+/// back when etcd answers again). The one lease keeper of both front ends: the
+/// registrar's session ([`Registration`]) and `registrar docker`'s lease for every
+/// container it registers.
+pub struct Keeper {
+    pub lease: i64,
+    schedule: Schedule,
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    /// The bound of one round trip.
+    limit: Duration,
+    failures: prometheus_client::metrics::counter::Counter,
+}
+
+/// How a keep-alive round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// etcd renewed the lease.
+    Alive,
+    /// The lease is gone (TTL 0 or "lease not found"): register again under a new one.
+    Lost,
+    /// No answer; tried again at [`Keeper::due`] (on another member when there is one).
+    Failed,
+    /// `stop` fired while moving to another member.
+    Stopped,
+}
+
+impl Keeper {
+    /// Keeps `lease` (granted now with `ttl`) alive, each round bounded by `limit`,
+    /// counting failed rounds in `failures`.
+    pub fn new(
+        lease: i64,
+        ttl: Duration,
+        limit: Duration,
+        failures: prometheus_client::metrics::counter::Counter,
+    ) -> Keeper {
+        Keeper {
+            lease,
+            schedule: Schedule::new(ttl, Instant::now()),
+            stream: None,
+            limit,
+            failures,
+        }
+    }
+
+    /// When the next round is due.
+    pub fn due(&self) -> Instant {
+        self.schedule.next
+    }
+
+    /// One keep-alive round through `etcd` (moved to another member after a failure).
+    pub async fn round(&mut self, etcd: &mut Member, stop: &CancellationToken) -> Kept {
+        match self.once(etcd).await {
+            Ok(remaining) if remaining > 0 => {
+                let remaining = Duration::from_secs(remaining as u64);
+                if self.schedule.answered(Instant::now(), remaining) {
+                    info!(member = %etcd.endpoint(), "keep-alive answered again; the lease was kept");
+                }
+                Kept::Alive
+            }
+            Ok(_) => Kept::Lost,
+            Err(e) if is_lease_not_found(&e) => Kept::Lost,
+            Err(e) => {
+                self.stream = None;
+                self.failures.inc();
+                let failed_on = etcd.endpoint();
+                if self.schedule.overdue(Instant::now()) {
+                    warn!(error = %error_chain(&e), member = %failed_on, "no keep-alive answered for longer than the TTL; the key may have expired");
+                } else {
+                    debug!(error = %error_chain(&e), member = %failed_on, "keep-alive failed; trying another etcd member");
+                }
+                match etcd.fail_over_unless(stop).await {
+                    FailOver::Stopped => Kept::Stopped,
+                    moved => {
+                        self.schedule
+                            .failed(Instant::now(), moved == FailOver::Moved);
+                        Kept::Failed
+                    }
+                }
+            }
+        }
+    }
+
+    /// One keep-alive round trip; returns the TTL etcd granted (0 = lease gone).
+    async fn once(&mut self, etcd: &Member) -> Result<i64, etcd_client::Error> {
+        let (lease, stream) = (self.lease, &mut self.stream);
+        let round = async {
+            if stream.is_none() {
+                // Opening the stream already waits for etcd's first answer (gRPC sends the
+                // response headers with it): it is part of the round trip.
+                let mut c = etcd.client();
+                *stream = Some(c.lease_keep_alive(lease).await?);
+            }
+            let Some((keeper, responses)) = stream.as_mut() else {
+                return Err(etcd_client::Error::LeaseKeepAliveError("no stream".into()));
+            };
+            keeper.keep_alive().await?;
+            match responses.message().await? {
+                Some(r) => Ok(r.ttl()),
+                None => Err(etcd_client::Error::LeaseKeepAliveError(
+                    "keep-alive stream closed".into(),
+                )),
+            }
+        };
+        registry::etcd::within(self.limit, "keep-alive", round).await
     }
 }
 

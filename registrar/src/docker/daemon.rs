@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use super::labels::{self, Container};
 use super::DockerConfig;
-use crate::lease::sleep_or_stop;
+use crate::lease::{sleep_or_stop, Keeper, Kept};
 
 /// Fatal failures: flags or etcd setup that retrying cannot fix.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,7 @@ struct Metrics {
     syncs: Counter,
     docker_connected: Gauge,
     lease_grants: Counter,
+    keepalive_failures: Counter,
     skipped: Counter,
 }
 
@@ -79,6 +80,11 @@ impl Metrics {
             self.lease_grants.clone(),
         );
         r.register(
+            "registrar_keepalive_failures",
+            "Keep-alive round trips that failed (timeout, member down)",
+            self.keepalive_failures.clone(),
+        );
+        r.register(
             "registrar_docker_skipped",
             "Labelled containers not registered because of a bad label",
             self.skipped.clone(),
@@ -97,7 +103,9 @@ struct Daemon {
     config: DockerConfig,
     etcd: Member,
     docker: Docker,
-    lease: Option<i64>,
+    /// Our one lease, every container's record under it; `None` until the first is
+    /// registered, and after the lease was lost.
+    keeper: Option<Keeper>,
     /// Container id → what is in etcd for it under our lease.
     held: BTreeMap<String, Held>,
     /// Containers that got their stop signal: not registered again until they start.
@@ -175,7 +183,7 @@ pub async fn run(
         config,
         etcd,
         docker,
-        lease: None,
+        keeper: None,
         held: BTreeMap::new(),
         stopping: BTreeSet::new(),
         reported: BTreeSet::new(),
@@ -195,7 +203,7 @@ pub async fn run(
 impl Daemon {
     async fn run(&mut self, shutdown: &CancellationToken) {
         let mut backoff = Backoff::new(MAX_BACKOFF);
-        let period = Duration::from_secs(self.config.ttl_secs as u64) / 3;
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
             // Events since a second before the sync are replayed: nothing between the
             // sync's listing and the stream's start is missed.
@@ -224,7 +232,6 @@ impl Daemon {
             self.metrics.docker_connected.set(1);
             self.ready.send_replace(true);
             self.notifier.ready(&self.status_line());
-            let mut next_keep_alive = Instant::now() + period;
             let mut watchdog = observe::notify::Watchdog::new(&self.notifier);
             loop {
                 let next_watchdog = watchdog.pet();
@@ -246,11 +253,8 @@ impl Daemon {
                             break;
                         }
                     },
-                    _ = tokio::time::sleep_until(next_keep_alive) => {
-                        next_keep_alive = Instant::now() + match self.keep_alive().await {
-                            Ok(()) => period,
-                            Err(()) => Duration::from_millis(500).min(period),
-                        };
+                    _ = tokio::time::sleep_until(self.keeper.as_ref().map_or(far, Keeper::due)) => {
+                        self.keep_alive(shutdown).await;
                     }
                     _ = tokio::time::sleep_until(self.resync_at.unwrap_or_else(Instant::now)), if self.resync_at.is_some() => {
                         if let Err(e) = self.sync().await {
@@ -264,7 +268,7 @@ impl Daemon {
                         }
                         self.notifier.status(&self.status_line());
                     }
-                    _ = tokio::time::sleep_until(next_watchdog.unwrap_or(next_keep_alive)), if next_watchdog.is_some() => {}
+                    _ = tokio::time::sleep_until(next_watchdog.unwrap_or(far)), if next_watchdog.is_some() => {}
                 }
             }
             self.metrics.docker_connected.set(0);
@@ -487,7 +491,9 @@ impl Daemon {
         let Some(held) = self.held.remove(id) else {
             return;
         };
-        let Some(lease) = self.lease else { return };
+        let Some(lease) = self.keeper.as_ref().map(|k| k.lease) else {
+            return;
+        };
         // Marked leaving first: a deliberate stop, drained at once (see registry::etcd).
         let client = self.etcd.client();
         let timeout = self.config.etcd.dial_timeout;
@@ -551,7 +557,9 @@ impl Daemon {
         format!(
             "{} container(s) registered, lease {}",
             self.held.len(),
-            self.lease.map_or("none".into(), |l| format!("{l:x}"))
+            self.keeper
+                .as_ref()
+                .map_or("none".into(), |k| format!("{:x}", k.lease))
         )
     }
 
@@ -569,8 +577,8 @@ impl Daemon {
     }
 
     async fn ensure_lease(&mut self) -> Result<i64, String> {
-        if let Some(l) = self.lease {
-            return Ok(l);
+        if let Some(k) = &self.keeper {
+            return Ok(k.lease);
         }
         let ttl = self.config.ttl_secs;
         let grant = self
@@ -582,14 +590,22 @@ impl Daemon {
             lease = format_args!("{:x}", grant.id()),
             ttl, "lease granted"
         );
-        self.lease = Some(grant.id());
+        self.keeper = Some(Keeper::new(
+            grant.id(),
+            Duration::from_secs(ttl as u64),
+            self.config
+                .etcd
+                .dial_timeout
+                .min(Duration::from_secs(ttl as u64) / 3),
+            self.metrics.keepalive_failures.clone(),
+        ));
         Ok(grant.id())
     }
 
     /// Our lease is gone (expired while etcd was unreachable, or the store was
     /// replaced): forget what we hold and sync, which grants a new one and puts again.
     fn lease_lost(&mut self) {
-        if let Some(l) = self.lease.take() {
+        if let Some(l) = self.keeper.take().map(|k| k.lease) {
             warn!(
                 lease = format_args!("{l:x}"),
                 "lease lost; registering every container again"
@@ -599,36 +615,14 @@ impl Daemon {
         self.retry_in(Duration::from_secs(1));
     }
 
-    /// One keep-alive round trip. `Err` when it should be tried again soon.
-    async fn keep_alive(&mut self) -> Result<(), ()> {
-        let Some(lease) = self.lease else {
-            return Ok(());
+    /// One keep-alive round of our lease (the registrar's [`Keeper`]); a lost lease
+    /// makes every container register again.
+    async fn keep_alive(&mut self, stop: &CancellationToken) {
+        let Some(keeper) = self.keeper.as_mut() else {
+            return;
         };
-        let round = async {
-            let mut c = self.etcd.client();
-            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
-            match stream.message().await? {
-                Some(r) => Ok(r.ttl()),
-                None => Ok(-1),
-            }
-        };
-        match self.timed(round).await {
-            Ok(ttl) if ttl > 0 => Ok(()),
-            Ok(0) => {
-                self.lease_lost();
-                Ok(())
-            }
-            Ok(_) => Err(()),
-            Err(e) if is_lease_not_found(&e) => {
-                self.lease_lost();
-                Ok(())
-            }
-            Err(e) => {
-                debug!(error = %error_chain(&e), "keep-alive failed; trying another etcd member");
-                self.etcd.fail_over().await.ok();
-                Err(())
-            }
+        if keeper.round(&mut self.etcd, stop).await == Kept::Lost {
+            self.lease_lost();
         }
     }
 
