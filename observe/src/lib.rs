@@ -61,6 +61,44 @@ pub struct Endpoint {
     pub status: Option<StatusFn>,
 }
 
+impl Endpoint {
+    /// `registry`'s metrics, ready while `ready` holds true (else not ready because
+    /// `why_not`), no `/status`.
+    pub fn ready_when(
+        registry: Registry,
+        ready: tokio::sync::watch::Receiver<bool>,
+        why_not: &'static str,
+    ) -> Endpoint {
+        Endpoint {
+            registry: Arc::new(registry),
+            ready: Arc::new(move || {
+                if *ready.borrow() {
+                    Ok(())
+                } else {
+                    Err(why_not.into())
+                }
+            }),
+            status: None,
+        }
+    }
+}
+
+/// `--metrics-addr` for every binary: serves `endpoint` on `addr` until `stop`, nothing
+/// when `addr` is `None` (`off`). A port that cannot be bound is reported at ERROR and the
+/// process goes on without its metrics: the service matters more than its metrics.
+pub async fn serve_if(
+    addr: Option<SocketAddr>,
+    endpoint: impl FnOnce() -> Endpoint,
+    stop: CancellationToken,
+) {
+    let Some(addr) = addr else {
+        return;
+    };
+    if let Err(e) = serve(addr, endpoint(), stop).await {
+        tracing::error!(%addr, error = %e, "cannot serve metrics; continuing without them");
+    }
+}
+
 /// Time a client gets to send a request head; a client that never finishes its request
 /// is dropped after it (and never holds up anyone else: each connection is its own task).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);

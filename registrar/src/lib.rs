@@ -72,23 +72,13 @@ pub async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let (registered_tx, registered_rx) = watch::channel(false);
-    if let Some(addr) = config.metrics_addr {
-        let ready = registered_rx.clone();
-        let endpoint = observe::Endpoint {
-            registry: std::sync::Arc::new(registry),
-            ready: std::sync::Arc::new(move || {
-                if *ready.borrow() {
-                    Ok(())
-                } else {
-                    Err("not registered".into())
-                }
-            }),
-            status: None,
-        };
-        if let Err(e) = observe::serve(addr, endpoint, tasks.clone()).await {
-            warn!(%addr, error = %e, "cannot serve metrics; continuing without them");
-        }
-    }
+    let ready = registered_rx.clone();
+    observe::serve_if(
+        config.metrics_addr,
+        || observe::Endpoint::ready_when(registry, ready, "not registered"),
+        tasks.clone(),
+    )
+    .await;
     {
         let (mut rx, gauge, stop) = (
             registered_rx.clone(),

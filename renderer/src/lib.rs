@@ -31,7 +31,7 @@ pub mod watch;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::info;
 
 pub use config::{Args, Config, ReloadMode};
 use daemon::Daemon;
@@ -58,13 +58,12 @@ pub async fn run_with(
     let metrics = metrics::Metrics::new(&mut registry);
     let state = metrics::State::new(config.ready_grace);
     let tasks = CancellationToken::new();
-    if let Some(addr) = config.metrics_addr {
-        let endpoint = state.endpoint(registry);
-        if let Err(e) = observe::serve(addr, endpoint, tasks.clone()).await {
-            // The load balancer matters more than its metrics: report loudly, keep going.
-            error!(%addr, error = %e, "cannot serve metrics; continuing without them");
-        }
-    }
+    observe::serve_if(
+        config.metrics_addr,
+        || state.endpoint(registry),
+        tasks.clone(),
+    )
+    .await;
     let applier = crate::start::applier(&config, targets, metrics.clone(), false);
     let mut daemon = Daemon::new(
         config.clone(),

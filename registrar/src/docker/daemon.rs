@@ -136,22 +136,12 @@ pub async fn run(
     metrics.register(&mut registry);
     let (ready, ready_rx) = tokio::sync::watch::channel(false);
     let tasks = CancellationToken::new();
-    if let Some(addr) = config.metrics_addr {
-        let endpoint = observe::Endpoint {
-            registry: std::sync::Arc::new(registry),
-            ready: std::sync::Arc::new(move || {
-                if *ready_rx.borrow() {
-                    Ok(())
-                } else {
-                    Err("not synced with Docker and etcd".into())
-                }
-            }),
-            status: None,
-        };
-        if let Err(e) = observe::serve(addr, endpoint, tasks.clone()).await {
-            warn!(%addr, error = %e, "cannot serve metrics; continuing without them");
-        }
-    }
+    observe::serve_if(
+        config.metrics_addr,
+        || observe::Endpoint::ready_when(registry, ready_rx, "not synced with Docker and etcd"),
+        tasks.clone(),
+    )
+    .await;
     // The socket may not be there yet (the engine restarting): wait for it.
     let mut warned = false;
     let docker = loop {
