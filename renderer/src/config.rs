@@ -69,6 +69,11 @@ pub struct Args {
     )]
     pub templates: Vec<String>,
 
+    /// Directory of partials: every `NAME.hbs` in it is `{{> NAME}}` in the templates;
+    /// read again with the templates on SIGHUP.
+    #[arg(long, env = "RENDERER_PARTIALS", value_name = "DIR")]
+    pub partials: Option<PathBuf>,
+
     /// Check command for templates without their own; {} is replaced by the staged file.
     /// Empty string: no check.
     #[arg(long, env = "RENDERER_CHECK_CMD", default_value = DEFAULT_CHECK)]
@@ -262,6 +267,8 @@ pub struct Config {
     pub etcd: EtcdArgs,
     pub prefix: String,
     pub templates: Vec<TemplateSpec>,
+    /// `--partials`.
+    pub partials: Option<PathBuf>,
     pub vars: BTreeMap<String, String>,
     pub wait_min: Duration,
     pub wait_max: Duration,
@@ -352,6 +359,7 @@ impl Config {
             etcd: args.etcd,
             prefix: args.prefix,
             templates,
+            partials: args.partials,
             vars: {
                 let mut vars = BTreeMap::new();
                 for path in &args.vars_files {

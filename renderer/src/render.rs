@@ -74,7 +74,7 @@ impl Renderer {
         let mut hbs = Handlebars::new();
         hbs.register_escape_fn(handlebars::no_escape);
         hbs.set_strict_mode(true);
-        let ours: [(&str, Box<dyn HelperDef + Send + Sync>); 10] = [
+        let ours: [(&str, Box<dyn HelperDef + Send + Sync>); 21] = [
             ("default", Box::new(DefaultHelper)),
             ("join", Box::new(join)),
             ("json", Box::new(json)),
@@ -85,6 +85,17 @@ impl Renderer {
             ("version_at_least", Box::new(version_at_least)),
             ("dynamic_cookie", Box::new(dynamic_cookie)),
             ("dynamic_cookie_keyword", Box::new(dynamic_cookie_keyword)),
+            ("lower", Box::new(lower)),
+            ("upper", Box::new(upper)),
+            ("trim", Box::new(trim)),
+            ("replace", Box::new(replace)),
+            ("split", Box::new(split)),
+            ("contains", Box::new(contains)),
+            ("add", Box::new(Arith("add", i64::checked_add))),
+            ("sub", Box::new(Arith("sub", i64::checked_sub))),
+            ("mul", Box::new(Arith("mul", i64::checked_mul))),
+            ("div", Box::new(Arith("div", i64::checked_div))),
+            ("mod", Box::new(Arith("mod", i64::checked_rem))),
         ];
         for (name, helper) in ours {
             hbs.register_helper(name, helper);
@@ -138,6 +149,47 @@ impl Renderer {
         self.hbs
             .register_template_string(name, text)
             .map_err(compile_error)
+    }
+
+    /// Registers `text` as the partial `{{> name}}`.
+    pub fn add_partial(&mut self, name: &str, text: &str) -> Result<(), RenderFailure> {
+        let compile_error = |e: handlebars::TemplateError| RenderFailure::Compile {
+            path: format!("partial {name}"),
+            message: match e.pos() {
+                Some((line, column)) => format!("line {line}, column {column}: {}", e.reason()),
+                None => e.reason().to_string(),
+            },
+        };
+        let tree = Template::compile(text).map_err(compile_error)?;
+        collect_services(&tree, &mut self.named_services);
+        self.hbs.register_partial(name, text).map_err(compile_error)
+    }
+
+    /// Registers every `NAME.hbs` in `dir` as the partial `NAME`; returns their names.
+    pub fn add_partials_dir(&mut self, dir: &Path) -> Result<Vec<String>, RenderFailure> {
+        let read = |source| RenderFailure::Read {
+            path: dir.display().to_string(),
+            source,
+        };
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map_err(read)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "hbs"))
+            .collect();
+        files.sort();
+        let mut names = Vec::new();
+        for path in files {
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(String::from) else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&path).map_err(|source| RenderFailure::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            self.add_partial(&name, &text)?;
+            names.push(name);
+        }
+        Ok(names)
     }
 
     /// Reads and compiles a template file; its path is its name.
@@ -351,6 +403,63 @@ handlebars_helper!(join: |list: Json, sep: str| {
 
 handlebars_helper!(json: |v: Json| serde_json::to_string(v).unwrap_or_default());
 
+// Strings. Their output is made of the value and the template's own literals: a registry
+// value is validated before a template sees it, so none of these can put a character into
+// the config that neither had (and `haproxy -c` checks every line).
+handlebars_helper!(lower: |s: str| s.to_lowercase());
+handlebars_helper!(upper: |s: str| s.to_uppercase());
+handlebars_helper!(trim: |s: str| s.trim());
+handlebars_helper!(replace: |s: str, from: str, to: str| s.replace(from, to));
+handlebars_helper!(split: |s: str, sep: str| {
+    s.split(sep).map(|p| Value::from(p.to_string())).collect::<Vec<_>>()
+});
+// A string containing a substring, or a list containing an element.
+handlebars_helper!(contains: |haystack: Json, needle: Json| {
+    match (haystack, needle) {
+        (Value::String(h), Value::String(n)) => h.contains(n.as_str()),
+        (Value::Array(items), n) => items.contains(n),
+        (Value::Object(map), Value::String(k)) => map.contains_key(k),
+        _ => false,
+    }
+});
+
+/// Integer arithmetic (`{{add port 1000}}`, `{{mod @index 2}}`): numbers or numeric
+/// strings (`vars` are strings); division by zero or overflow is a render error naming
+/// the helper, never a silent 0.
+struct Arith(&'static str, fn(i64, i64) -> Option<i64>);
+
+impl HelperDef for Arith {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        let name = self.0;
+        let int = |i: usize| -> Result<i64, RenderError> {
+            let v = h
+                .param(i)
+                .ok_or(RenderErrorReason::ParamNotFoundForIndex(name, i))?
+                .value();
+            v.as_i64()
+                .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                .ok_or_else(|| {
+                    RenderErrorReason::Other(format!("{name}: {v} is not an integer")).into()
+                })
+        };
+        let (a, b) = (int(0)?, int(1)?);
+        (self.1)(a, b)
+            .map(|r| ScopedJson::Derived(Value::from(r)))
+            .ok_or_else(|| {
+                RenderErrorReason::Other(format!(
+                    "{name} {a} {b}: no result (division by zero or overflow)"
+                ))
+                .into()
+            })
+    }
+}
+
 handlebars_helper!(by_tag: |list: Json, tag: str| {
     Value::Array(list.as_array().map(|items| items.iter().filter(|i| {
         i.get("tags").and_then(Value::as_array).is_some_and(|t| t.iter().any(|x| x.as_str() == Some(tag)))
@@ -422,6 +531,80 @@ mod tests {
     fn strict_mode_rejects_typos() {
         assert!(render("{{vars.prot}}", data()).is_err());
         assert!(render("{{#each servics.web}}x{{/each}}", data()).is_err());
+    }
+
+    #[test]
+    fn partials_render_and_name_their_services() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("server.hbs"),
+            "server {{id}} {{address}}:{{port}}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("api.hbs"),
+            "{{#each services.api}}x{{/each}}",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "{{not a partial").unwrap();
+        let mut r = Renderer::new();
+        assert_eq!(r.add_partials_dir(dir.path()).unwrap(), ["api", "server"]);
+        assert!(r.named_services().contains("api"));
+        r.add("t", "{{#each services.web}}{{> server}}{{/each}}{{> api}}")
+            .unwrap();
+        let out = r.render("t", &data()).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "server b 10.0.0.2:80\nserver a 10.0.0.1:80\n"
+        );
+        // A broken partial names its file; a missing one is a render error.
+        std::fs::write(dir.path().join("bad.hbs"), "{{#if}}").unwrap();
+        let e = Renderer::new().add_partials_dir(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("partial bad"), "{e}");
+        let mut r = Renderer::new();
+        r.add("t", "{{> nope}}").unwrap();
+        assert!(r.render("t", &data()).is_err());
+    }
+
+    #[test]
+    fn string_and_arithmetic_helpers() {
+        let d =
+            serde_json::json!({"vars": {"port": "8080", "name": " Web-App "}, "list": ["a", "b"]});
+        let r = |t: &str| render(t, d.clone());
+        assert_eq!(r("{{lower (trim vars.name)}}").unwrap(), "web-app");
+        assert_eq!(r("{{upper vars.name}}").unwrap(), " WEB-APP ");
+        assert_eq!(
+            r("{{replace (trim vars.name) \"-\" \"_\"}}").unwrap(),
+            "Web_App"
+        );
+        assert_eq!(
+            r("{{join (split \"a,b,c\" \",\") \"|\"}}").unwrap(),
+            "a|b|c"
+        );
+        assert_eq!(
+            r("{{#if (contains vars.name \"App\")}}y{{else}}n{{/if}}").unwrap(),
+            "y"
+        );
+        assert_eq!(
+            r("{{#if (contains list \"c\")}}y{{else}}n{{/if}}").unwrap(),
+            "n"
+        );
+        assert_eq!(
+            r("{{#if (contains vars \"port\")}}y{{else}}n{{/if}}").unwrap(),
+            "y"
+        );
+        assert_eq!(r("{{add vars.port 1}}").unwrap(), "8081");
+        assert_eq!(
+            r("{{sub 10 3}} {{mul 6 7}} {{div 7 2}} {{mod 7 2}}").unwrap(),
+            "7 42 3 1"
+        );
+        assert_eq!(r("{{add (mul 2 3) (sub 0 1)}}").unwrap(), "5");
+        let e = r("{{div 1 0}}").unwrap_err().to_string();
+        assert!(e.contains("div 1 0: no result"), "{e}");
+        let e = r("{{add vars.name 1}}").unwrap_err().to_string();
+        assert!(e.contains("is not an integer"), "{e}");
+        // Strict mode still catches a typo inside a helper.
+        assert!(r("{{lower vars.nmae}}").is_err());
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub fn applier(config: &Config, targets: Vec<Target>, metrics: Metrics, once: bo
 pub async fn compile(config: &Config) -> Result<Renderer, RenderFailure> {
     let mut renderer = Renderer::new();
     renderer.set_haproxy_version(&haproxy_version(config).await);
+    if let Some(dir) = &config.partials {
+        let names = renderer.add_partials_dir(dir)?;
+        info!(dir = %dir.display(), partials = ?names, "partials");
+    }
     for spec in &config.templates {
         renderer.add_file(&spec.source)?;
     }

@@ -305,6 +305,49 @@ async fn a_service_that_loses_its_last_instance_renders_empty() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partials_and_helpers_render_from_the_registry_and_a_bad_partial_exits_64() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    put_instance(&etcd, "webapp", "s1", 3001).await;
+    put_instance(&etcd, "webapp", "s2", 3002).await;
+    let partials = dir.path().join("partials");
+    std::fs::create_dir(&partials).unwrap();
+    std::fs::write(
+        partials.join("server.hbs"),
+        "    server {{upper id}} {{address}}:{{add port 1000}}\n",
+    )
+    .unwrap();
+    let tpl = dir.path().join("t.hbs");
+    std::fs::write(
+        &tpl,
+        "backend nodes\n{{#each services.webapp}}{{> server}}{{/each}}",
+    )
+    .unwrap();
+    let dry = |partials: &std::path::Path| {
+        Command::new(bin("lb-renderer"))
+            .args(["--endpoints", &etcd.endpoint(), "--dry-run", "--template"])
+            .arg(format!("{}:/dev/null", tpl.display()))
+            .arg("--partials")
+            .arg(partials)
+            .output()
+            .unwrap()
+    };
+    let out = dry(&partials);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("    server S1 127.0.0.1:4001\n"), "{text}");
+    assert!(text.contains("    server S2 127.0.0.1:4002\n"), "{text}");
+    // A partial that does not compile: a clear error naming it, exit 64, nothing written.
+    std::fs::write(partials.join("broken.hbs"), "{{#each}}").unwrap();
+    let out = dry(&partials);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("partial broken"), "{err}");
+    let out = dry(&dir.path().join("missing"));
+    assert_eq!(out.status.code(), Some(64));
+}
+
 /// Found by the chaos run: etcd 3.4.23 (Debian 12) can revoke every lease at once when a
 /// stalled leader resumes (etcd #15247); the registrars register again within a second,
 /// but the backend was emptied meanwhile (~2 000 failed requests). Now the servers of a

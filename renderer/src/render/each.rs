@@ -66,6 +66,17 @@ pub(crate) const PURE_HELPERS: &[&str] = &[
     "version_at_least",
     "dynamic_cookie",
     "dynamic_cookie_keyword",
+    "lower",
+    "upper",
+    "trim",
+    "replace",
+    "split",
+    "contains",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "mod",
 ];
 
 /// What a cacheable block reads besides its item.
