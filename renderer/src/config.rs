@@ -117,6 +117,11 @@ pub struct Args {
     #[arg(long)]
     pub dry_run: bool,
 
+    /// With --dry-run: print a unified diff of each destination against what would be
+    /// written instead of the whole render (nothing when they agree).
+    #[arg(long, requires = "dry_run")]
+    pub diff: bool,
+
     /// HAProxy master CLI socket. With an exec-mode command, where HAProxy's `-S` socket
     /// is created [default: next to the first destination]; without, the master of an
     /// HAProxy started elsewhere, reloaded with `reload`.
@@ -276,6 +281,8 @@ pub struct Config {
     pub resync: Option<Duration>,
     pub once: bool,
     pub dry_run: bool,
+    /// `--diff` (with `--dry-run`).
+    pub diff: bool,
     pub reload: ReloadMode,
     pub runtime_api: bool,
     pub runtime_limits: crate::apply::plan::Limits,
@@ -374,6 +381,7 @@ impl Config {
             resync: (!args.resync.is_zero()).then_some(args.resync),
             once: args.once || args.dry_run,
             dry_run: args.dry_run,
+            diff: args.diff,
             reload,
             runtime_api: !args.no_runtime_api,
             runtime_limits: crate::apply::plan::Limits {

@@ -30,7 +30,12 @@ pub async fn run(config: &Config, renderer: Renderer, targets: Vec<Target>) -> R
         let mut out = std::io::stdout().lock();
         for t in &targets {
             let bytes = renderer.render_with(&t.name, &ctx)?;
-            let _ = out.write_all(&bytes);
+            if config.diff {
+                let old = t.last.as_deref().unwrap_or_default();
+                let _ = out.write_all(diff(&t.file.dest, old, &bytes).as_bytes());
+            } else {
+                let _ = out.write_all(&bytes);
+            }
         }
         let _ = out.flush();
         return Ok(0);
@@ -50,5 +55,46 @@ pub async fn run(config: &Config, renderer: Renderer, targets: Vec<Target>) -> R
         Ok(0)
     } else {
         Err(Error::Apply(report.errors.len()))
+    }
+}
+
+/// A unified diff (3 lines of context) from what `dest` holds to `new`; empty when they
+/// agree.
+fn diff(dest: &std::path::Path, old: &[u8], new: &[u8]) -> String {
+    let (old, new) = (String::from_utf8_lossy(old), String::from_utf8_lossy(new));
+    if old == new {
+        return String::new();
+    }
+    let name = dest.display().to_string();
+    similar::TextDiff::from_lines(old.as_ref(), new.as_ref())
+        .unified_diff()
+        .context_radius(3)
+        .header(&name, &format!("{name} (rendered)"))
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn diff_shows_an_added_server_and_nothing_when_equal() {
+        let old = "backend nodes\n    server a 10.0.0.1:80\n";
+        let new = "backend nodes\n    server a 10.0.0.1:80\n    server b 10.0.0.2:80\n";
+        let d = super::diff(
+            std::path::Path::new("/etc/haproxy/haproxy.cfg"),
+            old.as_bytes(),
+            new.as_bytes(),
+        );
+        assert!(
+            d.starts_with(
+                "--- /etc/haproxy/haproxy.cfg\n+++ /etc/haproxy/haproxy.cfg (rendered)\n"
+            ),
+            "{d}"
+        );
+        assert!(d.contains("\n+    server b 10.0.0.2:80\n"), "{d}");
+        assert!(!d.contains("\n-"), "{d}");
+        assert_eq!(
+            super::diff(std::path::Path::new("x"), old.as_bytes(), old.as_bytes()),
+            ""
+        );
     }
 }

@@ -306,7 +306,7 @@ async fn a_service_that_loses_its_last_instance_renders_empty() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn partials_and_helpers_render_from_the_registry_and_a_bad_partial_exits_64() {
+async fn partials_helpers_and_diff_from_the_registry_and_a_bad_partial_exits_64() {
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
     put_instance(&etcd, "webapp", "s1", 3001).await;
@@ -335,7 +335,11 @@ async fn partials_and_helpers_render_from_the_registry_and_a_bad_partial_exits_6
     };
     let out = dry(&partials);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("    server S1 127.0.0.1:4001\n"), "{text}");
     assert!(text.contains("    server S2 127.0.0.1:4002\n"), "{text}");
     // A partial that does not compile: a clear error naming it, exit 64, nothing written.
@@ -346,6 +350,34 @@ async fn partials_and_helpers_render_from_the_registry_and_a_bad_partial_exits_6
     assert!(err.contains("partial broken"), "{err}");
     let out = dry(&dir.path().join("missing"));
     assert_eq!(out.status.code(), Some(64));
+
+    // --dry-run --diff: what would change in the destination, nothing written.
+    std::fs::remove_file(partials.join("broken.hbs")).unwrap();
+    let dest = dir.path().join("haproxy.cfg");
+    let before = "backend nodes\n    server S1 127.0.0.1:4001\n";
+    std::fs::write(&dest, before).unwrap();
+    let diff = |extra: &[&str]| {
+        Command::new(bin("lb-renderer"))
+            .args(["--endpoints", &etcd.endpoint(), "--template"])
+            .arg(format!("{}:{}", tpl.display(), dest.display()))
+            .arg("--partials")
+            .arg(&partials)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = diff(&["--dry-run", "--diff"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("\n+    server S2 127.0.0.1:4002\n"), "{text}");
+    assert!(!text.contains("\n-    server S1"), "{text}");
+    assert_eq!(std::fs::read_to_string(&dest).unwrap(), before);
+    // --diff means nothing without --dry-run: a usage error.
+    assert_eq!(diff(&["--diff"]).status.code(), Some(64));
 }
 
 /// Found by the chaos run: etcd 3.4.23 (Debian 12) can revoke every lease at once when a
