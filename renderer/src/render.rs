@@ -571,34 +571,23 @@ mod tests {
         let d =
             serde_json::json!({"vars": {"port": "8080", "name": " Web-App "}, "list": ["a", "b"]});
         let r = |t: &str| render(t, d.clone());
-        assert_eq!(r("{{lower (trim vars.name)}}").unwrap(), "web-app");
-        assert_eq!(r("{{upper vars.name}}").unwrap(), " WEB-APP ");
-        assert_eq!(
-            r("{{replace (trim vars.name) \"-\" \"_\"}}").unwrap(),
-            "Web_App"
-        );
-        assert_eq!(
-            r("{{join (split \"a,b,c\" \",\") \"|\"}}").unwrap(),
-            "a|b|c"
-        );
-        assert_eq!(
-            r("{{#if (contains vars.name \"App\")}}y{{else}}n{{/if}}").unwrap(),
-            "y"
-        );
-        assert_eq!(
-            r("{{#if (contains list \"c\")}}y{{else}}n{{/if}}").unwrap(),
-            "n"
-        );
-        assert_eq!(
-            r("{{#if (contains vars \"port\")}}y{{else}}n{{/if}}").unwrap(),
-            "y"
-        );
-        assert_eq!(r("{{add vars.port 1}}").unwrap(), "8081");
-        assert_eq!(
-            r("{{sub 10 3}} {{mul 6 7}} {{div 7 2}} {{mod 7 2}}").unwrap(),
-            "7 42 3 1"
-        );
-        assert_eq!(r("{{add (mul 2 3) (sub 0 1)}}").unwrap(), "5");
+        for (template, want) in [
+            ("{{lower (trim vars.name)}}", "web-app"),
+            ("{{upper vars.name}}", " WEB-APP "),
+            ("{{replace (trim vars.name) \"-\" \"_\"}}", "Web_App"),
+            ("{{join (split \"a,b,c\" \",\") \"|\"}}", "a|b|c"),
+            ("{{#if (contains vars.name \"App\")}}y{{else}}n{{/if}}", "y"),
+            ("{{#if (contains list \"c\")}}y{{else}}n{{/if}}", "n"),
+            ("{{#if (contains vars \"port\")}}y{{else}}n{{/if}}", "y"),
+            ("{{add vars.port 1}}", "8081"),
+            (
+                "{{sub 10 3}} {{mul 6 7}} {{div 7 2}} {{mod 7 2}}",
+                "7 42 3 1",
+            ),
+            ("{{add (mul 2 3) (sub 0 1)}}", "5"),
+        ] {
+            assert_eq!(r(template).unwrap(), want, "{template}");
+        }
         let e = r("{{div 1 0}}").unwrap_err().to_string();
         assert!(e.contains("div 1 0: no result"), "{e}");
         let e = r("{{add vars.name 1}}").unwrap_err().to_string();
