@@ -223,7 +223,7 @@ impl Registration {
         let mut keeper = Keeper::new(
             lease,
             Duration::from_secs(self.ttl as u64),
-            self.call_limit(),
+            self.request_timeout,
             self.metrics.keepalive_failures.clone(),
         );
         let mut key_present = true;
@@ -287,8 +287,7 @@ impl Registration {
     /// keep-alive period (TTL/3), so a hung member cannot eat the lease's TTL in one call
     /// before we move to another member.
     fn call_limit(&self) -> Duration {
-        self.request_timeout
-            .min(Duration::from_secs(self.ttl as u64) / 3)
+        call_limit(self.request_timeout, Duration::from_secs(self.ttl as u64))
     }
 
     /// Puts the key back (healthy) or deletes it while keeping the lease (unhealthy).
@@ -429,19 +428,20 @@ pub enum Kept {
 }
 
 impl Keeper {
-    /// Keeps `lease` (granted now with `ttl`) alive, each round bounded by `limit`,
-    /// counting failed rounds in `failures`.
+    /// Keeps `lease` (granted now with `ttl`) alive, each round bounded by
+    /// `request_timeout` but never more than TTL/3 (a hung member must not eat the lease's
+    /// TTL in one call), counting failed rounds in `failures`.
     pub fn new(
         lease: i64,
         ttl: Duration,
-        limit: Duration,
+        request_timeout: Duration,
         failures: prometheus_client::metrics::counter::Counter,
     ) -> Keeper {
         Keeper {
             lease,
             schedule: Schedule::new(ttl, Instant::now()),
             stream: None,
-            limit,
+            limit: call_limit(request_timeout, ttl),
             failures,
         }
     }
@@ -524,6 +524,12 @@ fn after_failure(e: &etcd_client::Error) -> Next {
     } else {
         Next::Retry
     }
+}
+
+/// The bound of one etcd call under a lease of `ttl`: `request_timeout`, but never more
+/// than TTL/3.
+fn call_limit(request_timeout: Duration, ttl: Duration) -> Duration {
+    request_timeout.min(ttl / 3)
 }
 
 /// Sleeps `d` unless `stop` fires first; returns true when stopped.

@@ -134,15 +134,8 @@ impl Renderer {
 
     /// Compiles template text under `name`.
     pub fn add(&mut self, name: &str, text: &str) -> Result<(), RenderFailure> {
-        // One line (a journal shows each line as an entry of its own): where, then why.
-        let compile_error = |e: handlebars::TemplateError| RenderFailure::Compile {
-            path: name.to_string(),
-            message: match e.pos() {
-                Some((line, column)) => format!("line {line}, column {column}: {}", e.reason()),
-                None => e.reason().to_string(),
-            },
-        };
-        let tree = Template::compile(text).map_err(compile_error)?;
+        let compile_error = compile_error(name.to_string());
+        let tree = Template::compile(text).map_err(&compile_error)?;
         collect_services(&tree, &mut self.named_services);
         self.plain_each |= each::needs_plain_each(&tree);
         self.lock_cache().reset(self.plain_each);
@@ -153,14 +146,8 @@ impl Renderer {
 
     /// Registers `text` as the partial `{{> name}}`.
     pub fn add_partial(&mut self, name: &str, text: &str) -> Result<(), RenderFailure> {
-        let compile_error = |e: handlebars::TemplateError| RenderFailure::Compile {
-            path: format!("partial {name}"),
-            message: match e.pos() {
-                Some((line, column)) => format!("line {line}, column {column}: {}", e.reason()),
-                None => e.reason().to_string(),
-            },
-        };
-        let tree = Template::compile(text).map_err(compile_error)?;
+        let compile_error = compile_error(format!("partial {name}"));
+        let tree = Template::compile(text).map_err(&compile_error)?;
         collect_services(&tree, &mut self.named_services);
         self.hbs.register_partial(name, text).map_err(compile_error)
     }
@@ -243,6 +230,18 @@ impl Renderer {
                 name: name.to_string(),
                 message: e.to_string(),
             })
+    }
+}
+
+/// A compile error of the template or partial `path` as one line (a journal shows each
+/// line as an entry of its own): where, then why.
+fn compile_error(path: String) -> impl Fn(handlebars::TemplateError) -> RenderFailure {
+    move |e| RenderFailure::Compile {
+        path: path.clone(),
+        message: match e.pos() {
+            Some((line, column)) => format!("line {line}, column {column}: {}", e.reason()),
+            None => e.reason().to_string(),
+        },
     }
 }
 

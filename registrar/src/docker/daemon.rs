@@ -583,10 +583,7 @@ impl Daemon {
         self.keeper = Some(Keeper::new(
             grant.id(),
             Duration::from_secs(ttl as u64),
-            self.config
-                .etcd
-                .dial_timeout
-                .min(Duration::from_secs(ttl as u64) / 3),
+            self.config.etcd.dial_timeout,
             self.metrics.keepalive_failures.clone(),
         ));
         Ok(grant.id())

@@ -93,9 +93,6 @@ impl Applier {
     /// forgotten so the next apply reloads it; returns whether there was one. Nothing to
     /// compare without a master CLI, or while the master does not answer.
     pub async fn check_live(&mut self) -> bool {
-        if self.reloader.cli().is_none() {
-            return false;
-        }
         const WHAT: &str =
             "HAProxy runs other servers than it was given; reloading it from the registry's config";
         self.find_drift(false, WHAT)

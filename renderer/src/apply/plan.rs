@@ -342,14 +342,15 @@ fn backend_info(lines: &[&str]) -> BTreeMap<String, Backend> {
 /// spelled out one by one (`server-template`), which cannot be compared server by server.
 pub fn servers_by_backend(config: &str) -> BTreeMap<String, Option<Vec<Server>>> {
     let lines: Vec<&str> = config.lines().collect();
-    let mut out: BTreeMap<String, Option<Vec<Server>>> = backend_info(&lines)
-        .into_keys()
-        .map(|b| (b, Some(Vec::new())))
-        .collect();
+    let mut out: BTreeMap<String, Option<Vec<Server>>> = BTreeMap::new();
     let mut current: Option<&str> = None;
     for line in &lines {
         if let Some((kind, name)) = header(line) {
             current = (kind == "backend" || kind == "listen").then_some(name);
+            if let Some(be) = current {
+                out.entry(be.to_string())
+                    .or_insert_with(|| Some(Vec::new()));
+            }
         } else if let Some(be) = current {
             if line.split_whitespace().next() == Some("server-template") {
                 out.insert(be.to_string(), None);

@@ -348,8 +348,12 @@ fn compare(backend: &str, config: &[Server], running: &ServersState, state: bool
             Some(r) => out.extend(differs(s, r, state)),
         }
     }
+    // A set, not a scan per running server: 10 000 × 10 000 name comparisons took longer
+    // than HAProxy's answer.
+    let configured: std::collections::BTreeSet<&str> =
+        config.iter().map(|s| s.name.as_str()).collect();
     for name in running.keys() {
-        if !config.iter().any(|s| &s.name == name) {
+        if !configured.contains(name.as_str()) {
             out.push(format!("{backend}/{name}: running, not in the config"));
         }
     }
