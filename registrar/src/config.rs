@@ -24,6 +24,11 @@ Examples:
   registrar --service webapp --port 3000 --health-http http://127.0.0.1:3000/health \\
             --drain 2s -- /usr/local/bin/webapp --port 3000
 
+  # two services of one process under one lease (both records go at once on SIGTERM),
+  # registered only while both checks pass
+  registrar --register webapp:3000 --register admin:9000 \
+            --health-http http://127.0.0.1:3000/health --health-cmd 'test -e /run/app.ready'
+
   # what is registered, and which lease owns it
   etcdctl get --prefix /services/
   etcdctl lease timetolive <lease-id-in-hex> --keys
@@ -57,9 +62,21 @@ pub struct Args {
     #[arg(long, env = "REGISTRAR_PREFIX", default_value = registry::DEFAULT_PREFIX)]
     pub prefix: String,
 
-    /// Service name ([A-Za-z0-9][A-Za-z0-9._-]{0,62}).
-    #[arg(long, env = "REGISTRAR_SERVICE")]
-    pub service: String,
+    /// Service name ([A-Za-z0-9][A-Za-z0-9._-]{0,62}); with --port. Or use --register.
+    #[arg(long, env = "REGISTRAR_SERVICE", requires = "port")]
+    pub service: Option<String>,
+
+    /// Register service NAME on PORT, repeatable (or comma-separated in
+    /// REGISTRAR_REGISTER): one record per service, <prefix>/<NAME>/<id>, all under one
+    /// lease. Beside or instead of --service/--port.
+    #[arg(
+        long = "register",
+        env = "REGISTRAR_REGISTER",
+        value_name = "NAME:PORT",
+        value_delimiter = ',',
+        value_parser = parse_register
+    )]
+    pub register: Vec<(String, u16)>,
 
     /// Instance id, unique within the service [default: the hostname].
     #[arg(long, env = "REGISTRAR_ID")]
@@ -70,9 +87,9 @@ pub struct Args {
     #[arg(long, env = "REGISTRAR_ADDRESS")]
     pub address: Option<String>,
 
-    /// Port the app listens on (1-65535).
-    #[arg(long, env = "REGISTRAR_PORT")]
-    pub port: u16,
+    /// Port the app listens on (1-65535); with --service.
+    #[arg(long, env = "REGISTRAR_PORT", requires = "service")]
+    pub port: Option<u16>,
 
     /// Tag, repeatable (or comma-separated in REGISTRAR_TAGS).
     #[arg(long = "tag", env = "REGISTRAR_TAGS", value_delimiter = ',')]
@@ -91,17 +108,13 @@ pub struct Args {
     pub ttl: Duration,
 
     /// Register only while GET URL answers 2xx/3xx (http:// or https://; redirects are
-    /// followed, up to 5).
-    #[arg(
-        long,
-        env = "REGISTRAR_HEALTH_HTTP",
-        value_name = "URL",
-        conflicts_with = "health_tcp"
-    )]
-    pub health_http: Option<String>,
+    /// followed, up to 5). Repeatable; all checks (http, tcp, cmd) must pass.
+    #[arg(long, env = "REGISTRAR_HEALTH_HTTP", value_name = "URL")]
+    pub health_http: Vec<String>,
 
     /// CA certificate(s) (PEM) that an https:// --health-http must be signed by, instead
-    /// of the system's roots.
+    /// of the system's roots. A self-signed server certificate (`openssl req -x509`) given
+    /// here is accepted when the server presents exactly it, for the names it holds.
     #[arg(
         long,
         env = "REGISTRAR_HEALTH_CACERT",
@@ -110,9 +123,14 @@ pub struct Args {
     )]
     pub health_cacert: Option<std::path::PathBuf>,
 
-    /// Register only while a TCP connect to HOST:PORT succeeds.
+    /// Register only while a TCP connect to HOST:PORT succeeds. Repeatable.
     #[arg(long, env = "REGISTRAR_HEALTH_TCP", value_name = "HOST:PORT")]
-    pub health_tcp: Option<String>,
+    pub health_tcp: Vec<String>,
+
+    /// Register only while `sh -c CMD` exits 0 (killed with its children at
+    /// --health-timeout, which counts as a failure). Repeatable.
+    #[arg(long, env = "REGISTRAR_HEALTH_CMD", value_name = "CMD")]
+    pub health_cmd: Vec<String>,
 
     /// Time between health checks.
     #[arg(long, env = "REGISTRAR_HEALTH_INTERVAL", default_value = "2s", value_parser = parse_duration)]
@@ -153,6 +171,18 @@ pub struct Args {
     pub command: Vec<String>,
 }
 
+fn parse_register(s: &str) -> Result<(String, u16), String> {
+    let (name, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not NAME:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?}: the port must be 1-65535"))?;
+    Ok((name.to_string(), port))
+}
+
 fn parse_meta(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -164,9 +194,12 @@ fn parse_meta(s: &str) -> Result<(String, String), String> {
 pub struct Config {
     pub etcd: EtcdArgs,
     pub prefix: String,
-    pub instance: Instance,
+    /// One record per service, in flag order (--service/--port first); same id, address,
+    /// tags, meta and weight.
+    pub instances: Vec<Instance>,
     pub ttl_secs: i64,
-    pub health: Option<HealthCheck>,
+    /// Every check must pass; empty: always registered.
+    pub health: Vec<HealthCheck>,
     pub health_interval: Duration,
     pub health_timeout: Duration,
     pub health_fails: u32,
@@ -194,6 +227,10 @@ pub enum ConfigError {
     Health(#[from] crate::health::HealthError),
     #[error("--health-interval and --health-timeout must be greater than zero")]
     HealthTiming,
+    #[error("nothing to register: give --service and --port, or --register NAME:PORT")]
+    NoService,
+    #[error("service {0:?} is registered twice (--service/--register): each service is one key")]
+    DuplicateService(String),
 }
 
 impl Config {
@@ -207,7 +244,21 @@ impl Config {
         if !args.prefix.starts_with('/') || args.prefix.chars().any(char::is_whitespace) {
             return Err(ConfigError::Prefix(args.prefix));
         }
-        registry::validate::name("service", &args.service)?;
+        let services: Vec<(String, u16)> = args
+            .service
+            .into_iter()
+            .zip(args.port)
+            .chain(args.register)
+            .collect();
+        if services.is_empty() {
+            return Err(ConfigError::NoService);
+        }
+        for (i, (service, _)) in services.iter().enumerate() {
+            registry::validate::name("service", service)?;
+            if services[..i].iter().any(|(s, _)| s == service) {
+                return Err(ConfigError::DuplicateService(service.clone()));
+            }
+        }
         let id = match args.id {
             Some(id) => id,
             None => {
@@ -223,24 +274,34 @@ impl Config {
             Some(a) => a,
             None => detect_address(&args.etcd.endpoints).map_err(ConfigError::Address)?,
         };
-        let mut instance = Instance::new(&args.service, &id, &address, args.port);
-        instance.tags = args.tags;
-        instance.meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
-        instance.weight = args.weight;
-        instance.validate()?;
+        let meta = args.meta.into_iter().collect::<BTreeMap<_, _>>();
+        let mut instances = Vec::new();
+        for (service, port) in services {
+            let mut instance = Instance::new(&service, &id, &address, port);
+            instance.tags = args.tags.clone();
+            instance.meta = meta.clone();
+            instance.weight = args.weight;
+            instance.validate()?;
+            instances.push(instance);
+        }
 
-        let health = match (args.health_http, args.health_tcp) {
-            (Some(url), _) => Some(HealthCheck::http(&url, args.health_cacert.as_deref())?),
-            (None, Some(addr)) => Some(HealthCheck::tcp(&addr)?),
-            (None, None) => None,
-        };
+        let mut health = Vec::new();
+        for url in &args.health_http {
+            health.push(HealthCheck::http(url, args.health_cacert.as_deref())?);
+        }
+        for addr in &args.health_tcp {
+            health.push(HealthCheck::tcp(addr)?);
+        }
+        for command in &args.health_cmd {
+            health.push(HealthCheck::cmd(command)?);
+        }
         if args.health_interval.is_zero() || args.health_timeout.is_zero() {
             return Err(ConfigError::HealthTiming);
         }
         Ok(Config {
             etcd: args.etcd,
             prefix: args.prefix,
-            instance,
+            instances,
             ttl_secs: ttl_secs as i64,
             health,
             health_interval: args.health_interval,
@@ -254,9 +315,21 @@ impl Config {
         })
     }
 
-    /// The etcd key of this instance.
-    pub fn key(&self) -> String {
-        registry::instance_key(&self.prefix, &self.instance.service, &self.instance.id)
+    /// (key, JSON value) of each record.
+    pub fn records(&self) -> Vec<(String, String)> {
+        self.instances
+            .iter()
+            .map(|i| {
+                let key = registry::instance_key(&self.prefix, &i.service, &i.id);
+                (key, i.encode())
+            })
+            .collect()
+    }
+
+    /// The keys, comma-separated (logs, systemd status).
+    pub fn keys(&self) -> String {
+        let keys: Vec<String> = self.records().into_iter().map(|(k, _)| k).collect();
+        keys.join(",")
     }
 }
 
@@ -310,9 +383,9 @@ mod tests {
     #[test]
     fn defaults_and_detection() {
         let c = args(&["--endpoints", "http://127.0.0.1:2379"]).unwrap();
-        assert_eq!(c.instance.address, "127.0.0.1");
+        assert_eq!(c.instances[0].address, "127.0.0.1");
         assert_eq!(c.ttl_secs, 10);
-        assert_eq!(c.key(), "/services/webapp/s1");
+        assert_eq!(c.keys(), "/services/webapp/s1");
         assert!(c.command.is_empty());
     }
 
@@ -335,13 +408,76 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.command, vec!["sleep", "10"]);
-        assert_eq!(c.instance.meta["zone"], "a");
-        assert_eq!(c.instance.tags, vec!["v1", "v2"]);
+        assert_eq!(c.instances[0].meta["zone"], "a");
+        assert_eq!(c.instances[0].tags, vec!["v1", "v2"]);
         assert_eq!(c.ttl_secs, 3);
     }
 
     #[test]
+    fn several_services_share_the_id_address_and_checks() {
+        let c = args(&[
+            "--address",
+            "10.0.0.5",
+            "--register",
+            "admin:9000",
+            "--register",
+            "metrics:9100",
+            "--health-cmd",
+            "true",
+            "--health-tcp",
+            "127.0.0.1:3000",
+        ])
+        .unwrap();
+        let keys: Vec<(String, u16)> = c
+            .instances
+            .iter()
+            .map(|i| (format!("{}/{}@{}", i.service, i.id, i.address), i.port))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("webapp/s1@10.0.0.5".to_string(), 3000),
+                ("admin/s1@10.0.0.5".to_string(), 9000),
+                ("metrics/s1@10.0.0.5".to_string(), 9100),
+            ]
+        );
+        assert_eq!(
+            c.keys(),
+            "/services/webapp/s1,/services/admin/s1,/services/metrics/s1"
+        );
+        assert_eq!(c.health.len(), 2);
+        // --register alone, no --service/--port.
+        let a = Args::try_parse_from([
+            "registrar",
+            "--id",
+            "x",
+            "--address",
+            "10.0.0.5",
+            "--register",
+            "a:1",
+        ])
+        .unwrap();
+        assert_eq!(Config::from_args(a).unwrap().keys(), "/services/a/x");
+    }
+
+    #[test]
     fn invalid_values_are_refused() {
+        for bad in [
+            &["--register", "webapp:4000"][..],
+            &["--register", "admin"],
+            &["--register", "admin:0"],
+            &["--register", "ad min:80"],
+            &["--health-cmd", " "],
+        ] {
+            assert!(args(bad).is_err(), "{bad:?}");
+        }
+        let none = Args::try_parse_from(["registrar", "--id", "x", "--address", "10.0.0.5"]);
+        assert!(matches!(
+            Config::from_args(none.unwrap()),
+            Err(ConfigError::NoService)
+        ));
+        assert!(Args::try_parse_from(["registrar", "--service", "a"]).is_err());
+        assert!(Args::try_parse_from(["registrar", "--port", "80"]).is_err());
         for bad in [
             &["--address", "10.0.0.1:3000"][..],
             &["--ttl", "ten"],

@@ -24,6 +24,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 enum RegisterError {
     /// Another live owner holds the key.
     Conflict {
+        key: String,
         lease: i64,
         value: String,
     },
@@ -42,12 +43,13 @@ enum SessionEnd {
     LeaseLost,
 }
 
-/// One instance's registration in etcd.
+/// One instance's registration in etcd: one record per service (`--register`), all under
+/// one lease, so they come and go together.
 pub struct Registration {
     /// The etcd member we talk to; replaced by another one when a call times out.
     etcd: Member,
-    key: String,
-    value: String,
+    /// (key, value) of each record.
+    records: Vec<(String, String)>,
     ttl: i64,
     request_timeout: Duration,
     health: watch::Receiver<bool>,
@@ -61,11 +63,11 @@ pub struct Registration {
 }
 
 impl Registration {
-    /// A registration of `value` under `key`; nothing is written until [`run`](Self::run).
+    /// A registration of each `(key, value)` of `records` under one lease; nothing is
+    /// written until [`run`](Self::run).
     pub fn new(
         etcd: Member,
-        key: String,
-        value: String,
+        records: Vec<(String, String)>,
         ttl: i64,
         request_timeout: Duration,
         health: watch::Receiver<bool>,
@@ -73,8 +75,7 @@ impl Registration {
     ) -> Self {
         Registration {
             etcd,
-            key,
-            value,
+            records,
             ttl,
             request_timeout,
             health,
@@ -100,7 +101,7 @@ impl Registration {
     /// Keeps the instance registered until `stop`, then revokes the lease. Ends early only
     /// when etcd refuses these credentials (permission denied, authentication failed):
     /// retrying cannot fix that.
-    #[instrument(skip_all, fields(key = %self.key))]
+    #[instrument(skip_all, fields(key = %self.keys()))]
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), String> {
         let mut backoff = Backoff::new(MAX_BACKOFF);
         loop {
@@ -112,8 +113,9 @@ impl Registration {
             let started = Instant::now();
             let lease = match self.register().await {
                 Ok(lease) => lease,
-                Err(RegisterError::Conflict { lease, value }) => {
+                Err(RegisterError::Conflict { key, lease, value }) => {
                     error!(
+                        %key,
                         holder_lease = format_args!("{lease:x}"),
                         holder = %value,
                         "CONFLICT: another live registrar holds this key; not overwriting it. \
@@ -187,15 +189,34 @@ impl Registration {
         }
     }
 
-    /// Creates the key under `lease` if it is absent, or takes it over if it is held by
-    /// `lease` itself or by our previous lease. Anything else is a conflict.
+    /// The keys, comma-separated (for logs).
+    fn keys(&self) -> String {
+        let keys: Vec<&str> = self.records.iter().map(|(k, _)| k.as_str()).collect();
+        keys.join(",")
+    }
+
+    /// Creates each key under `lease` if it is absent, or takes it over if it is held by
+    /// `lease` itself or by our previous lease. Anything else is a conflict (the keys put
+    /// before it stay under `lease`: a caller that gives up revokes it).
     async fn put_if_ours(&self, lease: i64) -> Result<(), RegisterError> {
+        for (key, value) in &self.records {
+            self.put_one_if_ours(key, value, lease).await?;
+        }
+        Ok(())
+    }
+
+    async fn put_one_if_ours(
+        &self,
+        key: &str,
+        value: &str,
+        lease: i64,
+    ) -> Result<(), RegisterError> {
         let previous = self.previous_lease;
         let ours = |kv: &etcd_client::KeyValue| kv.lease() == lease || Some(kv.lease()) == previous;
         let claim = registry::etcd::put_unless_held(
             &self.etcd.client(),
-            &self.key,
-            &self.value,
+            key,
+            value,
             lease,
             self.request_timeout,
             ours,
@@ -205,10 +226,12 @@ impl Registration {
             Claim::Put => Ok(()),
             // Deleted between compare and get: try again on the next round.
             Claim::Vanished => Err(RegisterError::Conflict {
+                key: key.to_string(),
                 lease: 0,
                 value: "(key vanished during registration)".into(),
             }),
             Claim::Held(kv) => Err(RegisterError::Conflict {
+                key: key.to_string(),
                 lease: kv.lease(),
                 value: String::from_utf8_lossy(kv.value())
                     .chars()
@@ -295,15 +318,13 @@ impl Registration {
         if present {
             return self.put_if_ours(lease).await;
         }
-        // Delete only if the key is still ours.
-        let txn = Txn::new()
-            .when(vec![Compare::lease(
-                self.key.clone(),
-                CompareOp::Equal,
-                lease,
-            )])
-            .and_then(vec![TxnOp::delete(self.key.clone(), None)]);
-        self.timed(self.etcd.client().kv_client().txn(txn)).await?;
+        // Delete each key only if it is still ours.
+        for (key, _) in &self.records {
+            let txn = Txn::new()
+                .when(vec![Compare::lease(key.clone(), CompareOp::Equal, lease)])
+                .and_then(vec![TxnOp::delete(key.clone(), None)]);
+            self.timed(self.etcd.client().kv_client().txn(txn)).await?;
+        }
         Ok(())
     }
 
@@ -312,12 +333,16 @@ impl Registration {
         // for a deliberate stop, not a lost lease. Without it (etcd unreachable), the
         // revoke below still deregisters.
         let mut c = self.etcd.client();
-        match registry::etcd::mark_leaving(&c, &self.key, &self.value, lease, self.call_limit())
-            .await
-        {
-            Ok(true) => debug!("record marked leaving"),
-            Ok(false) => debug!("record not ours any more; not marked leaving"),
-            Err(e) => debug!(error = %error_chain(&e), "could not mark the record leaving"),
+        for (key, value) in &self.records {
+            match registry::etcd::mark_leaving(&c, key, value, lease, self.call_limit()).await {
+                Ok(true) => debug!(%key, "record marked leaving"),
+                Ok(false) => debug!(%key, "record not ours any more; not marked leaving"),
+                Err(e) => {
+                    debug!(%key, error = %error_chain(&e), "could not mark the record leaving");
+                    // etcd is not answering: do not spend a call limit per record.
+                    break;
+                }
+            }
         }
         match self.timed(c.lease_revoke(lease)).await {
             Ok(_) => info!(

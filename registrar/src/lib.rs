@@ -53,9 +53,10 @@ pub async fn run(
     shutdown: CancellationToken,
     mut signals: Signals,
 ) -> Result<i32, Error> {
-    let key = config.key();
-    let value = config.instance.encode();
-    info!(%key, %value, ttl = config.ttl_secs, "starting");
+    let key = config.keys();
+    for (key, value) in config.records() {
+        info!(%key, %value, ttl = config.ttl_secs, "starting");
+    }
 
     let mut app = if config.command.is_empty() {
         None
@@ -97,12 +98,12 @@ pub async fn run(
     }
 
     // Health verdict: always true without a check.
-    let (health_tx, health_rx) = watch::channel(config.health.is_none());
+    let (health_tx, health_rx) = watch::channel(config.health.is_empty());
     let checker = health::Signals::default();
     let mut probes = checker.probes.subscribe();
-    if let Some(check) = config.health.clone() {
+    if !config.health.is_empty() {
         tokio::spawn(health::run_checks(
-            check,
+            config.health.clone(),
             config.health_interval,
             config.health_timeout,
             health::Hysteresis::new(config.health_fails, config.health_rises),
@@ -142,7 +143,7 @@ pub async fn run(
     let status = |registered: bool| {
         if registered {
             format!("registered: {key}")
-        } else if config.health.is_some() {
+        } else if !config.health.is_empty() {
             format!("not registered: {key} (health check failing or etcd unreachable)")
         } else {
             format!("not registered: {key} (etcd unreachable)")
@@ -154,7 +155,7 @@ pub async fn run(
     // Wait for whatever comes first: a stop request, the app's exit, a fatal etcd error.
     let app_status = loop {
         let next_watchdog = watchdog.pet();
-        if !ready_sent && (config.health.is_none() || *probes.borrow_and_update() > 0) {
+        if !ready_sent && (config.health.is_empty() || *probes.borrow_and_update() > 0) {
             ready_sent = true;
             notifier.ready(&status(*registered_seen.borrow_and_update()));
         }
@@ -259,8 +260,7 @@ async fn register(
     };
     lease::Registration::new(
         member,
-        config.key(),
-        config.instance.encode(),
+        config.records(),
         config.ttl_secs,
         config.etcd.dial_timeout,
         health,

@@ -7,9 +7,18 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+/// One health check's probes by result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
+pub struct CheckLabel {
+    /// The check as `http URL`, `tcp HOST:PORT` or `cmd COMMAND`.
+    pub check: String,
     pub result: String,
+}
+
+/// One health check.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabel {
+    pub check: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,7 +32,8 @@ pub struct Metrics {
     pub registered: Gauge,
     pub lease_grants: Counter,
     pub keepalive_failures: Counter,
-    pub health_checks: Family<ResultLabel, Counter>,
+    pub health_checks: Family<CheckLabel, Counter>,
+    pub health_check_up: Family<NameLabel, Gauge>,
     pub etcd_seconds: Histogram,
 }
 
@@ -34,6 +44,7 @@ impl Metrics {
             lease_grants: Counter::default(),
             keepalive_failures: Counter::default(),
             health_checks: Family::default(),
+            health_check_up: Family::default(),
             etcd_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         };
         let build = Family::<VersionLabel, Gauge>::default();
@@ -60,8 +71,13 @@ impl Metrics {
         );
         registry.register(
             "registrar_health_checks",
-            "Health checks by result (pass, fail)",
+            "Health check probes by check and result (pass, fail)",
             m.health_checks.clone(),
+        );
+        registry.register(
+            "registrar_health_check_up",
+            "1 when the check's last probe passed, 0 when it failed",
+            m.health_check_up.clone(),
         );
         registry.register_with_unit(
             "registrar_etcd_request_duration",

@@ -449,11 +449,14 @@ impl<F: std::future::Future<Output = bool>> ThenSomeAsync for F {
     }
 }
 
-/// An HTTPS health endpoint (HAProxy terminating TLS with a certificate of a private CA,
-/// answering 200 on /health): trusted through --health-cacert, refused against the
-/// system's roots, and a --health-cacert that holds no certificate is a bad flag.
+/// HTTPS health endpoints (HAProxy terminating TLS, answering 200 on /health) made by the
+/// two usual recipes: a leaf of a private CA, and a self-signed certificate from
+/// `openssl req -x509` (CA:TRUE, which webpki alone refuses as a server's own). Each is
+/// trusted through --health-cacert holding the CA, or the self-signed certificate itself;
+/// refused against the system's roots or the other file; and a --health-cacert that holds
+/// no certificate is a bad flag.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn https_health_checks_trust_the_given_ca_only() {
+async fn https_health_checks_trust_the_given_ca_or_self_signed_certificate_only() {
     let dir = temp_dir();
     let certs = dir.path().join("certs");
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/etcd-secure.sh");
@@ -472,16 +475,43 @@ async fn https_health_checks_trust_the_given_ca_only() {
     let mut pem = std::fs::read(certs.join("server.crt")).unwrap();
     pem.extend(std::fs::read(certs.join("server.key")).unwrap());
     std::fs::write(certs.join("server.pem"), pem).unwrap();
+    // The self-signed recipe, as operators type it.
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(certs.join("self.key"))
+        .arg("-out")
+        .arg(certs.join("self.crt"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut pem = std::fs::read(certs.join("self.crt")).unwrap();
+    pem.extend(std::fs::read(certs.join("self.key")).unwrap());
+    std::fs::write(certs.join("self.pem"), pem).unwrap();
     let port = free_port();
+    let self_port = free_port();
     let cfg = dir.path().join("tls.cfg");
     std::fs::write(
         &cfg,
         format!(
             "global\n  maxconn 100\ndefaults\n  mode http\n  timeout client 5s\n  timeout server 5s\n  timeout connect 1s\n\
-             frontend tls\n  bind 127.0.0.1:{port} ssl crt {}\n\
+             frontend tls\n  bind 127.0.0.1:{port} ssl crt {}\n  bind 127.0.0.1:{self_port} ssl crt {}\n\
              \x20 http-request return status 200 content-type text/plain string ok if {{ path /health }}\n\
              \x20 http-request return status 503 content-type text/plain string down\n",
-            certs.join("server.pem").display()
+            certs.join("server.pem").display(),
+            certs.join("self.pem").display()
         ),
     )
     .unwrap();
@@ -499,8 +529,10 @@ async fn https_health_checks_trust_the_given_ca_only() {
     .await;
     let etcd = Etcd::start(dir.path()).await;
     let url = format!("https://127.0.0.1:{port}/health");
+    let self_url = format!("https://127.0.0.1:{self_port}/health");
     let ca = certs.join("ca.crt").display().to_string();
-    let common = |id: &str| -> Vec<String> {
+    let self_crt = certs.join("self.crt").display().to_string();
+    let common = |id: &str, url: &str| -> Vec<String> {
         [
             "--service",
             "webapp",
@@ -520,17 +552,29 @@ async fn https_health_checks_trust_the_given_ca_only() {
                 "--health-interval",
                 "200ms",
                 "--health-http",
-                &url,
+                url,
             ]
             .map(String::from),
         )
         .collect()
     };
-    let mut trusted = common("s1");
+    let with_cacert = |id: &str, url: &str, cacert: &str| -> Vec<String> {
+        let mut args = common(id, url);
+        args.extend(["--health-cacert".to_string(), cacert.to_string()]);
+        args
+    };
+    let spawn = |name: &str, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        registrar(dir.path(), name, &etcd, &args)
+    };
+    let _s4 = spawn("registrar-s4", with_cacert("s4", &self_url, &self_crt));
+    let s5 = spawn("registrar-s5", with_cacert("s5", &self_url, &ca));
+    let s6 = spawn("registrar-s6", with_cacert("s6", &url, &self_crt));
+    let mut trusted = common("s1", &url);
     trusted.extend(["--health-cacert".to_string(), ca.clone()]);
     let trusted: Vec<&str> = trusted.iter().map(String::as_str).collect();
     let _s1 = registrar(dir.path(), "registrar-s1", &etcd, &trusted);
-    let untrusted = common("s2");
+    let untrusted = common("s2", &url);
     let untrusted: Vec<&str> = untrusted.iter().map(String::as_str).collect();
     let s2 = registrar(dir.path(), "registrar-s2", &etcd, &untrusted);
     eventually(
@@ -553,10 +597,31 @@ async fn https_health_checks_trust_the_given_ca_only() {
         log.contains("certificate") || log.contains("unknownissuer"),
         "{log}"
     );
+    // The self-signed certificate, given as itself: registered.
+    eventually(
+        Duration::from_secs(10),
+        "registered through the self-signed certificate",
+        || async {
+            key_present(&etcd, "/services/webapp/s4")
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+    // Each file trusts only what it holds: the CA does not vouch for the self-signed
+    // certificate, the self-signed certificate does not vouch for the CA's leaf.
+    for (id, reg) in [("s5", &s5), ("s6", &s6)] {
+        assert!(
+            !key_present(&etcd, &format!("/services/webapp/{id}")).await,
+            "{id}"
+        );
+        let log = reg.log().to_lowercase();
+        assert!(log.contains("certificate"), "{id}: {log}");
+    }
     // A --health-cacert with no certificate in it is refused at start (exit 64).
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
-    let mut bad = common("s3");
+    let mut bad = common("s3", &url);
     bad.extend(["--health-cacert".to_string(), empty.display().to_string()]);
     let out = Command::new(bin("lb-registrar"))
         .arg("--endpoints")
@@ -678,4 +743,147 @@ async fn sighup_puts_the_record_again_and_does_not_stop_the_registrar() {
     })
     .await;
     assert!(reg.is_running(), "SIGHUP stopped the registrar");
+}
+
+/// `--register` twice: two records, one lease; SIGTERM revokes it and both keys go in the
+/// same revision (a load balancer sees the process leave in one step).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_services_share_one_lease_and_leave_together() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let (web, admin) = ("/services/webapp/s1", "/services/admin/s1");
+    let mut reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &[
+            "--id",
+            "s1",
+            "--address",
+            "127.0.0.1",
+            "--register",
+            "webapp:3000",
+            "--register",
+            "admin:9000",
+            "--ttl",
+            "10s",
+        ],
+    );
+    let (a, b) = eventually(Duration::from_secs(10), "both records", || async {
+        Some((etcd.get(web).await?, etcd.get(admin).await?))
+    })
+    .await;
+    assert_ne!(a.lease, 0);
+    assert_eq!(a.lease, b.lease, "one lease for both records");
+    let mut keys = etcd.lease_keys(a.lease).await;
+    keys.sort();
+    assert_eq!(keys, [admin, web]);
+    let port = |v: &str| serde_json::from_str::<serde_json::Value>(v).unwrap()["port"].clone();
+    assert_eq!((port(&a.value), port(&b.value)), (3000.into(), 9000.into()));
+
+    let mut client = etcd.client().await;
+    let mut events = client
+        .watch(
+            "/services/",
+            Some(etcd_client::WatchOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    reg.signal(Signal::SIGTERM);
+    assert_eq!(
+        reg.exited(Duration::from_secs(5)).await.unwrap().code(),
+        Some(0)
+    );
+    let mut deleted = Vec::new();
+    while deleted.len() < 2 {
+        let resp = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("delete events")
+            .unwrap()
+            .unwrap();
+        for e in resp.events() {
+            if e.event_type() == etcd_client::EventType::Delete {
+                let kv = e.kv().unwrap();
+                deleted.push((kv.key_str().unwrap().to_string(), kv.mod_revision()));
+            }
+        }
+    }
+    assert_eq!(deleted[0].1, deleted[1].1, "one revision: {deleted:?}");
+    assert_eq!(etcd.lease_ttl(a.lease).await, -1, "lease revoked");
+}
+
+/// `--health-cmd` twice (combined: all must pass): a readiness file, and a command that
+/// hangs while a second file exists. Each failure deregisters within interval × fails
+/// (+1 s), each recovery registers again, and /metrics shows which check failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_checks_combine_and_a_hanging_one_counts_as_failed() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let ready = dir.path().join("ready");
+    let hang = dir.path().join("hang");
+    std::fs::write(&ready, "").unwrap();
+    let ready_check = format!("test -e {}", ready.display());
+    let hang_check = format!("test ! -e {} || sleep 60", hang.display());
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let _reg = registrar(
+        dir.path(),
+        "registrar",
+        &etcd,
+        &s1(&[
+            "--address",
+            "127.0.0.1",
+            "--ttl",
+            "3s",
+            "--health-cmd",
+            &ready_check,
+            "--health-cmd",
+            &hang_check,
+            "--health-interval",
+            "200ms",
+            "--health-timeout",
+            "500ms",
+            "--health-fails",
+            "2",
+            "--metrics-addr",
+            &metrics_addr,
+        ]),
+    );
+    let registered = |want: bool| {
+        let etcd = &etcd;
+        async move { (key_present(etcd, KEY).await == want).then_some(()) }
+    };
+    let up = |check: String| async move {
+        let body = e2e::http::get(metrics, "/metrics", None).await.ok()?.body;
+        let line = format!("registrar_health_check_up{{check=\"cmd {check}\"}} ");
+        body.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()).map(|v| v.trim() == "1"))
+    };
+    eventually(Duration::from_secs(10), "registered", || registered(true)).await;
+    // interval × fails = 400 ms (+ a 500 ms timeout per probe for the hanging one) + 1 s.
+    let bound = Duration::from_millis(200 * 2 + 500 * 2 + 1000);
+    for (file, check) in [(&ready, &ready_check), (&hang, &hang_check)] {
+        let broke = Instant::now();
+        if file == &ready {
+            std::fs::remove_file(file).unwrap();
+        } else {
+            std::fs::write(file, "").unwrap();
+        }
+        eventually(Duration::from_secs(10), "deregistered", || {
+            registered(false)
+        })
+        .await;
+        assert!(broke.elapsed() < bound, "{:?} > {bound:?}", broke.elapsed());
+        assert_eq!(up(check.clone()).await, Some(false), "{check}");
+        if file == &ready {
+            std::fs::write(file, "").unwrap();
+        } else {
+            std::fs::remove_file(file).unwrap();
+        }
+        eventually(Duration::from_secs(10), "registered again", || {
+            registered(true)
+        })
+        .await;
+        assert_eq!(up(check.clone()).await, Some(true), "{check}");
+    }
 }

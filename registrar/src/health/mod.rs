@@ -1,8 +1,11 @@
-//! Health checks of the app (HTTP GET or TCP connect) and the pass/fail hysteresis that
-//! decides whether the instance should be registered.
+//! Health checks of the app (HTTP GET, TCP connect, a command) and the pass/fail
+//! hysteresis that decides whether the instance should be registered.
 //!
 //! The verdict is published on a `watch` channel: `true` = register, `false` = stay (or
-//! become) deregistered. Without a check the verdict is always `true`.
+//! become) deregistered. Several checks make one verdict: a round passes only when every
+//! check passes. Without a check the verdict is always `true`.
+
+mod tls;
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,6 +24,8 @@ pub enum HealthCheck {
     },
     /// A TCP connect to `addr` passes.
     Tcp { addr: String },
+    /// `sh -c command` exiting 0 passes; killed (its whole process group) at the timeout.
+    Cmd { command: String },
 }
 
 impl PartialEq for HealthCheck {
@@ -28,6 +33,7 @@ impl PartialEq for HealthCheck {
         match (self, other) {
             (HealthCheck::Http { url: a, .. }, HealthCheck::Http { url: b, .. }) => a == b,
             (HealthCheck::Tcp { addr: a }, HealthCheck::Tcp { addr: b }) => a == b,
+            (HealthCheck::Cmd { command: a }, HealthCheck::Cmd { command: b }) => a == b,
             _ => false,
         }
     }
@@ -42,6 +48,8 @@ pub enum HealthError {
     Tcp(String),
     #[error("--health-cacert {path}: {why}")]
     CaCert { path: String, why: String },
+    #[error("--health-cmd: empty command")]
+    Cmd,
 }
 
 /// Why one probe failed.
@@ -59,6 +67,8 @@ pub enum ProbeError {
     Request(String),
     #[error("HTTP status {0}")]
     Status(u16),
+    #[error("{0}")]
+    Command(String),
 }
 
 impl HealthCheck {
@@ -88,16 +98,15 @@ impl HealthCheck {
                 path: path.display().to_string(),
                 why,
             };
+            use rustls::pki_types::pem::PemObject;
             let pem = std::fs::read(path).map_err(|e| ca_error(e.to_string()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| ca_error(registry::etcd::error_chain(&e)))?;
+            let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ca_error(e.to_string()))?;
             if certs.is_empty() {
                 return Err(ca_error("no PEM certificate in the file".into()));
             }
-            builder = builder.tls_built_in_root_certs(false);
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+            builder = builder.use_preconfigured_tls(tls::client_config(certs).map_err(ca_error)?);
         }
         let client = builder
             .build()
@@ -118,8 +127,30 @@ impl HealthCheck {
         })
     }
 
+    /// Runs `command` with `sh -c`.
+    pub fn cmd(command: &str) -> Result<HealthCheck, HealthError> {
+        if command.trim().is_empty() {
+            return Err(HealthError::Cmd);
+        }
+        Ok(HealthCheck::Cmd {
+            command: command.to_string(),
+        })
+    }
+
+    /// How the check is named in logs and in the `check` label of the metrics.
+    pub fn name(&self) -> String {
+        match self {
+            HealthCheck::Http { url, .. } => format!("http {url}"),
+            HealthCheck::Tcp { addr } => format!("tcp {addr}"),
+            HealthCheck::Cmd { command } => format!("cmd {command}"),
+        }
+    }
+
     /// Runs the check once.
     pub async fn probe(&self, timeout: Duration) -> Result<(), ProbeError> {
+        if let HealthCheck::Cmd { command } = self {
+            return run_command(command, timeout).await;
+        }
         match tokio::time::timeout(timeout, self.probe_inner()).await {
             Ok(r) => r,
             Err(_) => Err(ProbeError::Timeout(timeout)),
@@ -128,6 +159,9 @@ impl HealthCheck {
 
     async fn probe_inner(&self) -> Result<(), ProbeError> {
         match self {
+            HealthCheck::Cmd { command } => Err(ProbeError::Command(format!(
+                "{command:?} probed without its timeout"
+            ))),
             HealthCheck::Tcp { addr } => {
                 TcpStream::connect(addr)
                     .await
@@ -150,6 +184,62 @@ impl HealthCheck {
                     Err(ProbeError::Status(code))
                 }
             }
+        }
+    }
+}
+
+/// `sh -c command` in its own process group, stdin from /dev/null, stdout discarded;
+/// passes on exit 0. At `timeout` the whole group is killed (a command's children too)
+/// and the probe fails. The failure names the exit status and the start of stderr.
+async fn run_command(command: &str, timeout: Duration) -> Result<(), ProbeError> {
+    use std::process::Stdio;
+    use tokio::io::AsyncReadExt;
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| ProbeError::Command(format!("cannot run sh -c {command:?}: {e}")))?;
+    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    let mut stderr = child.stderr.take();
+    let finished = tokio::time::timeout(timeout, async {
+        let mut err = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            // At most 4 KiB is kept; the rest is read and dropped so the command never
+            // blocks on a full pipe.
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => err.extend_from_slice(&buf[..n.min(4096 - err.len().min(4096))]),
+                }
+            }
+        }
+        (child.wait().await, err)
+    })
+    .await;
+    match finished {
+        Ok((Ok(status), _)) if status.success() => Ok(()),
+        Ok((Ok(status), err)) => {
+            let err = String::from_utf8_lossy(&err);
+            let first = err.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let first: String = first.chars().take(200).collect();
+            Err(ProbeError::Command(if first.is_empty() {
+                format!("command {status}")
+            } else {
+                format!("command {status}: {first}")
+            }))
+        }
+        Ok((Err(e), _)) => Err(ProbeError::Command(format!("waiting for the command: {e}"))),
+        Err(_) => {
+            if let Some(pgid) = pgid {
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            }
+            Err(ProbeError::Timeout(timeout))
         }
     }
 }
@@ -225,7 +315,9 @@ pub struct Signals {
     pub probes: std::sync::Arc<watch::Sender<u64>>,
 }
 
-/// Runs `check` every `interval` until `stop`, publishing the verdict on `tx`.
+/// Runs `checks` every `interval` until `stop`, publishing the verdict on `tx`. The
+/// checks of a round run side by side; the round passes when all of them pass, and its
+/// failure names every check that failed.
 ///
 /// Logging: an instance that is not registered because its checks fail gets one WARN with
 /// the reason once `fails` probes in a row have failed (an app still starting beside the
@@ -233,7 +325,7 @@ pub struct Signals {
 /// losing its registration gets the WARN at once; registering is INFO.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_checks(
-    check: HealthCheck,
+    checks: Vec<HealthCheck>,
     interval: Duration,
     timeout: Duration,
     mut state: Hysteresis,
@@ -245,30 +337,49 @@ pub async fn run_checks(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut log = FailureLog::new(state.fails);
+    let names: Vec<String> = checks.iter().map(HealthCheck::name).collect();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
             _ = signals.probe_now.notified() => ticker.reset(),
         }
-        let result = check.probe(timeout).await;
-        let label = if result.is_ok() { "pass" } else { "fail" };
-        metrics
-            .health_checks
-            .get_or_create(&crate::metrics::ResultLabel {
-                result: label.into(),
-            })
-            .inc();
+        let results = futures_util::future::join_all(checks.iter().map(|c| c.probe(timeout))).await;
+        let mut failures = Vec::new();
+        for (name, result) in names.iter().zip(&results) {
+            let label = crate::metrics::CheckLabel {
+                check: name.clone(),
+                result: if result.is_ok() { "pass" } else { "fail" }.into(),
+            };
+            metrics.health_checks.get_or_create(&label).inc();
+            metrics
+                .health_check_up
+                .get_or_create(&crate::metrics::NameLabel {
+                    check: name.clone(),
+                })
+                .set(i64::from(result.is_ok()));
+            if let Err(e) = result {
+                failures.push(if names.len() == 1 {
+                    e.to_string()
+                } else {
+                    format!("{name}: {e}")
+                });
+            }
+        }
+        let result: Result<(), String> = if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        };
         let was = *tx.borrow();
         let now = state.observe(result.is_ok());
         match (&result, was, now) {
             (Err(e), true, false) => {
-                log.warned(e.to_string());
+                log.warned(e.clone());
                 tracing::warn!(error = %e, "health check failed; deregistering")
             }
-            (Err(e), _, false) => {
-                let reason = e.to_string();
-                if log.failed(&reason) {
+            (Err(reason), _, false) => {
+                if log.failed(reason) {
                     tracing::warn!(
                         error = %reason,
                         fails = log.streak,
@@ -342,6 +453,7 @@ mod tests {
         let url = |c: HealthCheck| match c {
             HealthCheck::Http { url, .. } => url.to_string(),
             HealthCheck::Tcp { addr } => addr,
+            HealthCheck::Cmd { command } => command,
         };
         assert_eq!(
             url(HealthCheck::http("http://127.0.0.1:3000/health", None).unwrap()),
@@ -435,6 +547,46 @@ mod tests {
             http.probe(t).await.unwrap_err().to_string(),
             "HTTP status 503"
         );
+    }
+
+    #[tokio::test]
+    async fn a_command_passes_on_exit_0_and_is_killed_with_its_children_at_the_timeout() {
+        let t = Duration::from_secs(5);
+        assert!(HealthCheck::cmd("true").unwrap().probe(t).await.is_ok());
+        let failed = HealthCheck::cmd("echo not ready >&2; exit 3")
+            .unwrap()
+            .probe(t)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(failed, "command exit status: 3: not ready");
+        assert!(HealthCheck::cmd("  ").is_err());
+        // A hanging command: the probe fails at the timeout and the command's own child
+        // (a background sleep, in the same process group) is gone too.
+        let pidfile = std::env::temp_dir().join(format!("registrar-cmd-{}", std::process::id()));
+        let hang =
+            HealthCheck::cmd(&format!("sleep 60 & echo $! > {}; wait", pidfile.display())).unwrap();
+        let started = std::time::Instant::now();
+        let err = hang.probe(Duration::from_millis(500)).await.unwrap_err();
+        assert!(matches!(err, ProbeError::Timeout(_)), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let _ = std::fs::remove_file(&pidfile);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // Gone, or a zombie waiting for init: not running either way.
+        while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the command's child {pid} still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn tempfile_with(bytes: &[u8]) -> std::path::PathBuf {
