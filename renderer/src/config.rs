@@ -22,12 +22,21 @@ Examples:
   renderer --template haproxy.cfg.hbs:/etc/haproxy/haproxy.cfg \\
            --haproxy-master-socket /run/haproxy-master.sock
 
-  # see what would be rendered, change nothing
+  # see what would be rendered, change nothing; or what would change in the file
   renderer --template haproxy.cfg.hbs:/dev/null --dry-run
+  renderer --template haproxy.cfg.hbs:/etc/haproxy/haproxy.cfg --dry-run --diff
+
+  # before deploying a template: render it against the live registry and run its check
+  # (exit 0 pass, 1 fail naming the template and the rejected line); writes nothing
+  renderer check --template haproxy.cfg.hbs:/etc/haproxy/haproxy.cfg
+
+  # what the running renderer serves, compared with the registry
+  renderer status
 
 Templates get: services (name -> [instance]), instances (all), vars (--var), revision.
 An instance is {id, service, address, port, tags, meta, weight}. Helpers: eq, ne,
-default, join, json, instances, by_tag, by_meta, sort_by.
+default, join, json, instances, by_tag, by_meta, sort_by, lower, upper, trim, replace,
+split, contains, add, sub, mul, div, mod; partials from --partials DIR.
 
 Exit status: 0 after a graceful stop; HAProxy's status if it exits in exec mode;
 64 for bad flags or templates (or fatal etcd setup errors); 1 for other failures

@@ -19,6 +19,9 @@ pub enum Error {
     /// HAProxy could not be started (exec mode).
     #[error(transparent)]
     Haproxy(#[from] haproxy::HaproxyError),
+    /// A local file or directory the run needs (e.g. `renderer check`'s scratch directory).
+    #[error("{0}")]
+    Io(String),
     /// --once: something failed.
     #[error("{0} failure(s) while applying; see the log")]
     Apply(usize),

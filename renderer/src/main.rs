@@ -13,8 +13,10 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("status") {
-        std::process::exit(status());
+    match std::env::args().nth(1).as_deref() {
+        Some("status") => std::process::exit(status()),
+        Some("check") => std::process::exit(check()),
+        _ => {}
     }
     let args: Args = observe::cli::parse_or_exit();
     observe::init_logging(args.log_format);
@@ -42,6 +44,34 @@ fn main() {
             }
         }
     })
+}
+
+/// `renderer check [renderer flags]`: renders every template against the registry and runs
+/// its check command, writing nothing; 0 when all pass, 1 otherwise, 64 for bad flags.
+fn check() -> i32 {
+    let argv = std::iter::once("lb-renderer check".to_string()).chain(std::env::args().skip(2));
+    let args: Args = observe::cli::parse_from_or_exit(argv);
+    observe::init_logging(args.log_format);
+    let config = match Config::from_args(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("renderer check: error: {e}");
+            return EX_USAGE;
+        }
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return 1;
+    };
+    match rt.block_on(renderer::once::check(&config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("renderer check: {e:#}");
+            1
+        }
+    }
 }
 
 /// `renderer status [flags]`: prints the report; 0, 1 when etcd cannot be read, 3 when the

@@ -1,4 +1,5 @@
-//! `--once` and `--dry-run`: one listing, one render (and, unless dry, one apply), exit.
+//! The one-shot modes: `--once` and `--dry-run` (one listing, one render and, unless dry,
+//! one apply, exit), and `renderer check` (render and check, write nothing).
 
 use std::io::Write;
 
@@ -12,10 +13,10 @@ use crate::model::Model;
 use crate::render::Renderer;
 use crate::{metrics, watch};
 
-/// Returns the exit code: 0 when everything applied.
-pub async fn run(config: &Config, renderer: Renderer, targets: Vec<Target>) -> Result<i32, Error> {
+/// The registry as it is now: one listing into a model (`None`: stopped while connecting).
+async fn listed(config: &Config) -> Result<Option<(Model, i64)>, Error> {
     let Some(client) = watch::connect(config, &CancellationToken::new()).await? else {
-        return Ok(1);
+        return Ok(None);
     };
     let (store, kvs) = watch::list(&client, &config.prefix, config.etcd.dial_timeout)
         .await
@@ -25,6 +26,103 @@ pub async fn run(config: &Config, renderer: Renderer, targets: Vec<Target>) -> R
         kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
         store.revision,
     );
+    Ok(Some((model, store.revision)))
+}
+
+/// `renderer check`: compiles every template, renders each against the registry as it is
+/// now and runs its check command on the render in a private temporary directory. Writes
+/// nothing beside the destinations, reloads nothing. Prints one line per template; returns
+/// 0 when every template compiled, rendered and passed its check, else 1.
+pub async fn check(config: &Config) -> Result<i32, Error> {
+    let mut out = std::io::stdout().lock();
+    let renderer = match crate::start::compile(config).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(out, "FAIL {e}");
+            return Ok(1);
+        }
+    };
+    let Some((model, revision)) = listed(config).await? else {
+        return Ok(1);
+    };
+    let ctx = renderer.context(model.template_data(&config.vars));
+    let dir = Scratch::new()?;
+    let mut failed = 0;
+    for spec in &config.templates {
+        let name = spec.source.display().to_string();
+        let dest = spec.dest.display();
+        let line = match renderer.render_with(&name, &ctx) {
+            Err(e) => Err(e.to_string()),
+            Ok(bytes) => {
+                let file_name = spec.dest.file_name().unwrap_or_else(|| "config".as_ref());
+                let file = crate::apply::file::FileTarget::new(
+                    dir.path.join(file_name),
+                    spec.check.clone(),
+                );
+                let lines = bytecount_lines(&bytes);
+                match file.stage_and_check(&bytes, false).await {
+                    Ok(staged) => {
+                        file.discard(&staged);
+                        Ok(match &spec.check {
+                            Some(cmd) => format!("{lines} lines, `{cmd}` passed"),
+                            None => format!("{lines} lines rendered (no check command)"),
+                        })
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        };
+        let _ = match line {
+            Ok(what) => writeln!(out, "ok   {name} -> {dest}: {what}"),
+            Err(why) => {
+                failed += 1;
+                writeln!(out, "FAIL {name} -> {dest}: {why}")
+            }
+        };
+    }
+    let _ = writeln!(
+        out,
+        "{} of {} templates passed against registry revision {revision} ({} instances)",
+        config.templates.len() - failed,
+        config.templates.len(),
+        model.len()
+    );
+    Ok(i32::from(failed > 0))
+}
+
+fn bytecount_lines(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|b| **b == b'\n').count()
+}
+
+/// A private temporary directory, removed when dropped.
+struct Scratch {
+    path: std::path::PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Result<Scratch, Error> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = std::env::temp_dir().join(format!("lb-renderer-check-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| Error::Io(format!("{}: {e}", path.display())))?;
+        Ok(Scratch { path })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Returns the exit code: 0 when everything applied.
+pub async fn run(config: &Config, renderer: Renderer, targets: Vec<Target>) -> Result<i32, Error> {
+    let Some((model, revision)) = listed(config).await? else {
+        return Ok(1);
+    };
     let ctx = renderer.context(model.template_data(&config.vars));
     if config.dry_run {
         let mut out = std::io::stdout().lock();
@@ -44,7 +142,7 @@ pub async fn run(config: &Config, renderer: Renderer, targets: Vec<Target>) -> R
     let mut applier = crate::start::applier(config, targets, metrics, true);
     let report = applier.apply(&renderer, &ctx).await;
     info!(
-        revision = store.revision,
+        revision,
         instances = model.len(),
         written = report.written,
         unchanged = report.unchanged,

@@ -380,6 +380,93 @@ async fn partials_helpers_and_diff_from_the_registry_and_a_bad_partial_exits_64(
     assert_eq!(diff(&["--diff"]).status.code(), Some(64));
 }
 
+/// `renderer check`: every template rendered against the live registry and checked by
+/// HAProxy, nothing written. A template HAProxy accepts passes (exit 0); one with a line
+/// HAProxy rejects fails (exit 1) naming the template and the line; a template that does
+/// not compile fails the same way; the destinations are never created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renderer_check_renders_against_the_registry_and_names_the_rejected_line() {
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    put_instance(&etcd, "webapp", "s1", 3001).await;
+    put_instance(&etcd, "webapp", "s2", 3002).await;
+    let good = std::fs::read_to_string(e2e::lb::template()).unwrap();
+    let good_tpl = dir.path().join("good.hbs");
+    std::fs::write(&good_tpl, &good).unwrap();
+    // The same template with a directive HAProxy does not know, in the backend.
+    let bad = good.replacen(
+        "\nbackend nodes\n",
+        "\nbackend nodes\n    bogus-directive on\n",
+        1,
+    );
+    assert_ne!(bad, good, "the lab template has a `backend nodes` line");
+    let bad_tpl = dir.path().join("bad.hbs");
+    std::fs::write(&bad_tpl, &bad).unwrap();
+    let bogus_line = bad
+        .lines()
+        .position(|l| l.contains("bogus-directive"))
+        .unwrap();
+    let broken_tpl = dir.path().join("broken.hbs");
+    std::fs::write(&broken_tpl, "global\n{{#each services}}\n").unwrap();
+    let dest = |n: &str| dir.path().join(n);
+    let check = |templates: &[(&std::path::Path, &str)]| {
+        let mut cmd = Command::new(bin("lb-renderer"));
+        cmd.args(["check", "--endpoints", &etcd.endpoint()]);
+        for (tpl, d) in templates {
+            cmd.arg("--template")
+                .arg(format!("{}:{}", tpl.display(), dest(d).display()));
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (
+            out.status.code(),
+            text,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, text, err) = check(&[(&good_tpl, "good.cfg")]);
+    assert_eq!(code, Some(0), "{text}{err}");
+    assert!(
+        text.contains(&format!("ok   {} -> ", good_tpl.display())),
+        "{text}"
+    );
+    assert!(text.contains("`haproxy -c -f {}` passed"), "{text}");
+    assert!(text.contains("(2 instances)"), "{text}");
+
+    let (code, text, err) = check(&[(&good_tpl, "good.cfg"), (&bad_tpl, "bad.cfg")]);
+    assert_eq!(code, Some(1), "{text}{err}");
+    assert!(
+        text.contains(&format!("ok   {} -> ", good_tpl.display())),
+        "{text}"
+    );
+    let fail = text
+        .lines()
+        .find(|l| l.starts_with(&format!("FAIL {} -> ", bad_tpl.display())))
+        .unwrap_or_else(|| panic!("{text}"));
+    // The rendered line and its text (above the servers, the template's line too).
+    assert!(
+        fail.contains(&format!(
+            "(line {}: \"bogus-directive on\")",
+            bogus_line + 1
+        )),
+        "{fail}"
+    );
+    assert!(fail.contains("in 'backend' section"), "{fail}");
+    assert!(text.contains("1 of 2 templates passed"), "{text}");
+
+    let (code, text, err) = check(&[(&broken_tpl, "broken.cfg")]);
+    assert_eq!(code, Some(1), "{text}{err}");
+    assert!(
+        text.starts_with("FAIL ") && text.contains("broken.hbs"),
+        "{text}"
+    );
+    for d in ["good.cfg", "bad.cfg", "broken.cfg"] {
+        assert!(!dest(d).exists(), "{d} written");
+    }
+    // Bad flags stay a usage error.
+    assert_eq!(check(&[]).0, Some(64));
+}
+
 /// Found by the chaos run: etcd 3.4.23 (Debian 12) can revoke every lease at once when a
 /// stalled leader resumes (etcd #15247); the registrars register again within a second,
 /// but the backend was emptied meanwhile (~2 000 failed requests). Now the servers of a
