@@ -41,7 +41,7 @@ if [ "${FIELD_CHECKS:-1}" != 0 ]; then
   set +e
   scripts/with-debian.sh trixie -- cargo test -p e2e --locked --no-fail-fast \
     --test registrar --test renderer --test runtime_api --test cluster \
-    --test observability --test hardening --test partition --test secure --test lost_events --test controls --test chaos -- "$@" 2>&1 | tee -a "$log"
+    --test observability --test hardening --test partition --test secure --test lost_events --test controls --test chaos --test examples -- "$@" 2>&1 | tee -a "$log"
   rc13=${PIPESTATUS[0]}
   set -e
   [ "$rc" -ne 0 ] || rc=$rc13

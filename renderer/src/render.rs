@@ -74,7 +74,7 @@ impl Renderer {
         let mut hbs = Handlebars::new();
         hbs.register_escape_fn(handlebars::no_escape);
         hbs.set_strict_mode(true);
-        let ours: [(&str, Box<dyn HelperDef + Send + Sync>); 21] = [
+        let ours: [(&str, Box<dyn HelperDef + Send + Sync>); 22] = [
             ("default", Box::new(DefaultHelper)),
             ("join", Box::new(join)),
             ("json", Box::new(json)),
@@ -88,6 +88,7 @@ impl Renderer {
             ("lower", Box::new(lower)),
             ("upper", Box::new(upper)),
             ("trim", Box::new(trim)),
+            ("concat", Box::new(concat)),
             ("replace", Box::new(replace)),
             ("split", Box::new(split)),
             ("contains", Box::new(contains)),
@@ -408,6 +409,15 @@ handlebars_helper!(json: |v: Json| serde_json::to_string(v).unwrap_or_default())
 handlebars_helper!(lower: |s: str| s.to_lowercase());
 handlebars_helper!(upper: |s: str| s.to_uppercase());
 handlebars_helper!(trim: |s: str| s.trim());
+// Strings and numbers side by side: `{{concat name "." vars.domain}}`.
+handlebars_helper!(concat: |*args| {
+    args.iter()
+        .map(|v| match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .collect::<String>()
+});
 handlebars_helper!(replace: |s: str, from: str, to: str| s.replace(from, to));
 handlebars_helper!(split: |s: str, sep: str| {
     s.split(sep).map(|p| Value::from(p.to_string())).collect::<Vec<_>>()
@@ -575,6 +585,7 @@ mod tests {
             ("{{upper vars.name}}", " WEB-APP "),
             ("{{replace (trim vars.name) \"-\" \"_\"}}", "Web_App"),
             ("{{join (split \"a,b,c\" \",\") \"|\"}}", "a|b|c"),
+            ("{{concat (lower \"Web\") \".\" vars.port 1}}", "web.80801"),
             ("{{#if (contains vars.name \"App\")}}y{{else}}n{{/if}}", "y"),
             ("{{#if (contains list \"c\")}}y{{else}}n{{/if}}", "n"),
             ("{{#if (contains vars \"port\")}}y{{else}}n{{/if}}", "y"),

@@ -211,16 +211,24 @@ async fn numeric_ids(cli: &MasterCli, servers: &[Server]) -> Result<Vec<u32>, Ru
 
 /// Current sessions (`scur`) of server `sid` of `backend`.
 async fn sessions(cli: &MasterCli, backend: &str, sid: u32) -> Result<u64, RuntimeError> {
+    let iid = backend_id(&cli.backend_ids().await?, backend)?;
     Ok(cli
-        .show_stat_server(backend, sid)
+        .show_stat_server(iid, sid)
         .await?
         .and_then(|r| r.get("scur")?.parse().ok())
         .unwrap_or(0))
 }
 
+/// `backend`'s numeric id in `ids`; a backend HAProxy does not run is a mismatch.
+fn backend_id(ids: &BTreeMap<String, u32>, backend: &str) -> Result<u32, RuntimeError> {
+    ids.get(backend)
+        .copied()
+        .ok_or_else(|| RuntimeError::Mismatch(format!("backend {backend} is not running")))
+}
+
 /// Checks that HAProxy runs what `plan` meant: every added or updated server with the
 /// config's address, port and weight, no removed one. Servers with an `id` are asked
-/// about one by one (`show stat <backend> 4 <id>`, ~0.3 ms each); otherwise the backend's
+/// about one by one (`show stat <backend id> 4 <id>`, ~0.3 ms each); otherwise the backend's
 /// whole `show servers state` is read (~750 kB and ~25 ms at 10 000 servers), which
 /// also checks the backend's server count.
 pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
@@ -240,8 +248,10 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
         .collect();
     let id = |s: &Server| s.keyword("id").and_then(|v| v.parse::<u32>().ok());
     if present.iter().chain(&gone).all(|s| id(s).is_some()) {
+        let backends = cli.backend_ids().await?;
         for s in &present {
-            let row = cli.show_stat_server(&s.backend, id(s).unwrap_or(0)).await?;
+            let iid = backend_id(&backends, &s.backend)?;
+            let row = cli.show_stat_server(iid, id(s).unwrap_or(0)).await?;
             let want = endpoint(&s.addr, &s.port);
             let weight = s.weight().unwrap_or("1");
             let maint = s.admin() == AdminState::Maint;
@@ -261,7 +271,8 @@ pub async fn verify(cli: &MasterCli, plan: &Plan) -> Result<(), RuntimeError> {
             }
         }
         for s in &gone {
-            let row = cli.show_stat_server(&s.backend, id(s).unwrap_or(0)).await?;
+            let iid = backend_id(&backends, &s.backend)?;
+            let row = cli.show_stat_server(iid, id(s).unwrap_or(0)).await?;
             if row.is_some_and(|r| r.get("svname") == Some(&s.name)) {
                 return Err(RuntimeError::Mismatch(format!(
                     "{}/{}: still running after its removal",

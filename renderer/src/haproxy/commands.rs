@@ -183,16 +183,25 @@ impl MasterCli {
         })
     }
 
-    /// The `show stat <backend> 4 <sid>` row of server `sid` by column name; `None` when
-    /// the backend has no such server. ~0.3 ms, where a whole backend's `show stat` is
-    /// ~300 bytes per server.
+    /// The numeric ids of the running backends by name (`show stat -1 2 -1`: one BACKEND
+    /// row per backend). Servers are asked about by their backend's id, not its name:
+    /// `show stat <name>` looks the name up among all proxies and finds a frontend of the
+    /// same name (`frontend pool` + `backend pool`) as readily as the backend.
+    pub async fn backend_ids(&self) -> Result<BTreeMap<String, u32>, HaproxyError> {
+        let csv = self.worker_command("show stat -1 2 -1").await?;
+        Ok(parse::backend_ids(&csv))
+    }
+
+    /// The `show stat <iid> 4 <sid>` row of server `sid` of the backend whose id is `iid`
+    /// ([`backend_ids`](Self::backend_ids)) by column name; `None` when the backend has no
+    /// such server. ~0.3 ms, where a whole backend's `show stat` is ~300 bytes per server.
     pub async fn show_stat_server(
         &self,
-        backend: &str,
+        iid: u32,
         sid: u32,
     ) -> Result<Option<BTreeMap<String, String>>, HaproxyError> {
         let csv = self
-            .worker_command(&format!("show stat {backend} 4 {sid}"))
+            .worker_command(&format!("show stat {iid} 4 {sid}"))
             .await?;
         Ok(parse::stat_row(&csv, sid))
     }

@@ -147,9 +147,24 @@ fn answer(line: &str, state: &Arc<Mutex<State>>, config: &Path) -> String {
     };
     match words.as_slice() {
         ["show", "servers", "state", be] => servers_state(&s, be),
-        ["show", "stat", be, "4", sid] => {
+        ["show", "stat", "-1", "2", "-1"] => {
+            // Backends are numbered in name order here; a frontend named like a backend is
+            // what `show stat <name>` would find first in HAProxy, so ids are what count.
+            let mut out = "# pxname,svname,iid\n".to_string();
+            for (i, be) in s.servers.keys().enumerate() {
+                out.push_str(&format!("{be},BACKEND,{}\n", i + 1));
+            }
+            out + "\n"
+        }
+        ["show", "stat", iid, "4", sid] => {
             let mut out = "# pxname,svname,qcur,scur,weight,sid,addr,uweight\n".to_string();
-            for (name, srv) in s.servers.get(*be).into_iter().flatten() {
+            let be = iid
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| s.servers.keys().nth(i.wrapping_sub(1)))
+                .cloned()
+                .unwrap_or_default();
+            for (name, srv) in s.servers.get(&be).into_iter().flatten() {
                 if srv.id.to_string() == *sid {
                     out.push_str(&format!(
                         "{be},{name},0,0,{w},{},{}:{},{w}\n",

@@ -145,6 +145,15 @@ pub fn stat_row(csv: &str, sid: u32) -> Option<BTreeMap<String, String>> {
     })
 }
 
+/// `show stat -1 2 -1`: each backend's numeric id (`iid`) by name.
+pub fn backend_ids(csv: &str) -> BTreeMap<String, u32> {
+    parse_stat(csv)
+        .into_iter()
+        .filter(|row| row.get("svname").is_some_and(|n| n == "BACKEND"))
+        .filter_map(|row| Some((row.get("pxname")?.clone(), row.get("iid")?.parse().ok()?)))
+        .collect()
+}
+
 /// A backend's servers by name.
 pub type ServersState = BTreeMap<String, ServerState>;
 
@@ -214,6 +223,17 @@ pub fn rejected_line(output: &str, file: &str, bytes: &[u8]) -> Option<(usize, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_ids_come_from_backend_rows_only() {
+        // `frontend pool` + `backend pool`: only the backend's row counts.
+        let csv =
+            "# pxname,svname,qcur,iid\npool,FRONTEND,,2\npool,BACKEND,0,3\nstats,BACKEND,0,4\n\n";
+        let ids = backend_ids(csv);
+        assert_eq!(ids.get("pool"), Some(&3));
+        assert_eq!(ids.get("stats"), Some(&4));
+        assert_eq!(ids.len(), 2);
+    }
 
     #[test]
     fn version_from_dash_v() {

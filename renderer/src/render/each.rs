@@ -69,6 +69,7 @@ pub(crate) const PURE_HELPERS: &[&str] = &[
     "lower",
     "upper",
     "trim",
+    "concat",
     "replace",
     "split",
     "contains",
