@@ -76,6 +76,17 @@ impl Drop for Containers {
 }
 
 fn daemon(dir: &Path, etcd: &Etcd, owner: &str, metrics: u16) -> Proc {
+    daemon_with(dir, "registrar-docker", etcd, owner, metrics, &[])
+}
+
+fn daemon_with(
+    dir: &Path,
+    name: &str,
+    etcd: &Etcd,
+    owner: &str,
+    metrics: u16,
+    extra: &[&str],
+) -> Proc {
     let mut cmd = Command::new(bin("lb-registrar"));
     cmd.env("RUST_LOG", "info,registrar=debug").args([
         "docker",
@@ -88,7 +99,192 @@ fn daemon(dir: &Path, etcd: &Etcd, owner: &str, metrics: u16) -> Proc {
         "--metrics-addr",
         &format!("127.0.0.1:{metrics}"),
     ]);
-    Proc::spawn("registrar-docker", dir, cmd)
+    cmd.args(extra);
+    Proc::spawn(name, dir, cmd)
+}
+
+/// A Docker network of the test's own, removed whatever happens (after the containers:
+/// declare it first).
+struct Network(String);
+
+impl Network {
+    fn create(name: String) -> Network {
+        docker(&["network", "create", &name]);
+        Network(name)
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.0])
+            .output();
+    }
+}
+
+/// A container's address on `network`.
+fn ip_on(name: &str, network: &str) -> String {
+    docker(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"),
+        name,
+    ])
+}
+
+/// Several services per container (port groups), a daemon scoped by --network and
+/// --label-filter, and published mode (this host's address and the published port, and
+/// the app answers there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_groups_scoping_and_published_mode() {
+    let _serial = SERIAL.lock().await;
+    build_images();
+    let dir = temp_dir();
+    let etcd = Etcd::start(dir.path()).await;
+    let tag = format!("rdp{}", std::process::id());
+    let net = Network::create(format!("{tag}-net"));
+    let c = Containers(tag.clone());
+    let scope = format!("lb-test={tag}");
+    let scoped = daemon_with(
+        dir.path(),
+        "registrar-docker-scoped",
+        &etcd,
+        &format!("{tag}a"),
+        free_port(),
+        &["--network", &net.0, "--label-filter", &scope],
+    );
+    let published = daemon_with(
+        dir.path(),
+        "registrar-docker-published",
+        &etcd,
+        &format!("{tag}b"),
+        free_port(),
+        &[
+            "--address-mode",
+            "published",
+            "--host-address",
+            "127.0.0.1",
+            "--label-filter",
+            &format!("lb-pub={tag}"),
+        ],
+    );
+    let on_net = ["--network", net.0.as_str()];
+    let labelled = |labels: &[&str]| -> Vec<String> {
+        labels
+            .iter()
+            .flat_map(|l| ["--label".to_string(), l.to_string()])
+            .collect()
+    };
+    let args = |extra: &[&str], labels: &[&str]| -> Vec<String> {
+        extra
+            .iter()
+            .map(|s| s.to_string())
+            .chain(labelled(labels))
+            .collect()
+    };
+    let run = |n: &str, a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        c.run(n, &a, "/usr/local/bin/webapp", &[])
+    };
+    // Two port groups: two records, both with the address on the daemon's network.
+    let multi = run(
+        "multi",
+        args(
+            &on_net,
+            &[
+                &scope,
+                "lb-registry.3000.service=dkweb",
+                "lb-registry.9000.service=dkadmin",
+                "lb-registry.9000.meta.role=admin",
+            ],
+        ),
+    );
+    let web_key = format!("/services/dkweb/{multi}");
+    let admin_key = format!("/services/dkadmin/{multi}");
+    let (web, admin) = eventually(T, "both port groups registered", || async {
+        Some((etcd.get(&web_key).await?, etcd.get(&admin_key).await?))
+    })
+    .await;
+    let ip = ip_on(&multi, &net.0);
+    assert!(
+        web.value
+            .contains(&format!("\"address\":\"{ip}\",\"port\":3000")),
+        "{}",
+        web.value
+    );
+    assert!(
+        admin
+            .value
+            .contains(&format!("\"address\":\"{ip}\",\"port\":9000")),
+        "{}",
+        admin.value
+    );
+    assert!(
+        admin.value.contains("\"role\":\"admin\""),
+        "{}",
+        admin.value
+    );
+    assert_eq!(web.lease, admin.lease, "the daemon's one lease");
+    // Out of scope: another network; no lb-test label. Neither is registered.
+    let elsewhere = run(
+        "elsewhere",
+        args(&[], &[&scope, "lb-registry.service=dkweb"]),
+    );
+    let unscoped = run("unscoped", args(&on_net, &["lb-registry.service=dkweb"]));
+    // Published: this host's address and the port Docker published, which answers.
+    let pubd = run(
+        "pub",
+        args(
+            &["-p", "127.0.0.1::3000"],
+            &[&format!("lb-pub={tag}"), "lb-registry.service=dkpub"],
+        ),
+    );
+    let host_port: u16 = docker(&["port", &pubd, "3000/tcp"])
+        .lines()
+        .next()
+        .and_then(|l| l.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let value = eventually(T, "published registered", || async {
+        etcd.get(&format!("/services/dkpub/{pubd}")).await
+    })
+    .await
+    .value;
+    assert!(
+        value.contains(&format!("\"address\":\"127.0.0.1\",\"port\":{host_port}")),
+        "{value}"
+    );
+    eventually(T, "the app answers on the registered address", || async {
+        (http::get(host_port, "/health", None).await.ok()?.status == 200).then_some(())
+    })
+    .await;
+    stays(
+        Duration::from_secs(2),
+        "out of scope: not registered",
+        || async {
+            etcd.get(&format!("/services/dkweb/{elsewhere}"))
+                .await
+                .is_none()
+                && etcd
+                    .get(&format!("/services/dkweb/{unscoped}"))
+                    .await
+                    .is_none()
+                && etcd
+                    .get(&format!("/services/dkpub/{multi}"))
+                    .await
+                    .is_none()
+        },
+    )
+    .await;
+    // A stop takes every record of the container at once.
+    docker(&["stop", "-t", "1", &multi]);
+    eventually(T, "both records gone", || async {
+        (etcd.get(&web_key).await.is_none() && etcd.get(&admin_key).await.is_none()).then_some(())
+    })
+    .await;
+    for d in [&scoped, &published] {
+        assert!(!d.log().contains(" WARN "), "{}", d.log());
+    }
 }
 
 fn ip_of(name: &str) -> String {

@@ -56,7 +56,7 @@ impl Metrics {
     fn register(&self, r: &mut prometheus_client::registry::Registry) {
         r.register(
             "registrar_docker_registered",
-            "Containers registered now",
+            "Records registered now (a container may register several services)",
             self.registered.clone(),
         );
         r.register(
@@ -106,8 +106,9 @@ struct Daemon {
     /// Our one lease, every container's record under it; `None` until the first is
     /// registered, and after the lease was lost.
     keeper: Option<Keeper>,
-    /// Container id → what is in etcd for it under our lease.
-    held: BTreeMap<String, Held>,
+    /// Container id → what is in etcd for it under our lease (one record per service it
+    /// registers; never empty).
+    held: BTreeMap<String, Vec<Held>>,
     /// Containers that got their stop signal: not registered again until they start.
     stopping: BTreeSet<String>,
     /// Containers already reported for a bad label (reported once per container).
@@ -201,10 +202,10 @@ impl Daemon {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs().saturating_sub(1))
                 .unwrap_or(0);
-            let filters = HashMap::from([
-                ("type".to_string(), vec!["container".to_string()]),
-                ("label".to_string(), vec![labels::SERVICE.to_string()]),
-            ]);
+            let mut filters = HashMap::from([("type".to_string(), vec!["container".to_string()])]);
+            if !self.config.label_filters.is_empty() {
+                filters.insert("label".to_string(), self.config.label_filters.clone());
+            }
             let mut events = self.docker.events(Some(EventsOptions {
                 since: Some(since.to_string()),
                 until: None,
@@ -229,7 +230,7 @@ impl Daemon {
                     _ = shutdown.cancelled() => {
                         // The records stay until their TTL: a restarted daemon takes them
                         // over without a gap; a daemon gone for good lets them expire.
-                        info!(registered = self.held.len(), "stopping; records expire after the TTL unless a new daemon takes them over");
+                        info!(registered = self.records(), "stopping; records expire after the TTL unless a new daemon takes them over");
                         return;
                     }
                     event = events.next() => match event {
@@ -273,7 +274,10 @@ impl Daemon {
     /// eligible, and removes this daemon's keys that no container explains.
     async fn sync(&mut self) -> Result<(), String> {
         self.metrics.syncs.inc();
-        let filters = HashMap::from([("label".to_string(), vec![labels::SERVICE.to_string()])]);
+        let mut filters = HashMap::new();
+        if !self.config.label_filters.is_empty() {
+            filters.insert("label".to_string(), self.config.label_filters.clone());
+        }
         let running = self
             .docker
             .list_containers(Some(ListContainersOptions {
@@ -283,12 +287,18 @@ impl Daemon {
             }))
             .await
             .map_err(|e| format!("listing containers: {e}"))?;
-        let mut want: BTreeMap<String, Held> = BTreeMap::new();
+        let mut want: BTreeMap<String, Vec<Held>> = BTreeMap::new();
         for summary in running {
             let Some(id) = summary.id else { continue };
+            let labels: BTreeMap<String, String> =
+                summary.labels.unwrap_or_default().into_iter().collect();
+            if !labels::is_labelled(&labels) {
+                continue;
+            }
             match self.docker.inspect_container(&id, None).await {
                 Ok(c) => {
-                    if let Some(held) = self.desired(&id, &c) {
+                    let held = self.desired(&id, &c);
+                    if !held.is_empty() {
                         want.insert(id, held);
                     }
                 }
@@ -311,14 +321,22 @@ impl Daemon {
             self.register(id, held.clone()).await;
         }
         self.remove_stale(&want).await?;
-        self.metrics.registered.set(self.held.len() as i64);
+        self.metrics.registered.set(self.records());
         Ok(())
     }
 
-    /// What `c` should have in etcd now: `None` when it is not eligible (stopping, not
-    /// running, paused, unhealthy or still starting) or its labels are bad.
-    fn desired(&mut self, id: &str, c: &ContainerInspectResponse) -> Option<Held> {
-        let state = c.state.as_ref()?;
+    /// Records held now (a container may register several services).
+    fn records(&self) -> i64 {
+        self.held.values().map(Vec::len).sum::<usize>() as i64
+    }
+
+    /// What `c` should have in etcd now: nothing when it is not eligible (stopping, not
+    /// running, paused, unhealthy or still starting, not on `--network`) or its labels are
+    /// bad.
+    fn desired(&mut self, id: &str, c: &ContainerInspectResponse) -> Vec<Held> {
+        let Some(state) = c.state.as_ref() else {
+            return Vec::new();
+        };
         let running = state.running == Some(true)
             && state.paused != Some(true)
             && state.restarting != Some(true);
@@ -329,26 +347,38 @@ impl Daemon {
         };
         // Labels are judged once the container runs (a created one has no address yet).
         if !running || self.stopping.contains(id) {
-            return None;
+            return Vec::new();
         }
-        let instance = match labels::instance(&view(c), &self.config.mode, &self.config.owner) {
-            Ok(Some(i)) => i,
-            Ok(None) => return None,
-            Err(e) => {
-                if self.reported.insert(id.to_string()) {
-                    self.metrics.skipped.inc();
-                    warn!(error = %e, "not registering the container: bad label");
-                }
-                return None;
+        let view = view(c);
+        if let Some(net) = &self.config.network {
+            if !view.networks.contains_key(net) {
+                // Scoped out on purpose (--network): not an operator's problem.
+                debug!(container = %view.name, network = %net, "not on the daemon's network; not registered");
+                return Vec::new();
             }
-        };
-        if !healthy {
-            return None;
         }
-        Some(Held {
-            key: registry::instance_key(&self.config.prefix, &instance.service, &instance.id),
-            value: instance.encode(),
-        })
+        let network = self.config.network.as_deref();
+        let instances =
+            match labels::instances(&view, &self.config.mode, &self.config.owner, network) {
+                Ok(i) => i,
+                Err(e) => {
+                    if self.reported.insert(id.to_string()) {
+                        self.metrics.skipped.inc();
+                        warn!(error = %e, "not registering the container: bad label");
+                    }
+                    return Vec::new();
+                }
+            };
+        if !healthy {
+            return Vec::new();
+        }
+        instances
+            .iter()
+            .map(|i| Held {
+                key: registry::instance_key(&self.config.prefix, &i.service, &i.id),
+                value: i.encode(),
+            })
+            .collect()
     }
 
     async fn on_event(&mut self, event: EventMessage) {
@@ -365,6 +395,12 @@ impl Daemon {
         if action == "start" {
             self.stopping.remove(&id);
             self.reported.remove(&id);
+        }
+        // Labels ride on the event: a container that asks for nothing and holds nothing is
+        // not inspected.
+        let asks: BTreeMap<String, String> = attributes.clone().into_iter().collect();
+        if !labels::is_labelled(&asks) && !self.held.contains_key(&id) {
+            return;
         }
         if action == "destroy" {
             self.stopping.remove(&id);
@@ -399,30 +435,61 @@ impl Daemon {
             self.deregister_logged(&id, &name, "stop signal").await;
             return;
         }
-        match self.desired(&id, &inspected) {
-            Some(held) => self.register(&id, held).await,
-            None => self.deregister_logged(&id, &name, &action).await,
+        let held = self.desired(&id, &inspected);
+        if held.is_empty() {
+            self.deregister_logged(&id, &name, &action).await;
+        } else {
+            self.register(&id, held).await;
         }
-        self.metrics.registered.set(self.held.len() as i64);
+        self.metrics.registered.set(self.records());
     }
 
     async fn deregister_logged(&mut self, id: &str, name: &str, why: &str) {
         if let Some(held) = self.held.get(id) {
-            info!(container = %name, key = %held.key, %why, "deregistering");
+            let keys: Vec<&str> = held.iter().map(|h| h.key.as_str()).collect();
+            info!(container = %name, keys = ?keys, %why, "deregistering");
             self.deregister(id).await;
         }
-        self.metrics.registered.set(self.held.len() as i64);
+        self.metrics.registered.set(self.records());
     }
 
-    /// Puts `held` for container `id` under our lease, unless another owner holds the key.
-    async fn register(&mut self, id: &str, held: Held) {
-        if self.held.get(id) == Some(&held) {
+    /// Makes container `id`'s records `want`: removes the ones it no longer asks for, puts
+    /// each new or changed one under our lease unless another owner holds its key.
+    async fn register(&mut self, id: &str, want: Vec<Held>) {
+        if self.held.get(id) == Some(&want) {
             return;
         }
+        let dropped: Vec<Held> = self
+            .held
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|h| !want.iter().any(|w| w.key == h.key))
+            .cloned()
+            .collect();
+        for h in dropped {
+            self.delete_record(&h).await;
+            if let Some(v) = self.held.get_mut(id) {
+                v.retain(|x| x.key != h.key);
+            }
+        }
+        for held in want {
+            if self.held.get(id).is_some_and(|v| v.contains(&held)) {
+                continue;
+            }
+            self.register_one(id, held).await;
+        }
+        if self.held.get(id).is_some_and(Vec::is_empty) {
+            self.held.remove(id);
+        }
+    }
+
+    /// Puts one record of container `id` under our lease, unless another owner holds the key.
+    async fn register_one(&mut self, id: &str, held: Held) {
         if let Some((other, _)) = self
             .held
             .iter()
-            .find(|(other, h)| h.key == held.key && other.as_str() != id)
+            .find(|(other, hs)| other.as_str() != id && hs.iter().any(|h| h.key == held.key))
         {
             error!(key = %held.key, container = %id, holder = %other, "two containers claim the same key; set lb-registry.id");
             return;
@@ -441,7 +508,9 @@ impl Daemon {
                     info!(key = %held.key, "the key is free again");
                 }
                 info!(key = %held.key, value = %held.value, "registered");
-                self.held.insert(id.to_string(), held);
+                let records = self.held.entry(id.to_string()).or_default();
+                records.retain(|h| h.key != held.key);
+                records.push(held);
             }
             Ok(false) => {
                 if self.conflicts.insert(held.key.clone()) {
@@ -476,11 +545,18 @@ impl Daemon {
         Ok(matches!(claim, registry::etcd::Claim::Put))
     }
 
-    /// Deletes container `id`'s key if it is still under our lease.
+    /// Deletes container `id`'s keys that are still under our lease.
     async fn deregister(&mut self, id: &str) {
         let Some(held) = self.held.remove(id) else {
             return;
         };
+        for h in held {
+            self.delete_record(&h).await;
+        }
+    }
+
+    /// Deletes one record's key if it is still under our lease.
+    async fn delete_record(&mut self, held: &Held) {
         let Some(lease) = self.keeper.as_ref().map(|k| k.lease) else {
             return;
         };
@@ -507,8 +583,8 @@ impl Daemon {
 
     /// Removes keys carrying this daemon's owner mark that no running container explains
     /// (left by an earlier run of this daemon).
-    async fn remove_stale(&mut self, want: &BTreeMap<String, Held>) -> Result<(), String> {
-        let keys: BTreeSet<&str> = want.values().map(|h| h.key.as_str()).collect();
+    async fn remove_stale(&mut self, want: &BTreeMap<String, Vec<Held>>) -> Result<(), String> {
+        let keys: BTreeSet<&str> = want.values().flatten().map(|h| h.key.as_str()).collect();
         let root = registry::key::root_prefix(&self.config.prefix);
         let resp = self
             .timed(
@@ -545,7 +621,8 @@ impl Daemon {
     /// One line for systemd's STATUS=.
     fn status_line(&self) -> String {
         format!(
-            "{} container(s) registered, lease {}",
+            "{} record(s) of {} container(s) registered, lease {}",
+            self.records(),
             self.held.len(),
             self.keeper
                 .as_ref()

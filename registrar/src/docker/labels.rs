@@ -1,8 +1,13 @@
 //! `registrar docker`: what a container's labels say about its registration. Pure: the
 //! daemon turns the engine's view of a container into a [`Container`] and asks
-//! [`instance`] for the record, which follows the registry contract exactly (the same
+//! [`instances`] for the records, which follow the registry contract exactly (the same
 //! validation as the in-image registrar); a bad label is an error naming the container
-//! and the label, and nothing is written for it.
+//! and the label, and nothing is written for the container.
+//!
+//! A container registers one service with the `lb-registry.*` labels, and any number more
+//! with port groups: `lb-registry.<port>.service`, `.id`, `.tags`, `.meta.<key>`,
+//! `.weight` register service `service` on container port `<port>` (registrator's
+//! `SERVICE_<port>_NAME`). A group takes nothing from the top-level labels but the network.
 
 use std::collections::BTreeMap;
 
@@ -66,16 +71,146 @@ pub enum LabelError {
     Container { container: String, why: String },
 }
 
-/// The record for `c`, `None` when it does not carry [`SERVICE`]. `owner` is written to
-/// [`OWNER_META`] as `docker:<owner>`.
+/// The labels of one registration: the top level (`lb-registry.service` …) or a port group
+/// (`lb-registry.<port>.service` …).
+struct Group {
+    /// `lb-registry.` or `lb-registry.<port>.`.
+    prefix: String,
+    /// The port a group is for.
+    port: Option<u16>,
+}
+
+impl Group {
+    fn label(&self, field: &str) -> String {
+        format!("{}{field}", self.prefix)
+    }
+}
+
+/// True when `labels` ask for any registration (the top level or a port group).
+pub fn is_labelled(labels: &BTreeMap<String, String>) -> bool {
+    labels.contains_key(SERVICE) || labels.keys().any(|k| port_group(k).is_some())
+}
+
+/// `lb-registry.<port>.service` → the port.
+fn port_group(label: &str) -> Option<u16> {
+    let rest = label.strip_prefix("lb-registry.")?;
+    let (port, field) = rest.split_once('.')?;
+    (field == "service" && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| port.parse().ok())
+        .flatten()
+}
+
+/// Every record `c` asks for, in order: the top level, then port groups by port; empty
+/// when it carries no registration label. `owner` is written to [`OWNER_META`] as
+/// `docker:<owner>`; `network` (the daemon's `--network`) is where addresses come from.
+/// Any bad label fails the whole container.
+pub fn instances(
+    c: &Container,
+    mode: &AddressMode,
+    owner: &str,
+    network: Option<&str>,
+) -> Result<Vec<Instance>, LabelError> {
+    let mut groups = Vec::new();
+    if c.labels.contains_key(SERVICE) {
+        groups.push(Group {
+            prefix: "lb-registry.".into(),
+            port: None,
+        });
+    }
+    let mut ports: Vec<(u16, &String)> = Vec::new();
+    for label in c.labels.keys() {
+        if let Some(rest) = label.strip_prefix("lb-registry.") {
+            let Some((head, _)) = rest.split_once('.') else {
+                continue;
+            };
+            if !head.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            match head.parse::<u16>() {
+                Ok(p) if p > 0 => {
+                    if !ports.iter().any(|(q, _)| *q == p) {
+                        ports.push((p, label));
+                    }
+                }
+                _ => {
+                    return Err(LabelError::Label {
+                        container: c.name.clone(),
+                        label: label.clone(),
+                        value: c.labels[label].clone(),
+                        why: "not a port number (1-65535) in a port group label".into(),
+                    })
+                }
+            }
+        }
+    }
+    ports.sort_unstable();
+    for (port, label) in ports {
+        let prefix = format!("lb-registry.{port}.");
+        if !c.labels.contains_key(&format!("{prefix}service")) {
+            return Err(LabelError::Label {
+                container: c.name.clone(),
+                label: label.clone(),
+                value: c.labels[label].clone(),
+                why: format!("port group {port} has no {prefix}service label"),
+            });
+        }
+        groups.push(Group {
+            prefix,
+            port: Some(port),
+        });
+    }
+    let mut out: Vec<Instance> = Vec::new();
+    for g in &groups {
+        let i = group_instance(c, g, mode, owner, network)?;
+        if let Some(first) = out.iter().find(|o| o.service == i.service && o.id == i.id) {
+            return Err(LabelError::Container {
+                container: c.name.clone(),
+                why: format!(
+                    "two registrations are {}/{} (ports {} and {}); set {}",
+                    i.service,
+                    i.id,
+                    first.port,
+                    i.port,
+                    g.label("id")
+                ),
+            });
+        }
+        out.push(i);
+    }
+    Ok(out)
+}
+
+/// The top-level record alone (`None` without [`SERVICE`]).
 pub fn instance(
     c: &Container,
     mode: &AddressMode,
     owner: &str,
 ) -> Result<Option<Instance>, LabelError> {
-    let Some(service) = c.labels.get(SERVICE) else {
+    if !c.labels.contains_key(SERVICE) {
         return Ok(None);
+    }
+    let top = Group {
+        prefix: "lb-registry.".into(),
+        port: None,
     };
+    group_instance(c, &top, mode, owner, None).map(Some)
+}
+
+fn group_instance(
+    c: &Container,
+    g: &Group,
+    mode: &AddressMode,
+    owner: &str,
+    network: Option<&str>,
+) -> Result<Instance, LabelError> {
+    let (service_l, id_l, tags_l, weight_l) = (
+        g.label("service"),
+        g.label("id"),
+        g.label("tags"),
+        g.label("weight"),
+    );
+    let meta_prefix = g.label("meta.");
+    let service = &c.labels[&service_l];
     let label_err = |label: &str, why: String| LabelError::Label {
         container: c.name.clone(),
         label: label.to_string(),
@@ -86,27 +221,28 @@ pub fn instance(
         container: c.name.clone(),
         why,
     };
-    validate::name("service", service).map_err(|e| label_err(SERVICE, e.to_string()))?;
-    let id = match c.labels.get(ID) {
+    validate::name("service", service).map_err(|e| label_err(&service_l, e.to_string()))?;
+    let id = match c.labels.get(&id_l) {
         Some(id) => {
-            validate::name("id", id).map_err(|e| label_err(ID, e.to_string()))?;
+            validate::name("id", id).map_err(|e| label_err(&id_l, e.to_string()))?;
             id.clone()
         }
         None => {
             validate::name("id", &c.name).map_err(|e| {
                 container_err(format!(
-                    "its name cannot be an instance id ({e}); set the {ID} label"
+                    "its name cannot be an instance id ({e}); set the {id_l} label"
                 ))
             })?;
             c.name.clone()
         }
     };
-    let port = match c.labels.get(PORT) {
-        Some(p) => match p.parse::<u16>() {
+    let port = match (g.port, c.labels.get(PORT)) {
+        (Some(p), _) => p,
+        (None, Some(p)) => match p.parse::<u16>() {
             Ok(n) if n > 0 => n,
             _ => return Err(label_err(PORT, "not a port number (1-65535)".into())),
         },
-        None => match c.exposed.as_slice() {
+        (None, None) => match c.exposed.as_slice() {
             [one] => *one,
             [] => return Err(container_err(format!("exposes no TCP port; set {PORT}"))),
             many => {
@@ -118,7 +254,18 @@ pub fn instance(
     };
     let (address, port) = match mode {
         AddressMode::Container => {
-            let ip = match c.labels.get(NETWORK) {
+            let chosen =
+                match (network, c.labels.get(NETWORK)) {
+                    (Some(daemon), Some(label)) if daemon != label => return Err(label_err(
+                        NETWORK,
+                        format!(
+                            "this daemon registers addresses on network {daemon} only (--network)"
+                        ),
+                    )),
+                    (Some(daemon), _) => Some(daemon.to_string()),
+                    (None, label) => label.cloned(),
+                };
+            let ip = match chosen.as_ref() {
                 Some(net) => c.networks.get(net).cloned().ok_or_else(|| {
                     label_err(
                         NETWORK,
@@ -151,7 +298,7 @@ pub fn instance(
         }
     };
     let mut instance = Instance::new(service, &id, &address, port);
-    if let Some(tags) = c.labels.get(TAGS) {
+    if let Some(tags) = c.labels.get(&tags_l) {
         instance.tags = tags
             .split(',')
             .map(str::trim)
@@ -160,31 +307,31 @@ pub fn instance(
             .collect();
     }
     for (label, value) in &c.labels {
-        if let Some(key) = label.strip_prefix(META_PREFIX) {
+        if let Some(key) = label.strip_prefix(meta_prefix.as_str()) {
             instance.meta.insert(key.to_string(), value.clone());
         }
     }
     if instance.meta.contains_key(OWNER_META) {
         return Err(label_err(
-            &format!("{META_PREFIX}{OWNER_META}"),
+            &format!("{meta_prefix}{OWNER_META}"),
             "reserved: the daemon marks its records with it".into(),
         ));
     }
     instance
         .meta
         .insert(OWNER_META.to_string(), format!("docker:{owner}"));
-    if let Some(w) = c.labels.get(WEIGHT) {
+    if let Some(w) = c.labels.get(&weight_l) {
         instance.weight = w
             .parse()
-            .map_err(|_| label_err(WEIGHT, "not a number (0-256)".into()))?;
+            .map_err(|_| label_err(&weight_l, "not a number (0-256)".into()))?;
     }
     instance.validate().map_err(|e| match &e {
         ValidationError::Address(_) => container_err(e.to_string()),
-        ValidationError::Weight(_) => label_err(WEIGHT, e.to_string()),
-        ValidationError::Word { field, .. } if *field == "tag" => label_err(TAGS, e.to_string()),
+        ValidationError::Weight(_) => label_err(&weight_l, e.to_string()),
+        ValidationError::Word { field, .. } if *field == "tag" => label_err(&tags_l, e.to_string()),
         _ => container_err(e.to_string()),
     })?;
-    Ok(Some(instance))
+    Ok(instance)
 }
 
 /// True when `instance` was written by the daemon whose owner is `owner`.
@@ -268,6 +415,100 @@ mod tests {
             &Instance::new("webapp", "x", "10.0.0.1", 80),
             "h"
         ));
+    }
+
+    #[test]
+    fn port_groups_register_one_service_each() {
+        let m = &AddressMode::Container;
+        let mut c = web();
+        c.exposed = vec![3000, 9000, 9100];
+        let c = label(
+            label(
+                label(
+                    label(c, "lb-registry.9000.service", "admin"),
+                    "lb-registry.9000.meta.zone",
+                    "b",
+                ),
+                "lb-registry.9100.service",
+                "metrics",
+            ),
+            "lb-registry.9100.weight",
+            "10",
+        );
+        // The top level (lb-registry.service=webapp on its lb-registry.port) is one more.
+        let c = label(label(c, PORT, "3000"), "lb-registry.meta.zone", "a");
+        let all = instances(&c, m, "h", None).unwrap();
+        let got: Vec<(&str, u16, Option<&str>, u16)> = all
+            .iter()
+            .map(|i| {
+                (
+                    i.service.as_str(),
+                    i.port,
+                    i.meta.get("zone").map(String::as_str),
+                    i.weight,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("webapp", 3000, Some("a"), 100),
+                ("admin", 9000, Some("b"), 100),
+                ("metrics", 9100, None, 10),
+            ]
+        );
+        assert!(all
+            .iter()
+            .all(|i| i.id == "web-1" && i.address == "172.20.0.5"));
+        // Groups alone, without the top level.
+        let mut only = c.clone();
+        only.labels.remove(SERVICE);
+        assert!(is_labelled(&only.labels));
+        assert_eq!(instances(&only, m, "h", None).unwrap().len(), 2);
+        // Published: each group's own published port.
+        only.published = [(9000, 32001), (9100, 32002)].into();
+        let p = AddressMode::Published {
+            host_address: "192.168.1.10".into(),
+        };
+        let ports: Vec<u16> = instances(&only, &p, "h", None)
+            .unwrap()
+            .iter()
+            .map(|i| i.port)
+            .collect();
+        assert_eq!(ports, [32001, 32002]);
+        // Errors name the group's label.
+        let err = |c: Container| instances(&c, m, "h", None).unwrap_err().to_string();
+        assert!(err(label(only.clone(), "lb-registry.9000.weight", "x"))
+            .contains("label lb-registry.9000.weight="));
+        assert!(err(label(only.clone(), "lb-registry.70000.service", "x"))
+            .contains("not a port number"));
+        assert!(err(label(only.clone(), "lb-registry.8080.id", "x"))
+            .contains("port group 8080 has no lb-registry.8080.service"));
+        let same = label(only.clone(), "lb-registry.9100.service", "admin");
+        assert!(err(same.clone()).contains("two registrations are admin/web-1"));
+        assert_eq!(
+            instances(&label(same, "lb-registry.9100.id", "web-1-b"), m, "h", None)
+                .unwrap()
+                .len(),
+            2
+        );
+        let mut plain = web();
+        plain.labels.clear();
+        assert!(!is_labelled(&plain.labels));
+        assert!(instances(&plain, m, "h", None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_daemons_network_chooses_the_address() {
+        let m = &AddressMode::Container;
+        let mut c = web();
+        c.networks.insert("other".into(), "10.1.0.2".into());
+        let i = instances(&c, m, "h", Some("other")).unwrap();
+        assert_eq!(i[0].address, "10.1.0.2");
+        let e = instances(&label(c, NETWORK, "lb"), m, "h", Some("other"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--network"), "{e}");
     }
 
     #[test]

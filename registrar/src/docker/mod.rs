@@ -25,6 +25,17 @@ Labels (on the containers):
   lb-registry.weight=W         weight 0-256 (default 100)
   lb-registry.network=NET      which network's address, when the container is on several
 
+Several services per container, one port group each (registrator's SERVICE_<port>_NAME):
+  lb-registry.<PORT>.service=NAME   register NAME on container port PORT
+  lb-registry.<PORT>.id=ID          its id (default: the container's name)
+  lb-registry.<PORT>.tags=A,B       its tags
+  lb-registry.<PORT>.meta.KEY=VALUE its meta
+  lb-registry.<PORT>.weight=W       its weight
+A port group takes nothing from the top-level labels; both may be used together.
+
+Scope: --network NAME registers only containers attached to NAME, with their address on
+it; --label-filter KEY[=VALUE] (repeatable, all must match) only containers carrying it.
+
 Lifecycle: start (and healthy, with a HEALTHCHECK) registers; unhealthy, the first stop
 signal (docker stop/kill), die, destroy and pause deregister, before the container exits.
 Every key is bound to the daemon's lease: a dead daemon's records expire after the TTL. On
@@ -34,8 +45,10 @@ registrars are never touched. A graceful stop leaves the records to their TTL, s
 restarted daemon takes them over without a gap.
 
 Example:
-  registrar docker --endpoints http://etcd:2379 --ttl 10s
-  docker run -d --label lb-registry.service=webapp --label lb-registry.port=3000 my/app";
+  registrar docker --endpoints http://etcd:2379 --ttl 10s --network lb
+  docker run -d --network lb --label lb-registry.service=webapp --label lb-registry.port=3000 my/app
+  docker run -d --network lb --label lb-registry.3000.service=webapp \
+             --label lb-registry.9000.service=admin my/app";
 
 /// How the record's address is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -83,6 +96,21 @@ pub struct DockerArgs {
     #[arg(long, env = "REGISTRAR_HOST_ADDRESS", value_name = "IP")]
     pub host_address: Option<String>,
 
+    /// Register only containers attached to this Docker network, with their address on it
+    /// (a container's lb-registry.network label must agree).
+    #[arg(long, env = "REGISTRAR_DOCKER_NETWORK", value_name = "NAME")]
+    pub network: Option<String>,
+
+    /// Register only containers carrying this label (KEY) or label value (KEY=VALUE);
+    /// repeatable, all must match (Docker's own label filter).
+    #[arg(
+        long = "label-filter",
+        env = "REGISTRAR_DOCKER_LABEL_FILTER",
+        value_name = "KEY[=VALUE]",
+        value_delimiter = ','
+    )]
+    pub label_filters: Vec<String>,
+
     /// Marks this daemon's records (meta registered-by=docker:OWNER) [default: the hostname].
     #[arg(long, env = "REGISTRAR_DOCKER_OWNER")]
     pub owner: Option<String>,
@@ -107,6 +135,10 @@ pub struct DockerConfig {
     pub mode: labels::AddressMode,
     pub owner: String,
     pub metrics_addr: Option<SocketAddr>,
+    /// `--network`.
+    pub network: Option<String>,
+    /// `--label-filter`, as Docker's `label` filter takes them.
+    pub label_filters: Vec<String>,
 }
 
 impl DockerConfig {
@@ -153,6 +185,17 @@ impl DockerConfig {
         };
         registry::validate::word("--owner", &owner, 64, false)
             .map_err(|e| format!("{e} (set --owner)"))?;
+        if let Some(net) = &args.network {
+            if net.is_empty() || net.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!("--network {net:?}: not a network name"));
+            }
+        }
+        for f in &args.label_filters {
+            let key = f.split_once('=').map_or(f.as_str(), |(k, _)| k);
+            if key.is_empty() || f.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(format!("--label-filter {f:?}: expected KEY or KEY=VALUE"));
+            }
+        }
         Ok(DockerConfig {
             etcd: args.etcd,
             prefix: args.prefix,
@@ -161,6 +204,8 @@ impl DockerConfig {
             mode,
             owner,
             metrics_addr: args.metrics_addr.and_then(|m| m.0),
+            network: args.network,
+            label_filters: args.label_filters,
         })
     }
 }
@@ -202,6 +247,9 @@ mod tests {
             &["--ttl", "1s"],
             &["--owner", "a b"],
             &["--address-mode", "bridge"],
+            &["--network", ""],
+            &["--label-filter", "=x"],
+            &["--label-filter", "a b"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
