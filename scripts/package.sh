@@ -2,7 +2,8 @@
 # Builds the Debian packages an operator installs on a load balancer or an app host:
 #
 #   target/debian/lb-renderer_<version>_<arch>.deb    /usr/bin/lb-renderer, lb-renderer.service,
-#       /etc/default/lb-renderer, /etc/lb-registry/haproxy.cfg.hbs (the shipped template)
+#       /etc/default/lb-renderer, /etc/lb-registry/haproxy.cfg.hbs (the shipped template),
+#       /usr/share/doc/lb-renderer/examples/*.hbs (templates/examples)
 #   target/debian/lb-registrar_<version>_<arch>.deb   /usr/bin/lb-registrar, lb-registrar@.service,
 #       lb-registrar-docker.service, /etc/default/lb-registrar-docker, /etc/lb-registrar/
 #
@@ -141,6 +142,7 @@ common lb-renderer lb-renderer "lb-renderer.service" "$secret_postinst" "$secret
 install -m 0644 deploy/debian/lb-renderer.service "$root/usr/lib/systemd/system/"
 install -D -m 0644 deploy/debian/lb-renderer.default "$root/etc/default/lb-renderer"
 install -D -m 0644 templates/haproxy.cfg.hbs "$root/etc/lb-registry/haproxy.cfg.hbs"
+install -D -m 0644 -t "$root/usr/share/doc/lb-renderer/examples" templates/examples/*.hbs
 renderer_deb=$(control lb-renderer lb-renderer "Recommends: haproxy (>= 2.6)
 Suggests: etcd-server, etcd-client" "keeps HAProxy's backends in step with a registry in etcd
  lb-renderer watches a key prefix in etcd where lb-registrar keeps one JSON
