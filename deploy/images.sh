@@ -63,13 +63,17 @@ if [ "$mode" = "--source" ]; then
 fi
 
 echo "==> building binaries ($PROFILE)" >&2
+registrar_dir=target/$PROFILE
 if [ "$PROFILE" = release ]; then
-  cargo build --release --locked -p registrar -p renderer -p webapp
+  cargo build --release --locked -p renderer -p webapp
+  # The registrar is built for size (Cargo.toml, profile release-small).
+  cargo build --profile release-small --locked -p registrar
+  registrar_dir=target/release-small
 else
   cargo build --locked -p registrar -p renderer -p webapp
 fi
 rm -rf deploy/.bin && mkdir -p deploy/.bin
-install -m 0755 "target/$PROFILE/lb-registrar" "target/$PROFILE/lb-renderer" "target/$PROFILE/webapp" deploy/.bin/
+install -m 0755 "$registrar_dir/lb-registrar" "target/$PROFILE/lb-renderer" "target/$PROFILE/webapp" deploy/.bin/
 
 docker build -q -f deploy/etcd/Dockerfile --build-arg BASE_IMAGE=$tools -t lb-registry/etcd:latest . >/dev/null
 docker build -q -f deploy/ha/Dockerfile --target prebuilt --build-arg BASE_IMAGE=$tools \

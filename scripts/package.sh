@@ -21,7 +21,9 @@ arch=$(dpkg --print-architecture)
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 out=target/debian
 echo "==> cargo build --release (lb-renderer, lb-registrar $version, $commit)" >&2
-LB_COMMIT=$commit cargo build --release --locked -p renderer -p registrar >&2
+LB_COMMIT=$commit cargo build --release --locked -p renderer >&2
+# The registrar is built for size (Cargo.toml, profile release-small).
+LB_COMMIT=$commit cargo build --profile release-small --locked -p registrar >&2
 gen=$(mktemp -d)
 stage=$(mktemp -d)
 trap 'rm -rf "$gen" "$stage"' EXIT
@@ -39,7 +41,9 @@ common() {
   install -d "$root/DEBIAN" "$root/usr/bin" "$root/usr/share/doc/$pkg" "$root/usr/share/man/man1" \
     "$root/usr/share/bash-completion/completions" "$root/usr/share/zsh/vendor-completions" \
     "$root/usr/lib/systemd/system"
-  install -m 0755 "target/release/$bin" "$root/usr/bin/$bin"
+  local profile=release
+  [ "$bin" = lb-registrar ] && profile=release-small
+  install -m 0755 "target/$profile/$bin" "$root/usr/bin/$bin"
   gzip -9n <"$gen/$bin.1" >"$root/usr/share/man/man1/$bin.1.gz"
   install -m 0644 "$gen/$bin" "$root/usr/share/bash-completion/completions/$bin"
   install -m 0644 "$gen/_$bin" "$root/usr/share/zsh/vendor-completions/_$bin"

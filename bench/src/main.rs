@@ -71,7 +71,9 @@ struct Args {
     /// (10 idle minutes against a default etcd; 30 s with --quick), upgrade (a rolling etcd
     /// 3.4.23 → 3.5.16 upgrade, Debian 12 → 13, under wrk with 8 registrars and 2 load
     /// balancers; JSON report; exits 1 if a request failed, a registration was lost or a
-    /// member is not 3.5 afterwards).
+    /// member is not 3.5 afterwards), fleet (N registrations through the registrar's lease
+    /// code on a 3-member etcd, M watchers, one renderer: etcd CPU/RSS, keep-alive and watch
+    /// delivery p99, put → served; BENCH_FLEET_SIZES, BENCH_FLEET_WATCHERS; --json, --svg).
     scenarios: Vec<String>,
 }
 
@@ -94,25 +96,31 @@ fn main() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = root.join("target").join("bench-bins");
-    let status = std::process::Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "registrar",
-            "-p",
-            "renderer",
-            "-p",
-            "webapp",
-            "--target-dir",
-        ])
-        .arg(&target)
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the binaries failed");
-    e2e::set_bin_dir(target.join("release"));
+    // As shipped: the registrar built for size (profile release-small), the rest release.
+    let build = |profile: &str, packages: &[&str]| {
+        let status = std::process::Command::new(&cargo)
+            .current_dir(&root)
+            .args(["build", "--profile", profile, "--locked", "--target-dir"])
+            .arg(&target)
+            .args(packages.iter().flat_map(|p| ["-p", p]))
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+    };
+    build("release", &["renderer", "webapp"]);
+    build("release-small", &["registrar"]);
+    let bins = target.join("bin");
+    std::fs::create_dir_all(&bins).expect("target/bench-bins/bin");
+    for (dir, name) in [
+        ("release-small", "lb-registrar"),
+        ("release", "lb-renderer"),
+        ("release", "webapp"),
+    ] {
+        let dest = bins.join(name);
+        let _ = std::fs::remove_file(&dest);
+        std::fs::copy(target.join(dir).join(name), &dest).expect("copy a binary");
+    }
+    e2e::set_bin_dir(bins);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -149,6 +157,19 @@ fn main() {
         } else {
             1
         });
+    }
+    if args.scenarios.iter().any(|s| s == "fleet") {
+        let grid = scenarios::fleet::Grid::from_env(args.quick);
+        let report = rt.block_on(scenarios::fleet::fleet(&grid));
+        println!("{}", scenarios::fleet::table(&report));
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&report).unwrap();
+            std::fs::write(path, text).expect("write JSON");
+        }
+        if let Some(path) = &args.svg {
+            std::fs::write(path, scenarios::fleet::svg(&report)).expect("write SVG");
+        }
+        return;
     }
     if args.scenarios.iter().any(|s| s == "chaos") {
         let o = e2e::chaos::Options {

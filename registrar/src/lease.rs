@@ -248,7 +248,8 @@ impl Registration {
             Duration::from_secs(self.ttl as u64),
             self.request_timeout,
             self.metrics.keepalive_failures.clone(),
-        );
+        )
+        .timing(self.metrics.keepalive_seconds.clone());
         let mut key_present = true;
         let mut want_present = *self.health.borrow_and_update();
         let mut next_presence_try = Instant::now();
@@ -437,6 +438,8 @@ pub struct Keeper {
     /// The bound of one round trip.
     limit: Duration,
     failures: prometheus_client::metrics::counter::Counter,
+    /// Answered round trips' durations, when asked for ([`Keeper::timing`]).
+    round_trips: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// How a keep-alive round ended.
@@ -468,7 +471,14 @@ impl Keeper {
             stream: None,
             limit: call_limit(request_timeout, ttl),
             failures,
+            round_trips: None,
         }
+    }
+
+    /// Observes each answered round trip's duration into `h`.
+    pub fn timing(mut self, h: prometheus_client::metrics::histogram::Histogram) -> Keeper {
+        self.round_trips = Some(h);
+        self
     }
 
     /// When the next round is due.
@@ -478,7 +488,12 @@ impl Keeper {
 
     /// One keep-alive round through `etcd` (moved to another member after a failure).
     pub async fn round(&mut self, etcd: &mut Member, stop: &CancellationToken) -> Kept {
-        match self.once(etcd).await {
+        let started = Instant::now();
+        let result = self.once(etcd).await;
+        if let (Ok(_), Some(h)) = (&result, &self.round_trips) {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        match result {
             Ok(remaining) if remaining > 0 => {
                 let remaining = Duration::from_secs(remaining as u64);
                 if self.schedule.answered(Instant::now(), remaining) {

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub health_checks: Family<CheckLabel, Counter>,
     pub health_check_up: Family<NameLabel, Gauge>,
     pub etcd_seconds: Histogram,
+    pub keepalive_seconds: Histogram,
 }
 
 impl Metrics {
@@ -46,6 +47,7 @@ impl Metrics {
             health_checks: Family::default(),
             health_check_up: Family::default(),
             etcd_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            keepalive_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         };
         let build = Family::<VersionLabel, Gauge>::default();
         build
@@ -84,6 +86,12 @@ impl Metrics {
             "etcd round trips",
             Unit::Seconds,
             m.etcd_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "registrar_keepalive_duration",
+            "Lease keep-alive round trips that etcd answered",
+            Unit::Seconds,
+            m.keepalive_seconds.clone(),
         );
         m
     }

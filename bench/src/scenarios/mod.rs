@@ -2,6 +2,7 @@
 //! picture are collected in `series`. This file: the dispatcher and what several share.
 
 mod etcd;
+pub mod fleet;
 mod footprint;
 mod membership;
 mod reload;

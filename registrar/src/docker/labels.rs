@@ -254,17 +254,18 @@ fn group_instance(
     };
     let (address, port) = match mode {
         AddressMode::Container => {
-            let chosen =
-                match (network, c.labels.get(NETWORK)) {
-                    (Some(daemon), Some(label)) if daemon != label => return Err(label_err(
+            let chosen = match (network, c.labels.get(NETWORK)) {
+                (Some(daemon), Some(label)) if daemon != label => {
+                    return Err(label_err(
                         NETWORK,
                         format!(
                             "this daemon registers addresses on network {daemon} only (--network)"
                         ),
-                    )),
-                    (Some(daemon), _) => Some(daemon.to_string()),
-                    (None, label) => label.cloned(),
-                };
+                    ))
+                }
+                (Some(daemon), _) => Some(daemon.to_string()),
+                (None, label) => label.cloned(),
+            };
             let ip = match chosen.as_ref() {
                 Some(net) => c.networks.get(net).cloned().ok_or_else(|| {
                     label_err(
