@@ -262,7 +262,7 @@ const SCALE_SERIES: [(&str, &str); 6] = [
 ];
 
 /// A one-line description of the machine the numbers come from.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

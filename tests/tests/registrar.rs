@@ -472,9 +472,12 @@ async fn https_health_checks_trust_the_given_ca_or_self_signed_certificate_only(
         String::from_utf8_lossy(&out.stderr)
     );
     // HAProxy wants the key beside the certificate in one PEM.
-    let mut pem = std::fs::read(certs.join("server.crt")).unwrap();
-    pem.extend(std::fs::read(certs.join("server.key")).unwrap());
-    std::fs::write(certs.join("server.pem"), pem).unwrap();
+    let pem_of = |name: &str| {
+        let mut pem = std::fs::read(certs.join(format!("{name}.crt"))).unwrap();
+        pem.extend(std::fs::read(certs.join(format!("{name}.key"))).unwrap());
+        std::fs::write(certs.join(format!("{name}.pem")), pem).unwrap();
+    };
+    pem_of("server");
     // The self-signed recipe, as operators type it.
     let out = Command::new("openssl")
         .args([
@@ -497,9 +500,7 @@ async fn https_health_checks_trust_the_given_ca_or_self_signed_certificate_only(
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut pem = std::fs::read(certs.join("self.crt")).unwrap();
-    pem.extend(std::fs::read(certs.join("self.key")).unwrap());
-    std::fs::write(certs.join("self.pem"), pem).unwrap();
+    pem_of("self");
     let port = free_port();
     let self_port = free_port();
     let cfg = dir.path().join("tls.cfg");

@@ -379,35 +379,11 @@ pub async fn fleet(grid: &Grid) -> Value {
     }
     watchers.stop.cancel();
     json!({
-        "machine": machine(),
+        "machine": crate::machine(),
         "ttl_s": TTL,
         "records_per_host_lease": PER_HOST,
         "points": points,
     })
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let etcd = Command::new("etcd")
-        .arg("--version")
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string()
-        })
-        .unwrap_or_default();
-    format!("{cores} cores {cpu}; {etcd}")
 }
 
 /// The report as a table (markdown).
