@@ -159,8 +159,17 @@ fn main() {
         });
     }
     if args.scenarios.iter().any(|s| s == "fleet") {
-        let grid = scenarios::fleet::Grid::from_env(args.quick);
-        let report = rt.block_on(scenarios::fleet::fleet(&grid));
+        // --results-from FILE: the table and the plot of an earlier run, nothing run.
+        let report = match &args.results_from {
+            Some(from) => {
+                serde_json::from_str(&std::fs::read_to_string(from).expect("read results"))
+                    .expect("results JSON")
+            }
+            None => {
+                let grid = scenarios::fleet::Grid::from_env(args.quick);
+                rt.block_on(scenarios::fleet::fleet(&grid))
+            }
+        };
         println!("{}", scenarios::fleet::table(&report));
         if let Some(path) = &args.json {
             let text = serde_json::to_string_pretty(&report).unwrap();
