@@ -578,16 +578,17 @@ async fn https_health_checks_trust_the_given_ca_or_self_signed_certificate_only(
     let untrusted = common("s2", &url);
     let untrusted: Vec<&str> = untrusted.iter().map(String::as_str).collect();
     let s2 = registrar(dir.path(), "registrar-s2", &etcd, &untrusted);
-    eventually(
-        Duration::from_secs(10),
-        "registered once the https check passes",
-        || async {
-            key_present(&etcd, "/services/webapp/s1")
-                .await
-                .then_some(())
-        },
-    )
-    .await;
+    let registered = |id: &'static str, what: &'static str| {
+        let etcd = &etcd;
+        async move {
+            let key = format!("/services/webapp/{id}");
+            eventually(Duration::from_secs(10), what, || async {
+                key_present(etcd, &key).await.then_some(())
+            })
+            .await
+        }
+    };
+    registered("s1", "registered once the https check passes").await;
     // The system's roots do not hold the private CA: never registered, and the log says why.
     stays(Duration::from_secs(2), "s2 stays unregistered", || async {
         !key_present(&etcd, "/services/webapp/s2").await
@@ -599,16 +600,7 @@ async fn https_health_checks_trust_the_given_ca_or_self_signed_certificate_only(
         "{log}"
     );
     // The self-signed certificate, given as itself: registered.
-    eventually(
-        Duration::from_secs(10),
-        "registered through the self-signed certificate",
-        || async {
-            key_present(&etcd, "/services/webapp/s4")
-                .await
-                .then_some(())
-        },
-    )
-    .await;
+    registered("s4", "registered through the self-signed certificate").await;
     // Each file trusts only what it holds: the CA does not vouch for the self-signed
     // certificate, the self-signed certificate does not vouch for the CA's leaf.
     for (id, reg) in [("s5", &s5), ("s6", &s6)] {
