@@ -202,10 +202,8 @@ impl Daemon {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs().saturating_sub(1))
                 .unwrap_or(0);
-            let mut filters = HashMap::from([("type".to_string(), vec!["container".to_string()])]);
-            if !self.config.label_filters.is_empty() {
-                filters.insert("label".to_string(), self.config.label_filters.clone());
-            }
+            let mut filters = self.label_filter();
+            filters.insert("type".to_string(), vec!["container".to_string()]);
             let mut events = self.docker.events(Some(EventsOptions {
                 since: Some(since.to_string()),
                 until: None,
@@ -274,10 +272,7 @@ impl Daemon {
     /// eligible, and removes this daemon's keys that no container explains.
     async fn sync(&mut self) -> Result<(), String> {
         self.metrics.syncs.inc();
-        let mut filters = HashMap::new();
-        if !self.config.label_filters.is_empty() {
-            filters.insert("label".to_string(), self.config.label_filters.clone());
-        }
+        let filters = self.label_filter();
         let running = self
             .docker
             .list_containers(Some(ListContainersOptions {
@@ -323,6 +318,16 @@ impl Daemon {
         self.remove_stale(&want).await?;
         self.metrics.registered.set(self.records());
         Ok(())
+    }
+
+    /// Docker's `label` filter from `--label-filter` (none without it), for the event
+    /// stream and the listing alike.
+    fn label_filter(&self) -> HashMap<String, Vec<String>> {
+        let mut filters = HashMap::new();
+        if !self.config.label_filters.is_empty() {
+            filters.insert("label".to_string(), self.config.label_filters.clone());
+        }
+        filters
     }
 
     /// Records held now (a container may register several services).

@@ -93,11 +93,17 @@ pub fn is_labelled(labels: &BTreeMap<String, String>) -> bool {
 
 /// `lb-registry.<port>.service` → the port.
 fn port_group(label: &str) -> Option<u16> {
-    let rest = label.strip_prefix("lb-registry.")?;
-    let (port, field) = rest.split_once('.')?;
-    (field == "service" && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| port.parse().ok())
-        .flatten()
+    let (port, field) = group_label(label)?;
+    (field == "service").then(|| port.parse().ok()).flatten()
+}
+
+/// `lb-registry.<digits>.<field>` → (digits, field): a port group's label, its port not
+/// yet checked.
+fn group_label(label: &str) -> Option<(&str, &str)> {
+    let (head, field) = label.strip_prefix("lb-registry.")?.split_once('.')?;
+    head.bytes()
+        .all(|b| b.is_ascii_digit())
+        .then_some((head, field))
 }
 
 /// Every record `c` asks for, in order: the top level, then port groups by port; empty
@@ -119,27 +125,22 @@ pub fn instances(
     }
     let mut ports: Vec<(u16, &String)> = Vec::new();
     for label in c.labels.keys() {
-        if let Some(rest) = label.strip_prefix("lb-registry.") {
-            let Some((head, _)) = rest.split_once('.') else {
-                continue;
-            };
-            if !head.bytes().all(|b| b.is_ascii_digit()) {
-                continue;
+        let Some((head, _)) = group_label(label) else {
+            continue;
+        };
+        match head.parse::<u16>() {
+            Ok(p) if p > 0 => {
+                if !ports.iter().any(|(q, _)| *q == p) {
+                    ports.push((p, label));
+                }
             }
-            match head.parse::<u16>() {
-                Ok(p) if p > 0 => {
-                    if !ports.iter().any(|(q, _)| *q == p) {
-                        ports.push((p, label));
-                    }
-                }
-                _ => {
-                    return Err(LabelError::Label {
-                        container: c.name.clone(),
-                        label: label.clone(),
-                        value: c.labels[label].clone(),
-                        why: "not a port number (1-65535) in a port group label".into(),
-                    })
-                }
+            _ => {
+                return Err(LabelError::Label {
+                    container: c.name.clone(),
+                    label: label.clone(),
+                    value: c.labels[label].clone(),
+                    why: "not a port number (1-65535) in a port group label".into(),
+                })
             }
         }
     }
@@ -178,22 +179,6 @@ pub fn instances(
         out.push(i);
     }
     Ok(out)
-}
-
-/// The top-level record alone (`None` without [`SERVICE`]).
-pub fn instance(
-    c: &Container,
-    mode: &AddressMode,
-    owner: &str,
-) -> Result<Option<Instance>, LabelError> {
-    if !c.labels.contains_key(SERVICE) {
-        return Ok(None);
-    }
-    let top = Group {
-        prefix: "lb-registry.".into(),
-        port: None,
-    };
-    group_instance(c, &top, mode, owner, None).map(Some)
 }
 
 fn group_instance(
@@ -363,6 +348,15 @@ mod tests {
             exposed: vec![3000],
             published: [(3000, 32768)].into(),
         }
+    }
+
+    /// The first record of `c` (its only one in these tests: top-level labels only).
+    fn instance(
+        c: &Container,
+        mode: &AddressMode,
+        owner: &str,
+    ) -> Result<Option<Instance>, LabelError> {
+        instances(c, mode, owner, None).map(|v| v.into_iter().next())
     }
 
     fn label(mut c: Container, k: &str, v: &str) -> Container {
