@@ -17,15 +17,15 @@ use bollard::query_parameters::{EventsOptions, ListContainersOptions};
 use bollard::Docker;
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use futures_util::StreamExt;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use registry::etcd::{error_chain, is_lease_not_found, Backoff, ConnectError, Member};
 use registry::Instance;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::labels::{self, Container};
+use super::engine::{is_stop_signal, not_found, view};
+use super::labels;
+use super::metrics::Metrics;
 use super::DockerConfig;
 use crate::lease::{sleep_or_stop, Keeper, Kept};
 
@@ -36,61 +36,7 @@ pub enum Error {
     Setup(String),
 }
 
-/// Signals that mean "stop" whatever the container's own stop signal is.
-const STOP_SIGNALS: [&str; 4] = ["SIGTERM", "SIGKILL", "SIGINT", "SIGQUIT"];
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-
-/// The daemon's metrics.
-#[derive(Clone, Default)]
-struct Metrics {
-    registered: Gauge,
-    events: Counter,
-    syncs: Counter,
-    docker_connected: Gauge,
-    lease_grants: Counter,
-    keepalive_failures: Counter,
-    skipped: Counter,
-}
-
-impl Metrics {
-    fn register(&self, r: &mut prometheus_client::registry::Registry) {
-        r.register(
-            "registrar_docker_registered",
-            "Records registered now (a container may register several services)",
-            self.registered.clone(),
-        );
-        r.register(
-            "registrar_docker_events",
-            "Container events received",
-            self.events.clone(),
-        );
-        r.register(
-            "registrar_docker_syncs",
-            "Full syncs against the engine and etcd",
-            self.syncs.clone(),
-        );
-        r.register(
-            "registrar_docker_connected",
-            "1 while the engine's event stream is up",
-            self.docker_connected.clone(),
-        );
-        r.register(
-            "registrar_lease_grants",
-            "Leases granted",
-            self.lease_grants.clone(),
-        );
-        r.register(
-            "registrar_keepalive_failures",
-            "Keep-alive round trips that failed (timeout, member down)",
-            self.keepalive_failures.clone(),
-        );
-        r.register(
-            "registrar_docker_skipped",
-            "Labelled containers not registered because of a bad label",
-            self.skipped.clone(),
-        );
-    }
-}
 
 /// One registration this daemon holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -700,106 +646,5 @@ impl Daemon {
         fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, etcd_client::Error> {
         registry::etcd::within(self.config.etcd.dial_timeout, "etcd request", fut).await
-    }
-}
-
-/// The engine's view of a container, as [`labels::instance`] needs it.
-fn view(c: &ContainerInspectResponse) -> Container {
-    let config = c.config.as_ref();
-    let labels = config
-        .and_then(|c| c.labels.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    let mut exposed: Vec<u16> = config
-        .and_then(|c| c.exposed_ports.clone())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|p| p.strip_suffix("/tcp")?.parse().ok())
-        .collect();
-    exposed.sort_unstable();
-    exposed.dedup();
-    let settings = c.network_settings.as_ref();
-    let networks = settings
-        .and_then(|s| s.networks.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(name, ep)| {
-            let ip = ep.ip_address.filter(|ip| !ip.is_empty())?;
-            Some((name, ip))
-        })
-        .collect();
-    let published = settings
-        .and_then(|s| s.ports.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(port, bindings)| {
-            let port: u16 = port.strip_suffix("/tcp")?.parse().ok()?;
-            let host: u16 = bindings?
-                .iter()
-                .find_map(|b| b.host_port.as_deref()?.parse().ok())?;
-            Some((port, host))
-        })
-        .collect();
-    Container {
-        name: c
-            .name
-            .as_deref()
-            .unwrap_or_default()
-            .trim_start_matches('/')
-            .to_string(),
-        labels,
-        networks,
-        exposed,
-        published,
-    }
-}
-
-/// True when `signal` (as Docker's `kill` event gives it: "15", "SIGTERM" or "TERM") stops
-/// the container: its own stop signal, or one of [`STOP_SIGNALS`].
-fn is_stop_signal(signal: &str, stop_signal: &str) -> bool {
-    let name = |s: &str| -> String {
-        let s = s.trim().to_ascii_uppercase();
-        let s = match s.parse::<i32>() {
-            Ok(n) => nix::sys::signal::Signal::try_from(n)
-                .map(|sig| sig.as_str().to_string())
-                .unwrap_or(s),
-            Err(_) => s,
-        };
-        if s.starts_with("SIG") {
-            s
-        } else {
-            format!("SIG{s}")
-        }
-    };
-    let signal = name(signal);
-    signal == name(stop_signal) || STOP_SIGNALS.contains(&signal.as_str())
-}
-
-fn not_found(e: &bollard::errors::Error) -> bool {
-    matches!(
-        e,
-        bollard::errors::Error::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_signals_in_every_spelling() {
-        for s in ["15", "SIGTERM", "TERM", "9", "SIGKILL", "2", "3"] {
-            assert!(is_stop_signal(s, "SIGTERM"), "{s}");
-        }
-        for s in ["1", "SIGHUP", "10", "USR2", "28"] {
-            assert!(!is_stop_signal(s, "SIGTERM"), "{s}");
-        }
-        // Apache stops gracefully on SIGWINCH: its stop signal counts.
-        assert!(is_stop_signal("28", "SIGWINCH"));
-        assert!(is_stop_signal("WINCH", "WINCH"));
     }
 }

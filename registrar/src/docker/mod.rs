@@ -4,7 +4,9 @@
 //! on every (re)connect) and keeps the records under one lease of its own.
 
 pub mod daemon;
+mod engine;
 pub mod labels;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::time::Duration;
