@@ -13,6 +13,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod scenarios;
+mod stages;
 mod stats;
 
 use clap::Parser;

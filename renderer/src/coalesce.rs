@@ -42,6 +42,11 @@ impl Coalescer {
         self.last_change = Some(now);
     }
 
+    /// When the oldest change waiting arrived.
+    pub fn first_pending(&self) -> Option<Instant> {
+        self.first_pending
+    }
+
     /// True when changes are waiting.
     pub fn pending(&self) -> bool {
         self.first_pending.is_some()

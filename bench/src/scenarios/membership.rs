@@ -4,13 +4,16 @@
 use super::*;
 
 pub(crate) async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) -> Vec<Row> {
-    let count = if o.quick { 20 } else { 200 };
-    let e = env(o, 4).await;
+    // ≥ 2 000 joins: a p99 over fewer is a handful of samples.
+    let count = if o.quick { 20 } else { 2000 };
+    // JSON logs: the renderer's apply lines carry each stage's time (crate::stages).
+    let e = env_with(o, 4, &["--log-format", "json"]).await;
     register_all(&e.etcd, &e.backends[..1]).await;
     until_served(e.lb.http_port, "b0", Duration::from_secs(10)).await;
     let (r0, _, _) = e.lb.proc_state().await;
-    let (mut join, mut leave, mut acked) = (Vec::new(), Vec::new(), Vec::new());
-    let mut after_ack = Vec::new();
+    let (mut join, mut leave) = (Vec::new(), Vec::new());
+    let mut measured = Vec::new();
+    let clock = stages::Clock::new();
     // One client for the whole run, as a registrar keeps its connection: the clock
     // starts at the write, not at a TCP and HTTP/2 handshake.
     let mut c = e.etcd.client().await;
@@ -19,13 +22,18 @@ pub(crate) async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) 
         let key = registry::instance_key("/services", "webapp", &b.id);
         let value = registry::Instance::new("webapp", &b.id, "127.0.0.1", b.port).encode();
         let t = Instant::now();
-        c.put(key.as_str(), value, None).await.unwrap();
-        acked.push(ms(t.elapsed()));
+        let resp = c.put(key.as_str(), value, None).await.unwrap();
+        let acked = Instant::now();
         if let Some(done) = until_served(e.lb.http_port, &b.id, Duration::from_secs(10)).await {
             join.push(ms(done - t));
-            after_ack.push(ms(done - t) - acked[acked.len() - 1]);
+            measured.push(stages::Join {
+                revision: resp.header().map_or(0, |h| h.revision()),
+                put: clock.unix_ms(t),
+                acked: clock.unix_ms(acked),
+                served: clock.unix_ms(done),
+            });
         }
-        // ~20 changes a second, each measured on its own (bursts are the storm scenario's
+        // ~10 changes a second, each measured on its own (bursts are the storm scenario's
         // business): a change after a live apply is applied at once, so this spacing
         // shows whether it ever waits behind the previous one's background file check.
         tokio::time::sleep(Duration::from_millis(45)).await;
@@ -38,9 +46,12 @@ pub(crate) async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) 
         tokio::time::sleep(Duration::from_millis(45)).await;
     }
     let (r1, _, _) = e.lb.proc_state().await;
+    let (floor_cmds, floor_verify) = haproxy_floor(&e, if o.quick { 20 } else { 500 }).await;
+    let applies = stages::apply_lines(&e.lb.proc.log());
+    let split = stages::split(&measured, &applies);
     series.push(("put → first request served".into(), join.clone()));
     series.push(("delete → last request served".into(), leave.clone()));
-    vec![
+    let mut rows = vec![
         Row::new(
             "convergence",
             format!("put → served, p50 (n={})", join.len()),
@@ -55,24 +66,68 @@ pub(crate) async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) 
             "ms",
         )
         .at_most(10.0),
+    ];
+    // Each stage's p50 and p99 over the joins whose apply line was found.
+    let stage = |i: usize| -> Vec<f64> { split.iter().map(|s| s[i]).collect() };
+    for (i, name) in stages::STAGES.iter().enumerate() {
+        let v = stage(i);
+        let label = if i == 0 {
+            format!("stage {name} (n={})", v.len())
+        } else {
+            format!("stage {name}")
+        };
+        rows.push(Row::new(
+            "convergence",
+            format!("{label}: p50"),
+            percentile(&v, 50.0),
+            "ms",
+        ));
+        let p99 = Row::new(
+            "convergence",
+            format!("{label}: p99"),
+            percentile(&v, 99.0),
+            "ms",
+        );
+        rows.push(if i == stages::STAGES.len() - 1 {
+            p99.at_most(3.0)
+        } else {
+            p99
+        });
+    }
+    // Our own code on the path, without the HAProxy dialogue (runtime commands, verify):
+    // coalescing wait + render + plan + the rest of the apply.
+    let own: Vec<f64> = split.iter().map(|s| s[2] + s[3] + s[4] + s[7]).collect();
+    rows.push(
         Row::new(
             "convergence",
-            "of which: etcd write acknowledged, p50",
-            percentile(&acked, 50.0),
+            "our own code (wait + render + plan + rest), p99",
+            percentile(&own, 99.0),
             "ms",
-        ),
-        Row::new(
+        )
+        .at_most(3.0),
+    );
+    for (name, v) in [
+        ("runtime API commands", &floor_cmds),
+        ("verify", &floor_verify),
+    ] {
+        for p in [50.0, 99.0] {
+            rows.push(Row::new(
+                "convergence",
+                format!("HAProxy floor (n={}): {name}, the same commands and requests without etcd or renderer, p{p}", v.len()),
+                percentile(v, p),
+                "ms",
+            ));
+        }
+    }
+    if let Some((name, mean)) = stages::tail_culprit(&measured, &split) {
+        rows.push(Row::new(
             "convergence",
-            "of which: etcd write acknowledged, p99",
-            percentile(&acked, 99.0),
+            format!("slowest 1 % of joins: largest stage = {name}, mean"),
+            mean,
             "ms",
-        ),
-        Row::new(
-            "convergence",
-            "put → served minus etcd ack, p99",
-            percentile(&after_ack, 99.0),
-            "ms",
-        ),
+        ));
+    }
+    rows.extend([
         Row::new(
             "convergence",
             format!("delete → gone, p50 (n={})", leave.len()),
@@ -93,7 +148,72 @@ pub(crate) async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) 
             f64::from(r1 - r0) / (2 * count) as f64,
             "",
         ),
-    ]
+    ]);
+    rows
+}
+
+/// HAProxy's floor under the join's runtime stages: the same commands a join sends (the
+/// renderer's own plan, execute and verify), straight to the master CLI with no etcd and no
+/// renderer in between, `n` times — a server added, verified, then removed again. Returns
+/// (commands, verify) in ms.
+async fn haproxy_floor(e: &Env, n: usize) -> (Vec<f64>, Vec<f64>) {
+    use renderer::apply::{plan, runtime};
+    let old = std::fs::read_to_string(&e.lb.cfg).unwrap();
+    let Some(line) = old
+        .lines()
+        .find(|l| l.trim_start().starts_with("server b0 "))
+    else {
+        return (Vec::new(), Vec::new());
+    };
+    // b0's line as the template writes it, for another name and id.
+    let words: Vec<String> = line
+        .split_whitespace()
+        .scan("", |prev, w| {
+            let out = match (*prev, w) {
+                ("server" | "cookie", "b0") => "floor".to_string(),
+                ("id", _) => "9999".to_string(),
+                _ => w.to_string(),
+            };
+            *prev = w;
+            Some(out)
+        })
+        .collect();
+    let new = old.replacen(line, &format!("{line}\n    {}", words.join(" ")), 1);
+    let (Some(join), Some(leave)) = (plan::plan(&old, &new), plan::plan(&new, &old)) else {
+        return (Vec::new(), Vec::new());
+    };
+    let cli = renderer::haproxy::MasterCli::new(&e.lb.master);
+    let (mut cmds, mut verify) = (Vec::new(), Vec::new());
+    // Under the same traffic as a measured join: requests one after another through
+    // HAProxy (what until_served sends while the join is applied).
+    let port = e.lb.http_port;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.is_cancelled() {
+                let _ = http::get(port, "/", None).await;
+            }
+        }
+    });
+    for _ in 0..n {
+        let t = Instant::now();
+        runtime::execute(&cli, &join, Duration::from_secs(1))
+            .await
+            .unwrap();
+        let v = Instant::now();
+        runtime::verify(&cli, &join).await.unwrap();
+        cmds.push(ms(v - t));
+        verify.push(ms(v.elapsed()));
+        runtime::execute(&cli, &leave, Duration::from_secs(1))
+            .await
+            .unwrap();
+        // The same spacing as the joins measured through etcd.
+        tokio::time::sleep(Duration::from_millis(45)).await;
+    }
+    stop.cancel();
+    let _ = traffic.await;
+    (cmds, verify)
 }
 
 pub(crate) async fn deregister(o: &Opts) -> Vec<Row> {

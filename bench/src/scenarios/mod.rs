@@ -17,6 +17,7 @@ use e2e::load::Load;
 use e2e::{bin, http, temp_dir, Etcd, Proc};
 use nix::sys::signal::Signal;
 
+use crate::stages;
 use crate::stats::{ms, percentile, Row};
 use etcd::{frozen, outage};
 use footprint::{footprint, idle};
@@ -56,6 +57,11 @@ pub(crate) struct Env {
 }
 
 pub(crate) async fn env(o: &Opts, n: usize) -> Env {
+    env_with(o, n, &[]).await
+}
+
+/// [`env`] with `extra` flags for this project's renderer (ignored under `--lb-cmd`).
+pub(crate) async fn env_with(o: &Opts, n: usize, extra: &[&str]) -> Env {
     let dir = temp_dir();
     let etcd = Etcd::start(dir.path()).await;
     let backends: Vec<Backend> = (0..n)
@@ -66,8 +72,10 @@ pub(crate) async fn env(o: &Opts, n: usize) -> Env {
     }
     let lb = match &o.lb_cmd {
         Some(cmd) => Lb::start_shell(dir.path(), &etcd, &e2e::lb::template(), cmd),
-        None if o.no_runtime_api => Lb::start(dir.path(), &etcd, &["--no-runtime-api"]),
-        None => Lb::start(dir.path(), &etcd, &[]),
+        None if o.no_runtime_api => {
+            Lb::start(dir.path(), &etcd, &[extra, &["--no-runtime-api"]].concat())
+        }
+        None => Lb::start(dir.path(), &etcd, extra),
     };
     lb.wait_serving().await;
     Env {

@@ -420,7 +420,7 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
     let template = dir.path().join("wide.hbs");
     std::fs::write(&template, WIDE_TEMPLATE).unwrap();
     let t = Instant::now();
-    let lb = Lb::start_with_template(dir.path(), &etcd, &template, &[]);
+    let lb = Lb::start_with_template(dir.path(), &etcd, &template, &["--log-format", "json"]);
     let count = || async {
         lb.master_cli("@1 show servers state")
             .await
@@ -438,14 +438,26 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut joins = Vec::new();
-    for _ in 0..3 {
+    let mut measured = Vec::new();
+    let clock = stages::Clock::new();
+    let mut c = etcd.client().await;
+    let n = if o.quick { 3 } else { 20 };
+    for _ in 0..n {
+        let key = registry::instance_key("/services", "svc0000", &b.id);
+        let value = registry::Instance::new("svc0000", &b.id, "127.0.0.1", b.port).encode();
         let t = Instant::now();
-        put_instance(&etcd, "svc0000", &b.id, b.port).await;
-        joins.push(
-            until_served(lb.http_port, &b.id, Duration::from_secs(60))
-                .await
-                .map_or(f64::NAN, |s| ms(s - t)),
-        );
+        let resp = c.put(key.as_str(), value, None).await.unwrap();
+        let acked = Instant::now();
+        let served = until_served(lb.http_port, &b.id, Duration::from_secs(60)).await;
+        joins.push(served.map_or(f64::NAN, |s| ms(s - t)));
+        if let Some(s) = served {
+            measured.push(stages::Join {
+                revision: resp.header().map_or(0, |h| h.revision()),
+                put: clock.unix_ms(t),
+                acked: clock.unix_ms(acked),
+                served: clock.unix_ms(s),
+            });
+        }
         etcd.delete(&registry::instance_key("/services", "svc0000", &b.id))
             .await;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -459,6 +471,7 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
         }
     }
     let (reloads, _, _) = lb.proc_state().await;
+    let split = stages::split(&measured, &stages::apply_lines(&lb.proc.log()));
     let label = format!("{total} instances in {services} services");
     let resync = resync_cost("wide", &label, &etcd).await;
     let mut rows = vec![
@@ -472,11 +485,11 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
         .at_most(10_000.0),
         Row::new(
             "wide",
-            format!("{label}: join, put → served p50 (n=3)"),
+            format!("{label}: join, put → served p50 (n={n})"),
             percentile(&joins, 50.0),
             "ms",
         )
-        .at_most(100.0),
+        .at_most(10.0),
         Row::new("wide", format!("{label}: reloads during joins"), f64::from(reloads), ""),
         Row::new(
             "wide",
@@ -484,8 +497,18 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
             rss_kib(lb.proc.pid()) / 1024.0,
             "MiB",
         )
-        .at_most(500.0),
+        .at_most(150.0),
     ];
+    // Where a join's time goes at this size (p50 of each stage).
+    for (i, name) in stages::STAGES.iter().enumerate().skip(2) {
+        let v: Vec<f64> = split.iter().map(|s| s[i]).collect();
+        rows.push(Row::new(
+            "wide",
+            format!("{label}: join stage {name}, p50"),
+            percentile(&v, 50.0),
+            "ms",
+        ));
+    }
     rows.extend(resync);
     rows
 }

@@ -289,19 +289,24 @@ fn split_lines<'a>(lines: &[&'a str], section: Option<(&str, &str)>) -> (Vec<&'a
     (skeleton, servers)
 }
 
-/// What the runtime path needs to know of each backend of a config: dynamic cookies, the
-/// cookie key (its own or `defaults`'), the number of servers. One pass, no allocation
-/// per server.
-fn backend_info(lines: &[&str]) -> BTreeMap<String, Backend> {
+/// What the runtime path needs to know of each backend of a config that `wanted` names:
+/// dynamic cookies, the cookie key (its own or `defaults`'), the number of servers. One
+/// pass; the lines of other backends are only looked at for a section header (a change
+/// to one backend among 1 000 reads that backend's lines, not 100 000 server lines).
+fn backend_info(lines: &[&str], wanted: impl Fn(&str) -> bool) -> BTreeMap<String, Backend> {
     let mut backends: BTreeMap<String, Backend> = BTreeMap::new();
     let mut defaults_key: Option<String> = None;
     let mut current: Option<String> = None;
     let mut kind = "";
     for line in lines {
+        if current.is_none() && kind != "defaults" && line.starts_with(char::is_whitespace) {
+            // Inside a section nobody asked about.
+            continue;
+        }
         if let Some((k, n)) = header(line) {
             kind = k;
             current = None;
-            if k == "backend" || k == "listen" {
+            if (k == "backend" || k == "listen") && wanted(n) {
                 backends.entry(n.to_string()).or_insert_with(|| Backend {
                     cookie_key: defaults_key.clone(),
                     ..Default::default()
@@ -387,10 +392,7 @@ pub fn plan(old: &str, new: &str) -> Option<Plan> {
     if old_skel != new_skel {
         return None;
     }
-    let mut plan = Plan {
-        backend_info: backend_info(&n),
-        ..Default::default()
-    };
+    let mut plan = Plan::default();
     for (key, n) in &new_servers {
         match old_servers.get(key) {
             None => plan.add.push(n.clone()),
@@ -409,6 +411,8 @@ pub fn plan(old: &str, new: &str) -> Option<Plan> {
             plan.remove.push(o.clone());
         }
     }
+    let touched = plan.backends();
+    plan.backend_info = backend_info(&n, |b| touched.iter().any(|t| t == b));
     Some(plan)
 }
 
@@ -576,10 +580,34 @@ mod tests {
     }
 
     #[test]
+    fn a_join_among_a_thousand_backends_describes_only_its_own() {
+        let config = |extra: &str| {
+            let mut c = String::from("defaults\n    dynamic-cookie-key d\n");
+            for b in 0..1000 {
+                c.push_str(&format!("backend be{b:04}\n    cookie S insert dynamic\n"));
+                for i in 0..5 {
+                    c.push_str(&format!("    server s{i} 10.0.{}.{i}:80 check\n", b % 250));
+                }
+                if b == 500 {
+                    c.push_str(extra);
+                }
+            }
+            c
+        };
+        let p = plan(&config(""), &config("    server new 10.9.9.9:80 check\n")).unwrap();
+        assert_eq!(p.add.len(), 1);
+        assert_eq!(p.backend_info.len(), 1, "{:?}", p.backend_info.keys());
+        let be = &p.backend_info["be0500"];
+        assert_eq!(be.servers, 6);
+        assert!(be.dynamic_cookie);
+        assert_eq!(be.cookie_key.as_deref(), Some("d"));
+    }
+
+    #[test]
     fn the_cookie_key_may_come_from_defaults() {
         let c = "defaults\n    dynamic-cookie-key d\nbackend b\n    cookie S insert dynamic\n    server x 10.0.0.1:80\n";
         let lines: Vec<&str> = c.lines().collect();
-        let backends = backend_info(&lines);
+        let backends = backend_info(&lines, |_| true);
         assert_eq!(backends["b"].cookie_key.as_deref(), Some("d"));
         assert!(backends["b"].dynamic_cookie);
     }
@@ -686,8 +714,15 @@ mod tests {
                 proptest::prop_assert_eq!(got_add, add);
                 proptest::prop_assert_eq!(got_remove, remove);
                 proptest::prop_assert_eq!(got_update, update);
-                proptest::prop_assert_eq!(p.backend_info["one"].servers, c.len());
-                proptest::prop_assert_eq!(p.backend_info["two"].servers, two.len());
+                // Exactly the backends the plan touches are described.
+                let described: Vec<String> = p.backend_info.keys().cloned().collect();
+                proptest::prop_assert_eq!(&described, &p.backends());
+                if let Some(one) = p.backend_info.get("one") {
+                    proptest::prop_assert_eq!(one.servers, c.len());
+                }
+                if let Some(b) = p.backend_info.get("two") {
+                    proptest::prop_assert_eq!(b.servers, two.len());
+                }
             }
         }
     }

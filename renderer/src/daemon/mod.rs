@@ -333,6 +333,14 @@ impl Daemon {
     /// Renders and applies the model.
     async fn apply(&mut self) -> Result<(), Error> {
         let started = Instant::now();
+        // From the arrival of the oldest change taken to this apply's start: the coalescing
+        // wait (zero for a change after a quiet period or after a live apply).
+        let waited = self
+            .coalescer
+            .first_pending()
+            .map_or(Duration::ZERO, |first| {
+                started.saturating_duration_since(first)
+            });
         let report = guard::apply_guarded(
             &self.config,
             &mut self.model,
@@ -378,6 +386,7 @@ impl Daemon {
             applied = report.reload.unwrap_or("unchanged"),
             errors = report.errors.len(),
             took = ?started.elapsed(),
+            waited = ?waited,
             render = ?report.timings.render,
             plan = ?report.timings.plan,
             runtime = ?report.timings.runtime,

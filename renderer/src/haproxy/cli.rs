@@ -56,7 +56,18 @@ const RELOAD_ATTEMPTS: u32 = 3;
 #[derive(Debug, Clone)]
 pub struct MasterCli {
     pub path: PathBuf,
-    session: std::sync::Arc<tokio::sync::Mutex<Option<UnixStream>>>,
+    session: std::sync::Arc<tokio::sync::Mutex<Session>>,
+}
+
+/// The shared interactive session, and answers that hold as long as it does.
+#[derive(Debug, Default)]
+struct Session {
+    stream: Option<UnixStream>,
+    /// (command, answer) of [`MasterCli::worker_command_per_session`]: dropped whenever
+    /// the session is opened again — the master closes its sessions when it re-executes
+    /// (any reload, ours or not) and dies with a restart, so an open session means the
+    /// same worker and the same config.
+    kept: Option<(String, String)>,
 }
 
 /// True when `answer` ends with the master CLI's prompt (`master> `, or with its
@@ -106,23 +117,47 @@ impl MasterCli {
             return self.command(&format!("@1 {cmd}")).await;
         }
         let mut session = self.session.lock().await;
-        let exchange = async {
-            let stream = match session.take() {
-                Some(s) if still_open(&s) => s,
-                _ => {
-                    let mut s = UnixStream::connect(&self.path).await?;
-                    s.write_all(b"prompt\n").await?;
-                    read_answer(&mut s).await?;
-                    s
-                }
-            };
-            let mut stream = stream;
-            stream.write_all(format!("@1 {cmd}\n").as_bytes()).await?;
-            let answer = read_answer(&mut stream).await?;
-            *session = Some(stream);
-            Ok::<_, std::io::Error>(answer)
+        self.bounded(cmd, Self::exchange(&mut session, &self.path, cmd))
+            .await
+    }
+
+    /// [`worker_command`](Self::worker_command) for an answer that only a reload or a
+    /// restart can change (e.g. the backends' numeric ids): asked once per session,
+    /// answered from memory while the session stays open.
+    pub async fn worker_command_per_session(&self, cmd: &str) -> Result<String, HaproxyError> {
+        let mut session = self.session.lock().await;
+        if session.stream.as_ref().is_some_and(still_open) {
+            if let Some((_, answer)) = session.kept.as_ref().filter(|(c, _)| c == cmd) {
+                return Ok(answer.clone());
+            }
+        }
+        let answer = self
+            .bounded(cmd, Self::exchange(&mut session, &self.path, cmd))
+            .await?;
+        session.kept = Some((cmd.to_string(), answer.clone()));
+        Ok(answer)
+    }
+
+    /// One command on the shared session, opening it (again) when needed.
+    async fn exchange(
+        session: &mut Session,
+        path: &std::path::Path,
+        cmd: &str,
+    ) -> std::io::Result<String> {
+        let mut stream = match session.stream.take() {
+            Some(s) if still_open(&s) => s,
+            _ => {
+                session.kept = None;
+                let mut s = UnixStream::connect(path).await?;
+                s.write_all(b"prompt\n").await?;
+                read_answer(&mut s).await?;
+                s
+            }
         };
-        self.bounded(cmd, exchange).await
+        stream.write_all(format!("@1 {cmd}\n").as_bytes()).await?;
+        let answer = read_answer(&mut stream).await?;
+        session.stream = Some(stream);
+        Ok(answer)
     }
 
     /// Runs one exchange about `cmd` within [`CLI_TIMEOUT`].
