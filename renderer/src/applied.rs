@@ -18,11 +18,27 @@ pub fn diff_applied(
     admitted: impl Fn(&str, &str) -> bool,
     commit: bool,
 ) -> (Vec<String>, Vec<String>) {
+    diff_applied_in(applied, model, admitted, commit, None)
+}
+
+/// [`diff_applied`] over the services in `scope` only (`None`: all): the caller knows
+/// the others have not changed since `applied` was last committed (a join among 100 000
+/// instances in 1 000 services walks one service's ids, not 100 000).
+pub fn diff_applied_in(
+    applied: &mut Applied,
+    model: &Model,
+    admitted: impl Fn(&str, &str) -> bool,
+    commit: bool,
+    scope: Option<&BTreeSet<String>>,
+) -> (Vec<String>, Vec<String>) {
     let (mut added, mut removed) = (Listing::default(), Listing::default());
     let mut changed: Vec<(String, BTreeSet<String>)> = Vec::new();
     let empty_ids = BTreeMap::new();
     let empty_set = BTreeSet::new();
-    let names: BTreeSet<&String> = model.services().keys().chain(applied.keys()).collect();
+    let names: BTreeSet<&String> = match scope {
+        Some(scope) => scope.iter().collect(),
+        None => model.services().keys().chain(applied.keys()).collect(),
+    };
     for name in names {
         let now = model.services().get(name).unwrap_or(&empty_ids);
         let was = applied.get(name).unwrap_or(&empty_set);
@@ -98,6 +114,33 @@ impl Listing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scope_walks_only_its_services() {
+        let mut model = Model::new("/services");
+        let put = |m: &mut Model, s: &str, i: &str| {
+            let v = registry::Instance::new(s, i, "10.0.0.1", 80).encode();
+            m.put(&registry::instance_key("/services", s, i), v.as_bytes());
+        };
+        for s in 0..1000 {
+            put(&mut model, &format!("svc{s:03}"), "a");
+        }
+        let mut applied = Applied::new();
+        let all = |_: &str, _: &str| true;
+        assert_eq!(diff_applied(&mut applied, &model, all, true).0.len(), 11);
+        put(&mut model, "svc500", "b");
+        put(&mut model, "svc900", "b");
+        // Only svc500 in scope: svc900's join is not looked at (not listed, not committed).
+        let scope = BTreeSet::from(["svc500".to_string()]);
+        let (added, _) = diff_applied_in(&mut applied, &model, all, true, Some(&scope));
+        assert_eq!(added, ["svc500/b"]);
+        assert!(!applied["svc900"].contains("b"));
+        // The full walk finds what the scope left out, and the scoped result agrees with it.
+        assert_eq!(
+            diff_applied(&mut applied, &model, all, true).0,
+            ["svc900/b"]
+        );
+    }
 
     #[test]
     fn applied_set_follows_the_model_and_lists_the_difference() {

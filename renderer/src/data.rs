@@ -50,10 +50,13 @@ impl TemplateData {
                 if let Some(root) = ctx.data_mut().as_object_mut() {
                     root.insert("revision".into(), Value::from(model.revision));
                 }
+                let services: BTreeSet<&str> = set.iter().map(|(s, _)| s.as_str()).collect();
+                renderer.services_changed(ctx, services.into_iter());
             }
             _ => {
                 let (data, cut) = model.template_data_with(vars, exclude, cap);
-                self.ctx = Some(renderer.context(data));
+                let ctx = self.ctx.insert(renderer.context(data));
+                renderer.services_rebuilt(ctx);
                 self.excluded = exclude.clone();
                 self.cut = cut;
             }
@@ -183,6 +186,72 @@ mod tests {
                 prop_assert_eq!(patched, rebuilt);
             }
         }
+    }
+
+    /// A template with a backend per service, as templates/examples/multi-service.cfg.hbs.
+    const PER_SERVICE: &str = "{{#each services}}backend {{@key}}\n{{#each this}}    server {{id}} {{address}}:{{port}} id {{server_id}}\n{{/each}}{{/each}}";
+
+    proptest! {
+        /// Rendering the patched, stamped context gives what a cold render of a context
+        /// built from scratch gives, after any sequence of puts and deletes.
+        #[test]
+        fn stamped_renders_equal_cold_renders(
+            steps in proptest::collection::vec((0u8..4, 0u8..6, 0u16..3, any::<bool>()), 1..40)
+        ) {
+            let mut warm = Renderer::new();
+            warm.add("t", PER_SERVICE).unwrap();
+            let vars = BTreeMap::new();
+            let none = BTreeSet::new();
+            let mut model = Model::new("/services");
+            let mut td = TemplateData::new();
+            for (svc, id, port, put) in steps {
+                let (service, id) = (format!("s{svc}"), format!("i{id}"));
+                let key = registry::instance_key("/services", &service, &id);
+                if put {
+                    model.put(&key, record(&service, &id, 1000 + port).as_bytes());
+                } else {
+                    model.delete(&key);
+                }
+                model.revision += 1;
+                let ctx = td.update(&warm, &mut model, &vars, &none, usize::MAX).0;
+                let got = warm.render_with("t", ctx).unwrap();
+                let mut cold = Renderer::new();
+                cold.add("t", PER_SERVICE).unwrap();
+                let want = cold.render_with("t", &cold.context(model.template_data(&vars))).unwrap();
+                prop_assert_eq!(String::from_utf8(got).unwrap(), String::from_utf8(want).unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn a_join_renders_only_its_own_service() {
+        let mut renderer = Renderer::new();
+        renderer.add("t", PER_SERVICE).unwrap();
+        let vars = BTreeMap::new();
+        let none = BTreeSet::new();
+        let mut model = Model::new("/services");
+        for s in 0..200 {
+            for i in 0..10 {
+                let (service, id) = (format!("svc{s:03}"), format!("i{i}"));
+                let key = registry::instance_key("/services", &service, &id);
+                model.put(&key, record(&service, &id, 1000).as_bytes());
+            }
+        }
+        let mut td = TemplateData::new();
+        let ctx = td.update(&renderer, &mut model, &vars, &none, usize::MAX).0;
+        renderer.render_with("t", ctx).unwrap();
+        // Cold: every service block and every server line rendered.
+        assert_eq!(renderer.take_each_stats(), (0, 200 + 2000));
+
+        let key = registry::instance_key("/services", "svc100", "new");
+        model.put(&key, record("svc100", "new", 2000).as_bytes());
+        let ctx = td.update(&renderer, &mut model, &vars, &none, usize::MAX).0;
+        let text = String::from_utf8(renderer.render_with("t", ctx).unwrap()).unwrap();
+        assert!(text.contains("server new 10.0.0.1:2000"));
+        // One join: the 199 other services come from the cache whole, without looking at
+        // their instances; in svc100 only the new line is rendered (its ten others hit).
+        let (hits, misses) = renderer.take_each_stats();
+        assert_eq!((hits, misses), (199 + 10, 1 + 1));
     }
 
     #[test]

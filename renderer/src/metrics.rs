@@ -241,9 +241,14 @@ pub struct State {
     pub down_since: Mutex<Option<Instant>>,
     /// How long the watch may be down before the renderer reports not ready.
     pub grace: Duration,
-    /// The `/status` document ([`crate::status::StatusDoc`]) as JSON.
-    pub status: Mutex<String>,
+    /// The `/status` document ([`crate::status::StatusDoc`]), written as JSON when asked
+    /// for: an apply hands over a snapshot, and serialising 100 000 instances after every
+    /// apply cost more than the apply.
+    pub status: Mutex<StatusJson>,
 }
+
+/// Something that writes the `/status` JSON.
+pub type StatusJson = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl State {
     pub fn new(grace: Duration) -> Arc<State> {
@@ -251,7 +256,7 @@ impl State {
             applied: AtomicBool::new(false),
             down_since: Mutex::new(Some(Instant::now())),
             grace,
-            status: Mutex::new("{}".into()),
+            status: Mutex::new(Arc::new(|| "{}".into())),
         })
     }
 
@@ -271,8 +276,8 @@ impl State {
         }
     }
 
-    /// After an apply: ready from the first good one on; `/status` serves `doc`.
-    pub fn set_applied(&self, ok: bool, doc: String) {
+    /// After an apply: ready from the first good one on; `/status` serves what `doc` writes.
+    pub fn set_applied(&self, ok: bool, doc: StatusJson) {
         if ok {
             self.applied
                 .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -301,7 +306,8 @@ impl State {
             registry: Arc::new(registry),
             ready: Arc::new(move || ready.ready()),
             status: Some(Arc::new(move || {
-                status.status.lock().map(|s| s.clone()).unwrap_or_default()
+                let doc = status.status.lock().map(|s| s.clone());
+                doc.map(|write| write()).unwrap_or_default()
             })),
         }
     }
@@ -361,14 +367,10 @@ impl Metrics {
     }
 }
 
-/// FNV-1a, truncated to 53 bits so it survives a float gauge.
+/// xxHash64, truncated to 53 bits so it survives a float gauge. (FNV-1a, a byte at a
+/// time, took ~6 ms of every apply of a 6 MB config; xxh64 reads it in well under one.)
 pub fn hash53(bytes: &[u8]) -> i64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h & ((1 << 53) - 1)) as i64
+    (xxhash_rust::xxh64::xxh64(bytes, 0) & ((1 << 53) - 1)) as i64
 }
 
 /// Now as Unix time in seconds (0 if the clock is before 1970).

@@ -33,8 +33,11 @@ pub struct Model {
     departed: BTreeMap<String, BTreeSet<String>>,
     /// The etcd revision the model reflects.
     pub revision: i64,
-    /// What changed since the last [`Model::take_changes`].
+    /// What changed since the last [`Model::take_changes`] (the template data's view).
     changes: Changes,
+    /// The same, since the last [`Model::take_booked`] (the bookkeeping's view: the
+    /// applied set, `/status`), so that a change to one service books only that service.
+    booked: Changes,
 }
 
 /// Instances added, changed or removed since the template data was last brought up to
@@ -46,6 +49,31 @@ pub enum Changes {
     All,
     /// These (service, id) pairs.
     Some(BTreeSet<(String, String)>),
+}
+
+impl Changes {
+    fn insert(&mut self, service: &str, id: &str) {
+        if let Changes::Some(set) = self {
+            set.insert((service.to_string(), id.to_string()));
+        }
+    }
+
+    /// Adds everything `other` holds.
+    pub fn merge(&mut self, other: Changes) {
+        match (&mut *self, other) {
+            (Changes::All, _) => {}
+            (_, Changes::All) => *self = Changes::All,
+            (Changes::Some(a), Changes::Some(b)) => a.extend(b),
+        }
+    }
+
+    /// The services these changes touch; `None` = every service.
+    pub fn services(&self) -> Option<BTreeSet<String>> {
+        match self {
+            Changes::All => None,
+            Changes::Some(set) => Some(set.iter().map(|(s, _)| s.clone()).collect()),
+        }
+    }
 }
 
 impl Model {
@@ -79,6 +107,7 @@ impl Model {
         let changed = self.services != old_services || self.admin != old_admin;
         if changed {
             self.changes = Changes::All;
+            self.booked = Changes::All;
         }
         changed
     }
@@ -133,8 +162,9 @@ impl Model {
             .services
             .get(service)
             .is_some_and(|m| m.contains_key(id));
-        if let (Changes::Some(set), true) = (&mut self.changes, registered) {
-            set.insert((service.to_string(), id.to_string()));
+        if registered {
+            self.changes.insert(service, id);
+            self.booked.insert(service, id);
         }
         registered
     }
@@ -172,16 +202,20 @@ impl Model {
     }
 
     fn note(&mut self, key: &str) {
-        if let (Changes::Some(set), Some((service, id))) =
-            (&mut self.changes, parse_key(&self.prefix, key))
-        {
-            set.insert((service.to_string(), id.to_string()));
+        if let Some((service, id)) = parse_key(&self.prefix, key) {
+            self.changes.insert(service, id);
+            self.booked.insert(service, id);
         }
     }
 
     /// What changed since the last call (everything, the first time).
     pub fn take_changes(&mut self) -> Changes {
         std::mem::replace(&mut self.changes, Changes::Some(BTreeSet::new()))
+    }
+
+    /// What changed since the last call, for the bookkeeping (everything, the first time).
+    pub fn take_booked(&mut self) -> Changes {
+        std::mem::replace(&mut self.booked, Changes::Some(BTreeSet::new()))
     }
 
     fn lookup(&self, key: &str) -> Option<&Instance> {

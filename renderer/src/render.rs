@@ -222,6 +222,18 @@ impl Renderer {
     }
 
     /// Renders `name` in `ctx` (from [`Renderer::context`]).
+    /// `ctx` was built anew (see [`each`]'s stamps): its services are all new to the cache.
+    pub(crate) fn services_rebuilt(&self, ctx: &Context) {
+        self.lock_cache()
+            .services_rebuilt(ctx as *const Context as usize);
+    }
+
+    /// These services of `ctx` were patched in place since it was built or last stamped.
+    pub(crate) fn services_changed<'a>(&self, ctx: &Context, names: impl Iterator<Item = &'a str>) {
+        self.lock_cache()
+            .services_changed(ctx as *const Context as usize, names);
+    }
+
     pub fn render_with(&self, name: &str, ctx: &Context) -> Result<Vec<u8>, RenderFailure> {
         let rendered = self.hbs.render_with_context(name, ctx);
         self.lock_cache().finish(name);

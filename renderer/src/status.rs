@@ -6,6 +6,7 @@
 //! document itself, [`StatusDoc`], is written here too, after every apply.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
@@ -14,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::apply;
 use crate::guard::Quarantine;
-use crate::model::Model;
+use crate::model::{Changes, Model};
 
 /// The renderer's `/status` document: written after every apply, read by `renderer
 /// status` (and by operators: `curl 127.0.0.1:9105/status`). Missing fields read as
@@ -24,8 +25,9 @@ use crate::model::Model;
 pub struct StatusDoc {
     /// The registry revision the served config was rendered at.
     pub revision: i64,
-    /// Per service, `id address:port` of every instance served.
-    pub services: BTreeMap<String, Vec<String>>,
+    /// Per service, `id address:port` of every instance served (shared with the daemon's
+    /// [`ServedLists`]: a document costs a pointer per service, not a string per instance).
+    pub services: BTreeMap<String, Arc<Vec<String>>>,
     /// Records left out as invalid, by key.
     pub skipped: BTreeMap<String, Skipped>,
     /// Records left out because HAProxy rejected what they render, by key: why.
@@ -56,10 +58,52 @@ pub struct LastApply {
     pub errors: Vec<String>,
 }
 
+/// The document's `services`, kept up to date one service at a time: a change to one
+/// service among 1 000 formats that service's lines, not 100 000.
+#[derive(Debug, Default)]
+pub struct ServedLists {
+    lists: BTreeMap<String, Arc<Vec<String>>>,
+}
+
+impl ServedLists {
+    /// Brings the lists of the services `changed` names (`All`: every one) up to `model`.
+    pub fn update(&mut self, model: &Model, changed: &Changes) {
+        let list = |ids: &BTreeMap<String, registry::Instance>| {
+            Arc::new(
+                ids.values()
+                    .map(|i| format!("{} {}:{}", i.id, i.address, i.port))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        match changed.services() {
+            None => {
+                self.lists = model
+                    .services()
+                    .iter()
+                    .map(|(name, ids)| (name.clone(), list(ids)))
+                    .collect();
+            }
+            Some(names) => {
+                for name in names {
+                    match model.services().get(&name) {
+                        Some(ids) => {
+                            self.lists.insert(name, list(ids));
+                        }
+                        None => {
+                            self.lists.remove(&name);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl StatusDoc {
     /// The document after an apply that took `took` and reported `report`.
     pub fn after_apply(
         model: &Model,
+        served: &ServedLists,
         quarantine: &Quarantine,
         file_pending: bool,
         report: &apply::Report,
@@ -67,17 +111,7 @@ impl StatusDoc {
     ) -> StatusDoc {
         StatusDoc {
             revision: model.revision,
-            services: model
-                .services()
-                .iter()
-                .map(|(name, ids)| {
-                    let list = ids
-                        .values()
-                        .map(|i| format!("{} {}:{}", i.id, i.address, i.port))
-                        .collect();
-                    (name.clone(), list)
-                })
-                .collect(),
+            services: served.lists.clone(),
             skipped: model
                 .skipped()
                 .iter()
@@ -348,7 +382,7 @@ fn instances_of(model: &Model) -> BTreeMap<String, String> {
 fn served_by(doc: &StatusDoc) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for (service, list) in &doc.services {
-        for line in list {
+        for line in list.iter() {
             if let Some((id, endpoint)) = line.split_once(' ') {
                 out.insert(format!("{service}/{id}"), endpoint.to_string());
             }
@@ -402,6 +436,69 @@ async fn get_status(addr: &str) -> Result<StatusDoc, FetchError> {
     }
     let body = response.text().await.map_err(http)?;
     Ok(serde_json::from_str(&body)?)
+}
+
+#[cfg(test)]
+mod served_tests {
+    use super::*;
+
+    fn put(m: &mut Model, s: &str, i: &str, port: u16) {
+        let v = registry::Instance::new(s, i, "10.0.0.1", port).encode();
+        m.put(&registry::instance_key("/services", s, i), v.as_bytes());
+    }
+
+    fn rebuilt(m: &Model) -> BTreeMap<String, Arc<Vec<String>>> {
+        let mut full = ServedLists::default();
+        full.update(m, &Changes::All);
+        full.lists
+    }
+
+    #[test]
+    fn a_change_formats_only_its_service() {
+        let mut m = Model::new("/services");
+        for s in 0..1000 {
+            put(&mut m, &format!("svc{s:03}"), "a", 80);
+        }
+        let mut served = ServedLists::default();
+        let booked = m.take_booked();
+        served.update(&m, &booked);
+        let before = served.lists.clone();
+        put(&mut m, "svc500", "b", 81);
+        m.delete(&registry::instance_key("/services", "svc001", "a"));
+        let booked = m.take_booked();
+        served.update(&m, &booked);
+        assert_eq!(served.lists, rebuilt(&m));
+        // Every other service's list is the very same allocation: not formatted again.
+        let fresh: Vec<&String> = served
+            .lists
+            .iter()
+            .filter(|(name, list)| !before.get(*name).is_some_and(|b| Arc::ptr_eq(b, list)))
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(fresh, ["svc500"]);
+        assert!(!served.lists.contains_key("svc001"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn kept_lists_equal_rebuilt_lists(
+            steps in proptest::collection::vec((0u8..4, 0u8..5, 0u16..3, proptest::bool::ANY), 1..50)
+        ) {
+            let mut m = Model::new("/services");
+            let mut served = ServedLists::default();
+            for (svc, id, port, is_put) in steps {
+                let (s, i) = (format!("s{svc}"), format!("i{id}"));
+                if is_put {
+                    put(&mut m, &s, &i, 80 + port);
+                } else {
+                    m.delete(&registry::instance_key("/services", &s, &i));
+                }
+                let booked = m.take_booked();
+        served.update(&m, &booked);
+                proptest::prop_assert_eq!(&served.lists, &rebuilt(&m));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -472,6 +472,22 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
     }
     let (reloads, _, _) = lb.proc_state().await;
     let split = stages::split(&measured, &stages::apply_lines(&lb.proc.log()));
+    // HAProxy's side of a verification at this size, asked by hand: every backend's id
+    // (a new session each time, so never from the renderer's per-session memory) and one
+    // server's row.
+    let (mut ids_ms, mut row_ms) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let cli = renderer::haproxy::MasterCli::new(&lb.master);
+        let t = Instant::now();
+        let ids = cli.backend_ids().await.unwrap_or_default();
+        ids_ms.push(ms(t.elapsed()));
+        let iid = ids.get("be_svc0000").copied().unwrap_or(0);
+        for _ in 0..4 {
+            let t = Instant::now();
+            let _ = cli.show_stat_server(iid, 1).await;
+            row_ms.push(ms(t.elapsed()));
+        }
+    }
     let label = format!("{total} instances in {services} services");
     let resync = resync_cost("wide", &label, &etcd).await;
     let mut rows = vec![
@@ -499,6 +515,18 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
         )
         .at_most(150.0),
     ];
+    rows.push(Row::new(
+        "wide",
+        format!("{label}: HAProxy: every backend's id (show stat -1 2 -1), p50 (n=5)"),
+        percentile(&ids_ms, 50.0),
+        "ms",
+    ));
+    rows.push(Row::new(
+        "wide",
+        format!("{label}: HAProxy: one server's row (show stat IID 4 SID), p50 (n=20)"),
+        percentile(&row_ms, 50.0),
+        "ms",
+    ));
     // Where a join's time goes at this size (p50 of each stage).
     for (i, name) in stages::STAGES.iter().enumerate().skip(2) {
         let v: Vec<f64> = split.iter().map(|s| s[i]).collect();

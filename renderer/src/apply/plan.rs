@@ -293,7 +293,10 @@ fn split_lines<'a>(lines: &[&'a str], section: Option<(&str, &str)>) -> (Vec<&'a
 /// dynamic cookies, the cookie key (its own or `defaults`'), the number of servers. One
 /// pass; the lines of other backends are only looked at for a section header (a change
 /// to one backend among 1 000 reads that backend's lines, not 100 000 server lines).
-fn backend_info(lines: &[&str], wanted: impl Fn(&str) -> bool) -> BTreeMap<String, Backend> {
+fn backend_info<'a>(
+    lines: impl IntoIterator<Item = &'a str>,
+    wanted: impl Fn(&str) -> bool,
+) -> BTreeMap<String, Backend> {
     let mut backends: BTreeMap<String, Backend> = BTreeMap::new();
     let mut defaults_key: Option<String> = None;
     let mut current: Option<String> = None;
@@ -374,21 +377,15 @@ pub fn servers_by_backend(config: &str) -> BTreeMap<String, Option<Vec<Server>>>
 /// lines differs (that needs a reload). Only the lines between the common beginning and
 /// the common end of the two configs are parsed: at 10 000 servers, a join touches one.
 pub fn plan(old: &str, new: &str) -> Option<Plan> {
-    let o: Vec<&str> = old.lines().collect();
-    let n: Vec<&str> = new.lines().collect();
-    let pre = o.iter().zip(&n).take_while(|(a, b)| a == b).count();
-    let most = o.len().min(n.len()) - pre;
-    let suf = o
-        .iter()
-        .rev()
-        .zip(n.iter().rev())
-        .take(most)
-        .take_while(|(a, b)| a == b)
-        .count();
+    // The common beginning and end are found by comparing bytes in blocks (memcmp), then
+    // widened to whole lines: nothing is split into lines but the part that differs.
+    let (pre, suf) = common_lines(old.as_bytes(), new.as_bytes());
+    let o: Vec<&str> = old[pre..old.len() - suf].lines().collect();
+    let n: Vec<&str> = new[pre..new.len() - suf].lines().collect();
     // The section the differing lines start in (the same in both: the lines before agree).
-    let section = n[..pre].iter().rev().find_map(|l| header(l));
-    let (old_skel, old_servers) = split_lines(&o[pre..o.len() - suf], section);
-    let (new_skel, new_servers) = split_lines(&n[pre..n.len() - suf], section);
+    let section = new[..pre].lines().rev().find_map(header);
+    let (old_skel, old_servers) = split_lines(&o, section);
+    let (new_skel, new_servers) = split_lines(&n, section);
     if old_skel != new_skel {
         return None;
     }
@@ -412,8 +409,49 @@ pub fn plan(old: &str, new: &str) -> Option<Plan> {
         }
     }
     let touched = plan.backends();
-    plan.backend_info = backend_info(&n, |b| touched.iter().any(|t| t == b));
+    plan.backend_info = backend_info(new.lines(), |b| touched.iter().any(|t| t == b));
     Some(plan)
+}
+
+/// (bytes, bytes): the longest beginning and end of `a` and `b` made of whole lines that
+/// are the same in both and do not overlap.
+fn common_lines(a: &[u8], b: &[u8]) -> (usize, usize) {
+    const BLOCK: usize = 4096;
+    let most = a.len().min(b.len());
+    let mut i = 0;
+    while i + BLOCK <= most && a[i..i + BLOCK] == b[i..i + BLOCK] {
+        i += BLOCK;
+    }
+    while i < most && a[i] == b[i] {
+        i += 1;
+    }
+    // Back to the start of the line the first difference is in.
+    let pre = a[..i]
+        .iter()
+        .rposition(|c| *c == b'\n')
+        .map_or(0, |p| p + 1);
+    let most = most - pre;
+    let mut j = 0;
+    while j + BLOCK <= most
+        && a[a.len() - j - BLOCK..a.len() - j] == b[b.len() - j - BLOCK..b.len() - j]
+    {
+        j += BLOCK;
+    }
+    while j < most && a[a.len() - j - 1] == b[b.len() - j - 1] {
+        j += 1;
+    }
+    // Forward to the start of a line inside the common end (the same place in both),
+    // unless it begins a line in both already.
+    let (start, b_start) = (a.len() - j, b.len() - j);
+    let line_start = |s: &[u8], at: usize| at == 0 || s[at - 1] == b'\n';
+    if line_start(a, start) && line_start(b, b_start) {
+        return (pre, j);
+    }
+    let suf = a[start..]
+        .iter()
+        .position(|c| *c == b'\n')
+        .map_or(0, |p| a.len() - (start + p + 1));
+    (pre, suf)
 }
 
 #[cfg(test)]
@@ -607,7 +645,7 @@ mod tests {
     fn the_cookie_key_may_come_from_defaults() {
         let c = "defaults\n    dynamic-cookie-key d\nbackend b\n    cookie S insert dynamic\n    server x 10.0.0.1:80\n";
         let lines: Vec<&str> = c.lines().collect();
-        let backends = backend_info(&lines, |_| true);
+        let backends = backend_info(lines.iter().copied(), |_| true);
         assert_eq!(backends["b"].cookie_key.as_deref(), Some("d"));
         assert!(backends["b"].dynamic_cookie);
     }
@@ -680,6 +718,23 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The byte-level search finds what comparing whole lines finds.
+        #[test]
+        fn common_lines_agree_with_a_line_by_line_comparison(
+            a in proptest::collection::vec(0u8..4, 0..40),
+            b in proptest::collection::vec(0u8..4, 0..40),
+        ) {
+            let text = |v: &[u8]| v.iter().map(|x| format!("    server s{x} 10.0.0.{x}:80\n")).collect::<String>();
+            let (ta, tb) = (text(&a), text(&b));
+            let (o, n): (Vec<&str>, Vec<&str>) = (ta.lines().collect(), tb.lines().collect());
+            let pre = o.iter().zip(&n).take_while(|(x, y)| x == y).count();
+            let most = o.len().min(n.len()) - pre;
+            let suf = o.iter().rev().zip(n.iter().rev()).take(most).take_while(|(x, y)| x == y).count();
+            let bytes = |lines: &[&str]| lines.iter().map(|l| l.len() + 1).sum::<usize>();
+            let want = (bytes(&o[..pre]), bytes(&o[o.len() - suf..]));
+            proptest::prop_assert_eq!(common_lines(ta.as_bytes(), tb.as_bytes()), want);
+        }
+
         #[test]
         fn parsing_only_the_differing_lines_plans_the_same(
             a in proptest::collection::btree_map(0u8..30, 0u8..3, 0..20),

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::applied::{diff_applied, Applied};
+use crate::applied::{diff_applied_in, Applied};
 use crate::apply::{self, Applier, CheckDone};
 use crate::coalesce::Coalescer;
 use crate::config::{Config, ReloadMode};
@@ -21,8 +21,9 @@ use crate::data::TemplateData;
 use crate::error::Error;
 use crate::guard::{self, EmptyHold, Quarantine};
 use crate::metrics;
-use crate::model::Model;
+use crate::model::{Changes, Model};
 use crate::render::Renderer;
+use crate::status::ServedLists;
 use crate::watch::{self, Update};
 
 /// How often the master of an HAProxy started elsewhere is asked whether it was restarted.
@@ -43,6 +44,11 @@ pub struct Daemon {
     synced: bool,
     /// The instances in the last applied config (for the apply log's added/removed).
     applied_set: Applied,
+    /// Changes the applied set has not been brought up to (kept until an apply succeeds).
+    unbooked: Changes,
+    /// `/status`'s per-service lists, and the changes they have not taken yet.
+    served: ServedLists,
+    status_stale: Changes,
     quarantine: Quarantine,
     cookie_key_checked: bool,
     metrics: metrics::Metrics,
@@ -91,6 +97,9 @@ impl Daemon {
             applier,
             synced: false,
             applied_set: Applied::new(),
+            unbooked: Changes::All,
+            served: ServedLists::default(),
+            status_stale: Changes::All,
             quarantine: Quarantine::default(),
             cookie_key_checked: false,
             metrics,
@@ -356,17 +365,29 @@ impl Daemon {
         } else {
             self.coalescer.applied_live();
         }
+        self.book();
         let quarantine = &self.quarantine;
         let prefix = &self.config.prefix;
         let admitted = |s: &str, i: &str| {
             quarantine.is_empty() || !quarantine.contains(&registry::instance_key(prefix, s, i))
         };
-        let (added, removed) = diff_applied(
+        // Only the services changed since the applied set was last committed; all of them
+        // while anything is quarantined (what is admitted then depends on more).
+        let scope = if quarantine.is_empty() {
+            self.unbooked.services()
+        } else {
+            None
+        };
+        let (added, removed) = diff_applied_in(
             &mut self.applied_set,
             &self.model,
             admitted,
             report.errors.is_empty(),
+            scope.as_ref(),
         );
+        if report.errors.is_empty() {
+            self.unbooked = Changes::Some(Default::default());
+        }
         if report.errors.is_empty() {
             // Applied without them: their leaving needs no more remembering.
             self.model.take_departed();
@@ -444,7 +465,10 @@ impl Daemon {
     }
 
     /// Updates metrics, readiness and `/status` after an apply or a background check.
-    fn record(&self, report: &apply::Report, took: Duration) {
+    fn record(&mut self, report: &apply::Report, took: Duration) {
+        self.book();
+        self.served.update(&self.model, &self.status_stale);
+        self.status_stale = Changes::Some(Default::default());
         let ok = report.errors.is_empty();
         self.metrics.record_apply(
             ok,
@@ -455,12 +479,22 @@ impl Daemon {
         );
         let doc = crate::status::StatusDoc::after_apply(
             &self.model,
+            &self.served,
             &self.quarantine,
             self.applier.files_due(),
             report,
             took,
         );
-        self.state.set_applied(ok, doc.to_json());
+        self.state
+            .set_applied(ok, std::sync::Arc::new(move || doc.to_json()));
+    }
+
+    /// Takes the model's changes since the last look into both bookkeeping queues (the
+    /// applied set's and `/status`'s).
+    fn book(&mut self) {
+        let booked = self.model.take_booked();
+        self.status_stale.merge(booked.clone());
+        self.unbooked.merge(booked);
     }
 
     /// Writes the files HAProxy is ahead of; stops HAProxy in exec mode on a clean shutdown.

@@ -146,11 +146,26 @@ pub fn stat_row(csv: &str, sid: u32) -> Option<BTreeMap<String, String>> {
 }
 
 /// `show stat -1 2 -1`: each backend's numeric id (`iid`) by name.
+/// Reads only the three columns it needs (a map per row of ~100 columns took 20 ms at
+/// 1 000 backends).
 pub fn backend_ids(csv: &str) -> BTreeMap<String, u32> {
-    parse_stat(csv)
-        .into_iter()
-        .filter(|row| row.get("svname").is_some_and(|n| n == "BACKEND"))
-        .filter_map(|row| Some((row.get("pxname")?.clone(), row.get("iid")?.parse().ok()?)))
+    let mut lines = csv.lines();
+    let Some(first) = lines.next() else {
+        return BTreeMap::new();
+    };
+    let header: Vec<&str> = first.trim_start_matches("# ").split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(px), Some(sv), Some(iid)) = (col("pxname"), col("svname"), col("iid")) else {
+        return BTreeMap::new();
+    };
+    let last = px.max(sv).max(iid);
+    lines
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.splitn(last + 2, ',').collect();
+            (fields.get(sv) == Some(&"BACKEND"))
+                .then(|| Some((fields.get(px)?.to_string(), fields.get(iid)?.parse().ok()?)))
+                .flatten()
+        })
         .collect()
 }
 

@@ -99,6 +99,21 @@ struct Texts {
     entries: HashMap<Box<[u8]>, (String, u64)>,
 }
 
+/// Versions of the `services.<name>` values of one context, so that a loop over
+/// `services` knows an unchanged service without encoding its instances: a join among
+/// 100 000 instances in 1 000 services used to encode and hash every instance object to
+/// find the 999 services it did not touch (~40 ms). Kept by the owner of the context
+/// ([`crate::data::TemplateData`]), which patches services one by one.
+#[derive(Debug)]
+struct Stamps {
+    /// The address of the context these describe; any other context is encoded as usual.
+    ctx: usize,
+    /// Changes whenever the context was built anew.
+    epoch: u64,
+    /// A service changed since the epoch began → its newest stamp (absent: unchanged).
+    changed: HashMap<String, u64>,
+}
+
 /// The shared state of the helper and its [`Renderer`](super::Renderer).
 #[derive(Default)]
 pub(crate) struct Cache {
@@ -110,6 +125,9 @@ pub(crate) struct Cache {
     /// Items served from the cache / rendered, since the last [`Cache::take_stats`].
     hits: u64,
     misses: u64,
+    stamps: Option<Stamps>,
+    /// The last stamp or epoch handed out.
+    counter: u64,
 }
 
 impl Cache {
@@ -119,6 +137,45 @@ impl Cache {
             disabled,
             ..Cache::default()
         };
+    }
+
+    /// The context at `ctx` was built anew: every `services.<name>` it holds is new.
+    pub(crate) fn services_rebuilt(&mut self, ctx: usize) {
+        self.counter += 1;
+        self.stamps = Some(Stamps {
+            ctx,
+            epoch: self.counter,
+            changed: HashMap::new(),
+        });
+    }
+
+    /// These `services.<name>` values of the context at `ctx` were changed in place.
+    pub(crate) fn services_changed<'a>(
+        &mut self,
+        ctx: usize,
+        names: impl Iterator<Item = &'a str>,
+    ) {
+        match &mut self.stamps {
+            Some(st) if st.ctx == ctx => {
+                for name in names {
+                    self.counter += 1;
+                    st.changed.insert(name.to_string(), self.counter);
+                }
+            }
+            // A context nobody stamped from its start: encode its items as usual.
+            _ => self.stamps = None,
+        }
+    }
+
+    /// (epoch, changed) when a loop over `path` of the context at `ctx` may use stamps.
+    fn stamps_for(
+        &self,
+        ctx: usize,
+        path: Option<&Vec<String>>,
+    ) -> Option<(u64, &HashMap<String, u64>)> {
+        let st = self.stamps.as_ref().filter(|st| st.ctx == ctx)?;
+        (path.map(Vec::as_slice) == Some(&["services".to_string()][..]))
+            .then_some((st.epoch, &st.changed))
     }
 
     /// Ends one render of `template`: drops the texts it did not use.
@@ -375,16 +432,24 @@ impl HelperDef for CachedEach {
         // that is the same for the whole loop.
         let block_id = t as *const Template as usize;
         let template_name = rc.get_root_template_name().cloned().unwrap_or_default();
-        let reads = {
+        // `{{#each services}}` over the stamped context: an item's version stands in for
+        // its encoding (epoch, and the service's stamp: 0 = unchanged since the epoch).
+        let ctx_id = ctx as *const Context as usize;
+        let (reads, stamps) = {
             let mut c = lock(&self.0);
             if c.disabled {
-                None
+                (None, None)
             } else {
                 c.templates.entry(template_name.clone()).or_default();
-                c.blocks
+                let reads = c
+                    .blocks
                     .entry(block_id)
                     .or_insert_with(|| analyse(t).map(Arc::new))
-                    .clone()
+                    .clone();
+                let stamps = c
+                    .stamps_for(ctx_id, value.context_path())
+                    .map(|(epoch, changed)| (epoch, changed.clone()));
+                (reads, stamps)
             }
         };
         let mut prefix = Vec::with_capacity(64);
@@ -426,7 +491,20 @@ impl HelperDef for CachedEach {
                         key.extend_from_slice(&(k.len() as u64).to_le_bytes());
                         key.extend_from_slice(k.as_bytes());
                     }
-                    encode(v, &mut key);
+                    match (&stamps, k) {
+                        (Some((epoch, changed)), Some(name)) => {
+                            key.push(b'S');
+                            key.extend_from_slice(&epoch.to_le_bytes());
+                            let stamp = changed.get(name).copied().unwrap_or(0);
+                            key.extend_from_slice(&stamp.to_le_bytes());
+                            key.extend_from_slice(&(name.len() as u64).to_le_bytes());
+                            key.extend_from_slice(name.as_bytes());
+                        }
+                        _ => {
+                            key.push(b'V');
+                            encode(v, &mut key);
+                        }
+                    }
                     let mut c = lock(&self.0);
                     let c = &mut *c;
                     let mut served = false;
