@@ -18,6 +18,8 @@ pub struct ApplyLine {
     pub end: f64,
     pub took: f64,
     pub waited: f64,
+    /// Template data brought up to date (absent from older renderers' lines: 0).
+    pub data: f64,
     pub render: f64,
     pub plan: f64,
     pub runtime: f64,
@@ -42,6 +44,7 @@ pub fn apply_lines(log: &str) -> BTreeMap<i64, ApplyLine> {
                 end: rfc3339_unix_ms(v["timestamp"].as_str()?)?,
                 took: d("took")?,
                 waited: d("waited")?,
+                data: d("data").unwrap_or(0.0),
                 render: d("render")?,
                 plan: d("plan")?,
                 runtime: d("runtime")?,
@@ -124,10 +127,11 @@ pub struct Join {
 }
 
 /// The stages, in order, as (name, ms per join).
-pub const STAGES: [&str; 10] = [
+pub const STAGES: [&str; 11] = [
     "etcd write acknowledged",
     "watch delivery (ack → renderer loop)",
     "coalescing wait",
+    "template data update",
     "render",
     "plan",
     "runtime API commands",
@@ -138,18 +142,19 @@ pub const STAGES: [&str; 10] = [
 ];
 
 /// Each join split into [`STAGES`] (joins without an apply line are left out).
-pub fn split(joins: &[Join], applies: &BTreeMap<i64, ApplyLine>) -> Vec<[f64; 10]> {
+pub fn split(joins: &[Join], applies: &BTreeMap<i64, ApplyLine>) -> Vec<[f64; 11]> {
     joins
         .iter()
         .filter_map(|j| {
             let a = applies.get(&j.revision)?;
             let start = a.end - a.took;
             let arrived = start - a.waited;
-            let rest = (a.took - a.render - a.plan - a.runtime - a.verify).max(0.0);
+            let rest = (a.took - a.data - a.render - a.plan - a.runtime - a.verify).max(0.0);
             Some([
                 j.acked - j.put,
                 arrived - j.acked,
                 a.waited,
+                a.data,
                 a.render,
                 a.plan,
                 a.runtime,
@@ -164,8 +169,8 @@ pub fn split(joins: &[Join], applies: &BTreeMap<i64, ApplyLine>) -> Vec<[f64; 10
 
 /// The stage that weighs most in the slowest 1 % of joins (by put → served): its name and
 /// its mean there (ms). The "our part" total is not a stage of its own.
-pub fn tail_culprit(joins: &[Join], split: &[[f64; 10]]) -> Option<(&'static str, f64)> {
-    let mut totals: Vec<(f64, &[f64; 10])> = joins
+pub fn tail_culprit(joins: &[Join], split: &[[f64; 11]]) -> Option<(&'static str, f64)> {
+    let mut totals: Vec<(f64, &[f64; 11])> = joins
         .iter()
         .zip(split)
         .map(|(j, s)| (j.served - j.put, s))
@@ -175,7 +180,7 @@ pub fn tail_culprit(joins: &[Join], split: &[[f64; 10]]) -> Option<(&'static str
     if tail.is_empty() {
         return None;
     }
-    (0..9)
+    (0..STAGES.len() - 1)
         .map(|i| {
             let mean = tail.iter().map(|(_, s)| s[i]).sum::<f64>() / tail.len() as f64;
             (STAGES[i], mean)
@@ -214,7 +219,7 @@ mod tests {
 
     #[test]
     fn a_join_splits_into_stages_that_add_up() {
-        let log = r#"{"timestamp":"1970-01-01T00:00:01.010000Z","level":"INFO","fields":{"message":"apply","revision":7,"took":"4ms","waited":"1ms","render":"500µs","plan":"500µs","runtime":"1ms","verify":"1ms"}}
+        let log = r#"{"timestamp":"1970-01-01T00:00:01.010000Z","level":"INFO","fields":{"message":"apply","revision":7,"took":"4ms","waited":"1ms","data":"0ns","render":"500µs","plan":"500µs","runtime":"1ms","verify":"1ms"}}
 {"timestamp":"1970-01-01T00:00:01.000000Z","level":"INFO","fields":{"message":"watching","revision":7}}
 not json"#;
         let applies = apply_lines(log);
@@ -226,12 +231,12 @@ not json"#;
             served: 1012.0,
         }];
         let s = split(&joins, &applies);
-        let want = [2.0, 3.0, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0, 2.0, 5.0];
+        let want = [2.0, 3.0, 1.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 2.0, 5.0];
         for (got, want) in s[0].iter().zip(want) {
             assert!((got - want).abs() < 1e-6, "{:?}", s[0]);
         }
         // Every stage but the "our part" total adds up to put → served.
-        assert!((s[0][..9].iter().sum::<f64>() - 12.0).abs() < 1e-6);
+        assert!((s[0][..10].iter().sum::<f64>() - 12.0).abs() < 1e-6);
         assert_eq!(
             tail_culprit(&joins, &s),
             Some(("watch delivery (ack → renderer loop)", 3.0))

@@ -112,6 +112,7 @@ pub async fn apply_guarded(
     quarantine.refresh(model);
     for round in 0..=3 {
         let excluded = quarantine.keys();
+        let started = std::time::Instant::now();
         let (ctx, cut) = data.update(
             renderer,
             model,
@@ -141,7 +142,9 @@ pub async fn apply_guarded(
                 };
             }
         }
-        let report = applier.apply(renderer, ctx).await;
+        let data_took = started.elapsed();
+        let mut report = applier.apply(renderer, ctx).await;
+        report.timings.data += data_took;
         let Some(line) = report.rejected_lines.first().filter(|_| round < 3) else {
             return report;
         };

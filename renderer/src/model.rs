@@ -38,6 +38,8 @@ pub struct Model {
     /// The same, since the last [`Model::take_booked`] (the bookkeeping's view: the
     /// applied set, `/status`), so that a change to one service books only that service.
     booked: Changes,
+    /// Template data without the root's flat `instances` list (no template reads it).
+    no_flat_list: bool,
 }
 
 /// Instances added, changed or removed since the template data was last brought up to
@@ -369,26 +371,37 @@ impl Model {
                 )
             })
             .collect();
-        let instances: Vec<Value> = services
-            .values()
-            .filter_map(Value::as_array)
-            .flatten()
-            .cloned()
-            .collect();
+        let instances: Option<Vec<Value>> = (!self.no_flat_list).then(|| {
+            services
+                .values()
+                .filter_map(Value::as_array)
+                .flatten()
+                .cloned()
+                .collect()
+        });
         (self.wrap(services, instances, vars), cut)
+    }
+
+    /// Whether the template data holds the root's flat `instances` list (a second copy of
+    /// every instance: ~200 MiB at 100 000): only when a template may read it
+    /// ([`crate::render::Renderer::reads_flat_instances`]). On by default.
+    pub fn set_flat_list(&mut self, wanted: bool) {
+        self.no_flat_list = !wanted;
     }
 
     fn wrap(
         &self,
         services: serde_json::Map<String, Value>,
-        instances: Vec<Value>,
+        instances: Option<Vec<Value>>,
         vars: &BTreeMap<String, String>,
     ) -> Value {
         // Moved in, not through json!: the macro serialises its arguments by reference,
         // which deep-copies every instance object again (~13 ms of ~20 at 10 000).
         let mut root = serde_json::Map::new();
         root.insert("services".into(), Value::Object(services));
-        root.insert("instances".into(), Value::Array(instances));
+        if let Some(instances) = instances {
+            root.insert("instances".into(), Value::Array(instances));
+        }
         root.insert("vars".into(), json!(vars));
         root.insert("revision".into(), json!(self.revision));
         Value::Object(root)

@@ -16,6 +16,7 @@
 //! rendered for, e.g. "3.0.11"; "" when unknown), to compare with `version_at_least`.
 
 mod each;
+mod flat;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -54,6 +55,8 @@ pub struct Renderer {
     each_cache: Arc<Mutex<each::Cache>>,
     /// A template uses partials or decorators: `{{#each}}` renders every item every time.
     plain_each: bool,
+    /// A template may read the root's flat `instances` list (see [`flat`]).
+    flat_instances: bool,
 }
 
 impl Default for Renderer {
@@ -111,6 +114,7 @@ impl Renderer {
             haproxy: serde_json::json!({"version": ""}),
             each_cache,
             plain_each: false,
+            flat_instances: false,
         }
     }
 
@@ -128,6 +132,12 @@ impl Renderer {
         self.each_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether a loaded template may read the root's flat `instances` list: the template
+    /// data holds it only then.
+    pub fn reads_flat_instances(&self) -> bool {
+        self.flat_instances
+    }
+
     /// The `services.<name>` names the loaded templates use.
     pub fn named_services(&self) -> &BTreeSet<String> {
         &self.named_services
@@ -138,6 +148,7 @@ impl Renderer {
         let compile_error = compile_error(name.to_string());
         let tree = Template::compile(text).map_err(&compile_error)?;
         collect_services(&tree, &mut self.named_services);
+        self.flat_instances |= flat::may_read_instances(&tree);
         self.plain_each |= each::needs_plain_each(&tree);
         self.lock_cache().reset(self.plain_each);
         self.hbs
@@ -150,6 +161,7 @@ impl Renderer {
         let compile_error = compile_error(format!("partial {name}"));
         let tree = Template::compile(text).map_err(&compile_error)?;
         collect_services(&tree, &mut self.named_services);
+        self.flat_instances |= flat::may_read_instances(&tree);
         self.hbs.register_partial(name, text).map_err(compile_error)
     }
 

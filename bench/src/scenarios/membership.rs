@@ -95,12 +95,15 @@ pub(crate) async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) 
         });
     }
     // Our own code on the path, without the HAProxy dialogue (runtime commands, verify):
-    // coalescing wait + render + plan + the rest of the apply.
-    let own: Vec<f64> = split.iter().map(|s| s[2] + s[3] + s[4] + s[7]).collect();
+    // coalescing wait + template data + render + plan + the rest of the apply.
+    let own: Vec<f64> = split
+        .iter()
+        .map(|s| s[2] + s[3] + s[4] + s[5] + s[8])
+        .collect();
     rows.push(
         Row::new(
             "convergence",
-            "our own code (wait + render + plan + rest), p99",
+            "our own code (wait + data + render + plan + rest), p99",
             percentile(&own, 99.0),
             "ms",
         )

@@ -126,6 +126,8 @@ pub struct Report {
 /// Time spent per step of an apply (for the apply log line).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Timings {
+    /// Bringing the template data up to date with the registry.
+    pub data: Duration,
     /// Handlebars.
     pub render: Duration,
     /// Comparing the new config with the running one.
@@ -289,10 +291,8 @@ impl Applier {
             if let (true, Some(cli), Some(old)) =
                 (live_ok, self.reloader.cli(), t.running.as_deref())
             {
-                let old = String::from_utf8_lossy(old);
-                let new = String::from_utf8_lossy(&bytes);
                 let started = std::time::Instant::now();
-                let planned = plan::plan(&old, &new);
+                let planned = plan::plan(old, &bytes);
                 report.timings.plan += started.elapsed();
                 match planned {
                     Some(plan) if plan.too_big(&self.runtime_limits).is_some() => {

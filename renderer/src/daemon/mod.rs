@@ -88,8 +88,10 @@ impl Daemon {
     ) -> Self {
         let next_live_check = config.resync.map(|p| Instant::now() + p);
         let hold = EmptyHold::new(config.empty_hold);
+        let mut model = Model::new(&config.prefix);
+        model.set_flat_list(renderer.reads_flat_instances());
         Daemon {
-            model: Model::new(&config.prefix),
+            model,
             data: TemplateData::new(),
             coalescer: Coalescer::new(config.wait_min, config.wait_max),
             config,
@@ -260,9 +262,17 @@ impl Daemon {
     async fn reload_templates(&mut self) {
         self.notifier.reloading("reloading templates (SIGHUP)");
         let candidate = match crate::start::compile(&self.config).await {
-            Ok(r) => self.trial_render(&r).map(|()| r),
+            Ok(r) => {
+                // The new templates' data: with the flat list if any of them may read it.
+                self.model.set_flat_list(r.reads_flat_instances());
+                self.trial_render(&r).map(|()| r)
+            }
             Err(e) => Err(e),
         };
+        if candidate.is_err() {
+            self.model
+                .set_flat_list(self.renderer.reads_flat_instances());
+        }
         let result = match candidate {
             Ok(renderer) => {
                 self.renderer = renderer;
@@ -408,6 +418,7 @@ impl Daemon {
             errors = report.errors.len(),
             took = ?started.elapsed(),
             waited = ?waited,
+            data = ?report.timings.data,
             render = ?report.timings.render,
             plan = ?report.timings.plan,
             runtime = ?report.timings.runtime,
