@@ -393,9 +393,7 @@ pub fn plan(old: impl AsRef<[u8]>, new: impl AsRef<[u8]>) -> Option<Plan> {
     let n: Vec<&str> = new_mid.lines().collect();
     // The section the differing lines start in (the same in both: the lines before agree):
     // the last line before them that is a section header.
-    let header_line = new[..pre]
-        .split(|b| *b == b'\n')
-        .rev()
+    let header_line = byte_lines_rev(&new[..pre])
         .filter(|l| {
             l.first()
                 .is_some_and(|c| !c.is_ascii_whitespace() && *c != b'#')
@@ -430,9 +428,34 @@ pub fn plan(old: impl AsRef<[u8]>, new: impl AsRef<[u8]>) -> Option<Plan> {
         }
     }
     let touched = plan.backends();
-    let lines = new.split(|b| *b == b'\n');
-    plan.backend_info = backend_info(lines, |b| touched.iter().any(|t| t == b));
+    plan.backend_info = backend_info(byte_lines(new), |b| touched.iter().any(|t| t == b));
     Some(plan)
+}
+
+/// The lines of `text` (without their `\n`), found with memchr: a closure per byte was
+/// ~5 ms over a 6 MB config.
+fn byte_lines(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', text)
+        .chain(std::iter::once(text.len()))
+        .filter_map(move |end| {
+            let line = text.get(start..end)?;
+            start = end + 1;
+            Some(line)
+        })
+}
+
+/// [`byte_lines`] from the last line to the first.
+fn byte_lines_rev(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut end = text.len();
+    memchr::memrchr_iter(b'\n', text)
+        .map(|p| p + 1)
+        .chain(std::iter::once(0))
+        .filter_map(move |start| {
+            let line = text.get(start..end)?;
+            end = start.saturating_sub(1);
+            Some(line)
+        })
 }
 
 /// (bytes, bytes): the longest beginning and end of `a` and `b` made of whole lines that
@@ -737,6 +760,18 @@ mod tests {
         remove.sort();
         update.sort();
         Some((add, remove, update))
+    }
+
+    #[test]
+    fn byte_lines_split_like_split_on_newline() {
+        for text in ["", "a", "a\n", "a\nb", "a\n\nb\n", "\n"] {
+            let want: Vec<&[u8]> = text.as_bytes().split(|b| *b == b'\n').collect();
+            let got: Vec<&[u8]> = byte_lines(text.as_bytes()).collect();
+            assert_eq!(got, want, "{text:?}");
+            let mut back: Vec<&[u8]> = byte_lines_rev(text.as_bytes()).collect();
+            back.reverse();
+            assert_eq!(back, want, "{text:?} reversed");
+        }
     }
 
     proptest::proptest! {
