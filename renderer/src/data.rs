@@ -255,6 +255,35 @@ mod tests {
     }
 
     #[test]
+    fn the_flat_list_is_there_exactly_for_templates_that_read_it() {
+        let vars = BTreeMap::new();
+        let none = BTreeSet::new();
+        for (template, flat) in [
+            ("{{#each instances}}{{service}}/{{id}},{{/each}}", true),
+            (PER_SERVICE, false),
+        ] {
+            let mut renderer = Renderer::new();
+            renderer.add("t", template).unwrap();
+            assert_eq!(renderer.reads_flat_instances(), flat, "{template}");
+            let mut model = Model::new("/services");
+            model.set_flat_list(renderer.reads_flat_instances());
+            let mut td = TemplateData::new();
+            for (s, i) in [("b", "x"), ("a", "y")] {
+                let key = registry::instance_key("/services", s, i);
+                model.put(&key, record(s, i, 80).as_bytes());
+                let ctx = td.update(&renderer, &mut model, &vars, &none, usize::MAX).0;
+                assert_eq!(ctx.data().get("instances").is_some(), flat, "{template}");
+                renderer.render_with("t", ctx).unwrap();
+            }
+            let ctx = td.update(&renderer, &mut model, &vars, &none, usize::MAX).0;
+            let text = String::from_utf8(renderer.render_with("t", ctx).unwrap()).unwrap();
+            if flat {
+                assert_eq!(text, "a/y,b/x,");
+            }
+        }
+    }
+
+    #[test]
     fn quarantine_and_caps_rebuild() {
         let renderer = Renderer::new();
         let vars = BTreeMap::new();
