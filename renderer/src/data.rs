@@ -160,6 +160,17 @@ mod tests {
         registry::Instance::new(service, id, "10.0.0.1", port).encode()
     }
 
+    /// One step of a random sequence: a put (or a delete) and the next revision.
+    fn change(model: &mut Model, service: &str, id: &str, port: u16, put: bool) {
+        let key = registry::instance_key("/services", service, id);
+        if put {
+            model.put(&key, record(service, id, port).as_bytes());
+        } else {
+            model.delete(&key);
+        }
+        model.revision += 1;
+    }
+
     proptest! {
         /// Patched data equals rebuilt data after any sequence of puts and deletes.
         #[test]
@@ -173,14 +184,7 @@ mod tests {
             let mut model = Model::new("/services");
             let mut td = TemplateData::new();
             for (svc, id, port, put) in steps {
-                let (service, id) = (format!("s{svc}"), format!("i{id:02}"));
-                let key = registry::instance_key("/services", &service, &id);
-                if put {
-                    model.put(&key, record(&service, &id, 1000 + port).as_bytes());
-                } else {
-                    model.delete(&key);
-                }
-                model.revision += 1;
+                change(&mut model, &format!("s{svc}"), &format!("i{id:02}"), 1000 + port, put);
                 let patched = td.update(&renderer, &mut model, &vars, &none, usize::MAX).0.data().clone();
                 let rebuilt = renderer.context(model.template_data(&vars)).data().clone();
                 prop_assert_eq!(patched, rebuilt);
@@ -205,14 +209,7 @@ mod tests {
             let mut model = Model::new("/services");
             let mut td = TemplateData::new();
             for (svc, id, port, put) in steps {
-                let (service, id) = (format!("s{svc}"), format!("i{id}"));
-                let key = registry::instance_key("/services", &service, &id);
-                if put {
-                    model.put(&key, record(&service, &id, 1000 + port).as_bytes());
-                } else {
-                    model.delete(&key);
-                }
-                model.revision += 1;
+                change(&mut model, &format!("s{svc}"), &format!("i{id}"), 1000 + port, put);
                 let ctx = td.update(&warm, &mut model, &vars, &none, usize::MAX).0;
                 let got = warm.render_with("t", ctx).unwrap();
                 let mut cold = Renderer::new();
