@@ -115,13 +115,17 @@ impl Listing {
 mod tests {
     use super::*;
 
+    fn put(m: &mut Model, service: &str, id: &str) {
+        let v = registry::Instance::new(service, id, "10.0.0.1", 80).encode();
+        m.put(
+            &registry::instance_key("/services", service, id),
+            v.as_bytes(),
+        );
+    }
+
     #[test]
     fn a_scope_walks_only_its_services() {
         let mut model = Model::new("/services");
-        let put = |m: &mut Model, s: &str, i: &str| {
-            let v = registry::Instance::new(s, i, "10.0.0.1", 80).encode();
-            m.put(&registry::instance_key("/services", s, i), v.as_bytes());
-        };
         for s in 0..1000 {
             put(&mut model, &format!("svc{s:03}"), "a");
         }
@@ -145,10 +149,6 @@ mod tests {
     #[test]
     fn applied_set_follows_the_model_and_lists_the_difference() {
         let mut model = Model::new("/services");
-        let put = |m: &mut Model, s: &str, i: &str| {
-            let v = registry::Instance::new(s, i, "10.0.0.1", 80).encode();
-            m.put(&registry::instance_key("/services", s, i), v.as_bytes());
-        };
         for i in ["a", "b", "c"] {
             put(&mut model, "web", i);
         }

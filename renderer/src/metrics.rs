@@ -244,11 +244,8 @@ pub struct State {
     /// The `/status` document ([`crate::status::StatusDoc`]), written as JSON when asked
     /// for: an apply hands over a snapshot, and serialising 100 000 instances after every
     /// apply cost more than the apply.
-    pub status: Mutex<StatusJson>,
+    pub status: Mutex<observe::StatusFn>,
 }
-
-/// Something that writes the `/status` JSON.
-pub type StatusJson = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl State {
     pub fn new(grace: Duration) -> Arc<State> {
@@ -277,7 +274,7 @@ impl State {
     }
 
     /// After an apply: ready from the first good one on; `/status` serves what `doc` writes.
-    pub fn set_applied(&self, ok: bool, doc: StatusJson) {
+    pub fn set_applied(&self, ok: bool, doc: observe::StatusFn) {
         if ok {
             self.applied
                 .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -167,15 +167,19 @@ impl Cache {
         }
     }
 
-    /// (epoch, changed) when a loop over `path` of the context at `ctx` may use stamps.
-    fn stamps_for(
-        &self,
-        ctx: usize,
-        path: Option<&Vec<String>>,
-    ) -> Option<(u64, &HashMap<String, u64>)> {
+    /// The epoch, when a loop over `path` of the context at `ctx` may use stamps.
+    fn stamped_epoch(&self, ctx: usize, path: Option<&Vec<String>>) -> Option<u64> {
         let st = self.stamps.as_ref().filter(|st| st.ctx == ctx)?;
-        (path.map(Vec::as_slice) == Some(&["services".to_string()][..]))
-            .then_some((st.epoch, &st.changed))
+        path.is_some_and(|p| p.len() == 1 && p[0] == "services")
+            .then_some(st.epoch)
+    }
+
+    /// The stamp of service `name` in the current epoch (0: unchanged since it began).
+    fn stamp(&self, name: &str) -> u64 {
+        self.stamps
+            .as_ref()
+            .and_then(|st| st.changed.get(name).copied())
+            .unwrap_or(0)
     }
 
     /// Ends one render of `template`: drops the texts it did not use.
@@ -435,7 +439,7 @@ impl HelperDef for CachedEach {
         // `{{#each services}}` over the stamped context: an item's version stands in for
         // its encoding (epoch, and the service's stamp: 0 = unchanged since the epoch).
         let ctx_id = ctx as *const Context as usize;
-        let (reads, stamps) = {
+        let (reads, epoch) = {
             let mut c = lock(&self.0);
             if c.disabled {
                 (None, None)
@@ -446,10 +450,8 @@ impl HelperDef for CachedEach {
                     .entry(block_id)
                     .or_insert_with(|| analyse(t).map(Arc::new))
                     .clone();
-                let stamps = c
-                    .stamps_for(ctx_id, value.context_path())
-                    .map(|(epoch, changed)| (epoch, changed.clone()));
-                (reads, stamps)
+                let epoch = c.stamped_epoch(ctx_id, value.context_path());
+                (reads, epoch)
             }
         };
         let mut prefix = Vec::with_capacity(64);
@@ -491,12 +493,13 @@ impl HelperDef for CachedEach {
                         key.extend_from_slice(&(k.len() as u64).to_le_bytes());
                         key.extend_from_slice(k.as_bytes());
                     }
-                    match (&stamps, k) {
-                        (Some((epoch, changed)), Some(name)) => {
+                    let mut c = lock(&self.0);
+                    let c = &mut *c;
+                    match (epoch, k) {
+                        (Some(epoch), Some(name)) => {
                             key.push(b'S');
                             key.extend_from_slice(&epoch.to_le_bytes());
-                            let stamp = changed.get(name).copied().unwrap_or(0);
-                            key.extend_from_slice(&stamp.to_le_bytes());
+                            key.extend_from_slice(&c.stamp(name).to_le_bytes());
                             key.extend_from_slice(&(name.len() as u64).to_le_bytes());
                             key.extend_from_slice(name.as_bytes());
                         }
@@ -505,8 +508,6 @@ impl HelperDef for CachedEach {
                             encode(v, &mut key);
                         }
                     }
-                    let mut c = lock(&self.0);
-                    let c = &mut *c;
                     let mut served = false;
                     if let Some(texts) = c.templates.get_mut(&template_name) {
                         let generation = texts.generation;
