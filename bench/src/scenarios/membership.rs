@@ -20,18 +20,12 @@ pub(crate) async fn convergence(o: &Opts, series: &mut Vec<(String, Vec<f64>)>) 
     for i in 0..count {
         let b = &e.backends[1 + i % 3];
         let key = registry::instance_key("/services", "webapp", &b.id);
-        let value = registry::Instance::new("webapp", &b.id, "127.0.0.1", b.port).encode();
-        let t = Instant::now();
-        let resp = c.put(key.as_str(), value, None).await.unwrap();
-        let acked = Instant::now();
-        if let Some(done) = until_served(e.lb.http_port, &b.id, Duration::from_secs(10)).await {
-            join.push(ms(done - t));
-            measured.push(stages::Join {
-                revision: resp.header().map_or(0, |h| h.revision()),
-                put: clock.unix_ms(t),
-                acked: clock.unix_ms(acked),
-                served: clock.unix_ms(done),
-            });
+        let port = e.lb.http_port;
+        if let Some(j) =
+            timed_join(&mut c, &clock, "webapp", b, port, Duration::from_secs(10)).await
+        {
+            join.push(j.served - j.put);
+            measured.push(j);
         }
         // ~10 changes a second, each measured on its own (bursts are the storm scenario's
         // business): a change after a live apply is applied at once, so this spacing

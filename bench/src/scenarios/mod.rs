@@ -99,6 +99,32 @@ pub(crate) async fn until_served(port: u16, id: &str, timeout: Duration) -> Opti
     None
 }
 
+/// Registers `b` as an instance of `service` through `c` (one client kept for the whole
+/// run, as a registrar keeps its connection) and sends requests through HAProxy on `port`
+/// until `b` answers: the join as [`stages`] splits it, `None` when not served within
+/// `timeout`.
+pub(crate) async fn timed_join(
+    c: &mut etcd_client::Client,
+    clock: &stages::Clock,
+    service: &str,
+    b: &Backend,
+    port: u16,
+    timeout: Duration,
+) -> Option<stages::Join> {
+    let key = registry::instance_key("/services", service, &b.id);
+    let value = registry::Instance::new(service, &b.id, "127.0.0.1", b.port).encode();
+    let t = Instant::now();
+    let resp = c.put(key.as_str(), value, None).await.unwrap();
+    let acked = Instant::now();
+    let served = until_served(port, &b.id, timeout).await?;
+    Some(stages::Join {
+        revision: resp.header().map_or(0, |h| h.revision()),
+        put: clock.unix_ms(t),
+        acked: clock.unix_ms(acked),
+        served: clock.unix_ms(served),
+    })
+}
+
 /// Sends requests until `quiet` answers in a row come from others than `id`; returns the
 /// time of the first of them (when `id` left rotation) and the failures seen meanwhile.
 pub(crate) async fn until_gone(

@@ -448,21 +448,17 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
     let mut c = etcd.client().await;
     let n = if o.quick { 3 } else { 20 };
     for _ in 0..n {
-        let key = registry::instance_key("/services", "svc0000", &b.id);
-        let value = registry::Instance::new("svc0000", &b.id, "127.0.0.1", b.port).encode();
-        let t = Instant::now();
-        let resp = c.put(key.as_str(), value, None).await.unwrap();
-        let acked = Instant::now();
-        let served = until_served(lb.http_port, &b.id, Duration::from_secs(60)).await;
-        joins.push(served.map_or(f64::NAN, |s| ms(s - t)));
-        if let Some(s) = served {
-            measured.push(stages::Join {
-                revision: resp.header().map_or(0, |h| h.revision()),
-                put: clock.unix_ms(t),
-                acked: clock.unix_ms(acked),
-                served: clock.unix_ms(s),
-            });
-        }
+        let joined = timed_join(
+            &mut c,
+            &clock,
+            "svc0000",
+            &b,
+            lb.http_port,
+            Duration::from_secs(60),
+        )
+        .await;
+        joins.push(joined.as_ref().map_or(f64::NAN, |j| j.served - j.put));
+        measured.extend(joined);
         etcd.delete(&registry::instance_key("/services", "svc0000", &b.id))
             .await;
         let deadline = Instant::now() + Duration::from_secs(60);
