@@ -128,9 +128,7 @@ pub async fn apply_guarded(
             );
         }
         for (service, min) in &config.min_instances {
-            let have = ctx.data()["services"][service]
-                .as_array()
-                .map_or(0, Vec::len);
+            let have = crate::data::instances_in(ctx, service);
             if have < *min {
                 let msg = format!(
                     "refusing to apply: service {service} would have {have} instance(s), below --min-instances {service}={min}; keeping the last good config"

@@ -337,6 +337,20 @@ impl Model {
         exclude: &BTreeSet<String>,
         max_per_service: usize,
     ) -> (Value, usize) {
+        self.template_data_stored(vars, exclude, max_per_service, &|_, list| {
+            Value::Array(list)
+        })
+    }
+
+    /// [`template_data_with`](Self::template_data_with), each service's list stored as
+    /// `store(name, list)` makes it (the renderer's template data freezes most of them).
+    pub fn template_data_stored(
+        &self,
+        vars: &BTreeMap<String, String>,
+        exclude: &BTreeSet<String>,
+        max_per_service: usize,
+        store: &dyn Fn(&str, Vec<Value>) -> Value,
+    ) -> (Value, usize) {
         let mut cut = 0;
         let mut kept: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
         let mut ids: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
@@ -356,29 +370,23 @@ impl Model {
             }
         }
         // Each instance's object is built once; `instances` gets copies (cheaper than
-        // building them again: ~2x at 10 000 instances).
+        // building them again: ~2x at 10 000 instances). One service at a time, so that
+        // stored smaller, the objects of all of them never exist at once.
+        let mut instances: Option<Vec<Value>> = (!self.no_flat_list).then(Vec::new);
         let services: serde_json::Map<String, Value> = kept
             .iter()
             .map(|(name, list)| {
-                (
-                    name.to_string(),
-                    Value::Array(
-                        list.iter()
-                            .zip(&ids[name])
-                            .map(|(i, n)| instance_json(i, *n, self.admin_of(&i.service, &i.id)))
-                            .collect(),
-                    ),
-                )
+                let list: Vec<Value> = list
+                    .iter()
+                    .zip(&ids[name])
+                    .map(|(i, n)| instance_json(i, *n, self.admin_of(&i.service, &i.id)))
+                    .collect();
+                if let Some(all) = &mut instances {
+                    all.extend(list.iter().cloned());
+                }
+                (name.to_string(), store(name, list))
             })
             .collect();
-        let instances: Option<Vec<Value>> = (!self.no_flat_list).then(|| {
-            services
-                .values()
-                .filter_map(Value::as_array)
-                .flatten()
-                .cloned()
-                .collect()
-        });
         (self.wrap(services, instances, vars), cut)
     }
 

@@ -57,6 +57,9 @@ pub struct Renderer {
     plain_each: bool,
     /// A template may read the root's flat `instances` list (see [`flat`]).
     flat_instances: bool,
+    /// A template reads `services` otherwise than through top-level cacheable
+    /// `{{#each services}}` loops and the `instances` helper (see [`flat`]).
+    services_read_otherwise: bool,
 }
 
 impl Default for Renderer {
@@ -75,13 +78,14 @@ impl Renderer {
     /// own, the reference the cache is tested against).
     fn build(cached_each: bool) -> Self {
         let mut hbs = Handlebars::new();
+        let each_cache = Arc::new(Mutex::new(each::Cache::default()));
         hbs.register_escape_fn(handlebars::no_escape);
         hbs.set_strict_mode(true);
         let ours: [(&str, Box<dyn HelperDef + Send + Sync>); 22] = [
             ("default", Box::new(DefaultHelper)),
             ("join", Box::new(join)),
             ("json", Box::new(json)),
-            ("instances", Box::new(InstancesHelper)),
+            ("instances", Box::new(InstancesHelper(each_cache.clone()))),
             ("by_tag", Box::new(by_tag)),
             ("by_meta", Box::new(by_meta)),
             ("sort_by", Box::new(sort_by)),
@@ -104,7 +108,6 @@ impl Renderer {
         for (name, helper) in ours {
             hbs.register_helper(name, helper);
         }
-        let each_cache = Arc::new(Mutex::new(each::Cache::default()));
         if cached_each {
             hbs.register_helper("each", Box::new(each::CachedEach(each_cache.clone())));
         }
@@ -115,6 +118,7 @@ impl Renderer {
             each_cache,
             plain_each: false,
             flat_instances: false,
+            services_read_otherwise: !cached_each,
         }
     }
 
@@ -138,6 +142,19 @@ impl Renderer {
         self.flat_instances
     }
 
+    /// Whether the template data may keep services frozen (see [`freeze_service`]): only
+    /// when every template reads `services` through top-level `{{#each services}}` loops
+    /// the each-cache caches, or the `instances` helper — both thaw what they meet.
+    pub fn freezes_services(&self) -> bool {
+        !self.services_read_otherwise && !self.plain_each
+    }
+
+    /// The services the `instances` helper thawed since the last call: worth keeping
+    /// thawed, as it will ask for them again at every render.
+    pub fn take_thawed(&self) -> BTreeSet<String> {
+        std::mem::take(&mut self.lock_cache().thawed)
+    }
+
     /// The `services.<name>` names the loaded templates use.
     pub fn named_services(&self) -> &BTreeSet<String> {
         &self.named_services
@@ -149,6 +166,7 @@ impl Renderer {
         let tree = Template::compile(text).map_err(&compile_error)?;
         collect_services(&tree, &mut self.named_services);
         self.flat_instances |= flat::may_read_instances(&tree);
+        self.services_read_otherwise |= !flat::services_only_by_root_loops(&tree, &each::cacheable);
         self.plain_each |= each::needs_plain_each(&tree);
         self.lock_cache().reset(self.plain_each);
         self.hbs
@@ -162,6 +180,7 @@ impl Renderer {
         let tree = Template::compile(text).map_err(&compile_error)?;
         collect_services(&tree, &mut self.named_services);
         self.flat_instances |= flat::may_read_instances(&tree);
+        self.services_read_otherwise = true;
         self.hbs.register_partial(name, text).map_err(compile_error)
     }
 
@@ -387,7 +406,29 @@ impl HelperDef for DefaultHelper {
 
 /// `{{#each (instances "webapp")}}`: the instances of a service, `[]` when it has none
 /// (so templates can name a service before its first instance registers, in strict mode).
-struct InstancesHelper;
+struct InstancesHelper(Arc<Mutex<each::Cache>>);
+
+/// A service's instance list kept as its JSON text: what the template data holds for a
+/// service nobody renders anew (~200 bytes an instance where the objects take ~2 KiB).
+/// `services.<name>` is otherwise always an array, so a string there is one of these.
+pub fn freeze_service(list: &[Value]) -> Value {
+    let mut text = serde_json::to_string(list).unwrap_or_else(|_| "[]".into());
+    // Kept for long: not with up to twice its length in spare capacity.
+    text.shrink_to_fit();
+    Value::String(text)
+}
+
+/// The list [`freeze_service`] froze.
+pub fn thaw_service(text: &str) -> Result<Value, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// [`thaw_service`] while rendering service `name`.
+fn thaw_for_render(name: &str, text: &str) -> Result<Value, RenderError> {
+    thaw_service(text).map_err(|e| {
+        RenderErrorReason::Other(format!("the frozen instance list of service {name}: {e}")).into()
+    })
+}
 
 impl HelperDef for InstancesHelper {
     fn call_inner<'reg: 'rc, 'rc>(
@@ -406,6 +447,11 @@ impl HelperDef for InstancesHelper {
         )?;
         // Borrowed, not copied: at 10 000 instances a copy cost a third of the render.
         Ok(match ctx.data().get("services").and_then(|s| s.get(name)) {
+            Some(Value::String(frozen)) => {
+                let list = thaw_for_render(name, frozen)?;
+                each::lock(&self.0).thawed.insert(name.to_string());
+                ScopedJson::Derived(list)
+            }
             Some(list) => ScopedJson::Context(list, vec!["services".into(), name.to_string()]),
             None => ScopedJson::Derived(Value::Array(Vec::new())),
         })
