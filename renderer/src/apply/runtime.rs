@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::plan::{Cookie, Plan, Server};
-use crate::haproxy::{HaproxyError, MasterCli, ServerRef, ServerState, ServersState};
+use crate::haproxy::{Command, HaproxyError, MasterCli, ServerRef, ServerState, ServersState};
 
 /// A runtime change HAProxy refused, or a state that does not match afterwards.
 #[derive(Debug, Error)]
@@ -99,20 +99,27 @@ async fn add_servers<'a>(
             Cookie::Derived { placeholder } => (*placeholder, s.add_keywords(true)),
             _ => (s.addr.as_str(), s.add_keywords(false)),
         };
-        cli.add_server(s.at(), addr, &s.port, &keywords).await?;
+        // One round trip for the server's commands. After a refused `add server` the
+        // others reach whatever server has that name, if any — one the config does not
+        // have, since the plan adds only names it lacks — and the apply reloads from the
+        // file at once, which puts it back as written.
+        let mut commands = vec![Command::add_server(s.at(), addr, &s.port, &keywords)];
         if matches!(cookie, Cookie::Derived { .. }) {
-            cli.move_to_addr(s.at(), &s.addr, &s.port).await?;
+            commands.push(Command::move_to_addr(s.at(), &s.addr, &s.port));
         }
         if s.keywords.iter().any(|k| k == "check") {
-            cli.enable_health(s.at()).await?;
+            commands.push(Command::enable_health(s.at()));
         }
         // Drain is HAProxy's own drain flag on top of the line's `weight 0`, so `show
         // stat` says DRAIN.
         match s.admin() {
             AdminState::Maint => {}
-            AdminState::Ready => cli.enable_server(s.at()).await?,
-            AdminState::Drain => cli.set_server_state(s.at(), AdminState::Drain).await?,
+            AdminState::Ready => commands.push(Command::enable_server(s.at())),
+            AdminState::Drain => {
+                commands.push(Command::set_server_state(s.at(), AdminState::Drain))
+            }
         }
+        cli.run_together(&commands).await?;
         if cookie == Cookie::BackendWide && !backend_wide.contains(&s.backend.as_str()) {
             backend_wide.push(&s.backend);
         }

@@ -39,6 +39,56 @@ async fn read_answer(s: &mut UnixStream) -> std::io::Result<String> {
     }
 }
 
+/// Reads the answers to `n` commands sent together: each ends with the prompt, and the
+/// next one follows it on the same line.
+async fn read_answers(s: &mut UnixStream, n: usize) -> std::io::Result<Vec<String>> {
+    if n == 1 {
+        return Ok(vec![read_answer(s).await?]);
+    }
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let got = s.read(&mut chunk).await?;
+        if got == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the master CLI closed the session",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..got]);
+        if let Some(answers) = split_answers(&buf, n) {
+            return Ok(answers);
+        }
+    }
+}
+
+/// The `n` answers in `buf` once it holds them all (and ends with the last prompt).
+fn split_answers(buf: &[u8], n: usize) -> Option<Vec<String>> {
+    let mut answers = Vec::with_capacity(n);
+    let (mut from, mut line) = (0, 0);
+    while answers.len() < n {
+        let eol = buf[line..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map(|i| line + i);
+        let text = &buf[line..eol.unwrap_or(buf.len())];
+        // A prompt starts a line and ends at its first "> ".
+        let prompt = text
+            .windows(2)
+            .position(|w| w == b"> ")
+            .filter(|k| ends_with_prompt(&text[..k + 2]) == Some(0));
+        match (prompt, eol) {
+            (Some(k), _) => {
+                answers.push(String::from_utf8_lossy(&buf[from..line]).into_owned());
+                (from, line) = (line + k + 2, line + k + 2);
+            }
+            (None, Some(e)) => line = e + 1,
+            (None, None) => return None,
+        }
+    }
+    (from == buf.len()).then_some(answers)
+}
+
 /// How long one CLI exchange may take.
 const CLI_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a reload may take to show up in `show proc` before it is sent again.
@@ -116,8 +166,25 @@ impl MasterCli {
             // One command per exchange: a second one would be answered after our prompt.
             return self.command(&format!("@1 {cmd}")).await;
         }
+        let mut answers = self.worker_commands(&[cmd]).await?;
+        Ok(answers.pop().unwrap_or_default())
+    }
+
+    /// Sends `cmds` to the current worker together — one write, one round trip instead of
+    /// one each — and returns their answers in order. HAProxy runs them one after the
+    /// other, each whatever the answers before it.
+    pub async fn worker_commands(&self, cmds: &[&str]) -> Result<Vec<String>, HaproxyError> {
+        if cmds.iter().any(|c| c.contains(['\n', ';'])) {
+            // One command per line: a second one on it would be answered after our prompt.
+            let mut answers = Vec::with_capacity(cmds.len());
+            for cmd in cmds {
+                answers.push(self.command(&format!("@1 {cmd}")).await?);
+            }
+            return Ok(answers);
+        }
+        let what = cmds.join("; ");
         let mut session = self.session.lock().await;
-        self.bounded(cmd, Self::exchange(&mut session, &self.path, cmd))
+        self.bounded(&what, Self::exchange(&mut session, &self.path, cmds))
             .await
     }
 
@@ -132,18 +199,20 @@ impl MasterCli {
             }
         }
         let answer = self
-            .bounded(cmd, Self::exchange(&mut session, &self.path, cmd))
-            .await?;
+            .bounded(cmd, Self::exchange(&mut session, &self.path, &[cmd]))
+            .await?
+            .pop()
+            .unwrap_or_default();
         session.kept = Some((cmd.to_string(), answer.clone()));
         Ok(answer)
     }
 
-    /// One command on the shared session, opening it (again) when needed.
+    /// Commands on the shared session, opening it (again) when needed.
     async fn exchange(
         session: &mut Session,
         path: &std::path::Path,
-        cmd: &str,
-    ) -> std::io::Result<String> {
+        cmds: &[&str],
+    ) -> std::io::Result<Vec<String>> {
         let mut stream = match session.stream.take() {
             Some(s) if still_open(&s) => s,
             _ => {
@@ -154,18 +223,24 @@ impl MasterCli {
                 s
             }
         };
-        stream.write_all(format!("@1 {cmd}\n").as_bytes()).await?;
-        let answer = read_answer(&mut stream).await?;
+        let mut lines = String::new();
+        for cmd in cmds {
+            lines.push_str("@1 ");
+            lines.push_str(cmd);
+            lines.push('\n');
+        }
+        stream.write_all(lines.as_bytes()).await?;
+        let answers = read_answers(&mut stream, cmds.len()).await?;
         session.stream = Some(stream);
-        Ok(answer)
+        Ok(answers)
     }
 
     /// Runs one exchange about `cmd` within [`CLI_TIMEOUT`].
-    async fn bounded(
+    async fn bounded<T>(
         &self,
         cmd: &str,
-        exchange: impl std::future::Future<Output = std::io::Result<String>>,
-    ) -> Result<String, HaproxyError> {
+        exchange: impl std::future::Future<Output = std::io::Result<T>>,
+    ) -> Result<T, HaproxyError> {
         match tokio::time::timeout(CLI_TIMEOUT, exchange).await {
             Ok(r) => r.map_err(|source| self.err(source)),
             Err(_) => Err(self.err(std::io::Error::new(
@@ -271,5 +346,25 @@ mod tests {
         assert_eq!(ends_with_prompt(b"# be_id be_name srv_id\n1 b> "), None);
         assert_eq!(ends_with_prompt(b"ok\nmaster"), None);
         assert_eq!(ends_with_prompt(b"ok\nsee master> "), None);
+    }
+
+    #[test]
+    fn answers_to_commands_sent_together_are_split_at_each_prompt() {
+        // As HAProxy 2.6 answered `add server`, `enable server` (nothing), a refusal.
+        let all = b"New server registered.\n\nmaster> \nmaster> No such server.\n\nmaster> ";
+        assert_eq!(
+            split_answers(all, 3).unwrap(),
+            ["New server registered.\n\n", "\n", "No such server.\n\n"]
+        );
+        // Decorated prompts; a line that mentions the prompt is no prompt.
+        let decorated = b"ok\n[0:00:01:02] master[ReloadFailed](xe)> see master> x\n\n[0:00:01:02] master[ReloadFailed](xe)> ";
+        assert_eq!(
+            split_answers(decorated, 2).unwrap(),
+            ["ok\n", "see master> x\n\n"]
+        );
+        // Not all there yet: fewer prompts, or a prompt cut short.
+        assert_eq!(split_answers(all, 4), None);
+        assert_eq!(split_answers(&all[..all.len() - 1], 3), None);
+        assert_eq!(split_answers(b"", 1), None);
     }
 }

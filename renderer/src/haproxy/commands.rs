@@ -34,7 +34,85 @@ fn short(answer: &str) -> String {
     answer.trim().chars().take(300).collect()
 }
 
+/// A runtime command with the answer that means HAProxy did it, to be sent with others
+/// ([`MasterCli::run_together`]).
+#[derive(Debug, Clone)]
+pub struct Command {
+    line: String,
+    ok: fn(&str) -> bool,
+}
+
+impl Command {
+    /// `add server <backend>/<name> <addr>:<port> <keywords…>`: the server starts in
+    /// maintenance.
+    pub fn add_server(s: ServerRef<'_>, addr: &str, port: &str, keywords: &[&str]) -> Command {
+        let line = format!("add server {s} {addr}:{port} {}", keywords.join(" "));
+        Command {
+            line: line.trim_end().to_string(),
+            ok: |a| a.contains("New server registered"),
+        }
+    }
+
+    /// `set server … addr <addr> port <port>` for a server added on a placeholder address:
+    /// the IP must change, which is when HAProxy derives its dynamic cookie.
+    pub fn move_to_addr(s: ServerRef<'_>, addr: &str, port: &str) -> Command {
+        Command {
+            line: format!("set server {s} addr {addr} port {port}"),
+            ok: |a| a.contains("IP changed"),
+        }
+    }
+
+    /// `set server … state ready|drain|maint`. Drain is HAProxy's own drain flag (`show
+    /// stat` says DRAIN); ready clears drain and maintenance.
+    pub fn set_server_state(s: ServerRef<'_>, state: AdminState) -> Command {
+        Command {
+            line: format!("set server {s} state {}", state.as_str()),
+            ok: quiet,
+        }
+    }
+
+    /// `enable server …`: out of maintenance.
+    pub fn enable_server(s: ServerRef<'_>) -> Command {
+        Command {
+            line: format!("enable server {s}"),
+            ok: quiet,
+        }
+    }
+
+    /// `enable health …`: starts the server's health checks.
+    pub fn enable_health(s: ServerRef<'_>) -> Command {
+        Command {
+            line: format!("enable health {s}"),
+            ok: quiet,
+        }
+    }
+}
+
 impl MasterCli {
+    /// Sends `commands` to the worker together — one round trip — and checks their answers
+    /// in order: `Ok` when each is accepted, else the first refusal. HAProxy runs every one
+    /// of them whatever the answers before it, so a batch holds commands that do no harm
+    /// after an earlier refusal (the caller reloads from the file on any refusal).
+    pub async fn run_together(&self, commands: &[Command]) -> Result<(), HaproxyError> {
+        let lines: Vec<&str> = commands.iter().map(|c| c.line.as_str()).collect();
+        let answers = self.worker_commands(&lines).await?;
+        for (c, answer) in commands.iter().zip(&answers) {
+            let answer = answer.trim();
+            debug!(command = %c.line, %answer, "runtime API");
+            if !(c.ok)(answer) {
+                return Err(HaproxyError::Refused {
+                    command: c.line.clone(),
+                    answer: short(answer),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(&self, command: Command) -> Result<(), HaproxyError> {
+        self.run_together(std::slice::from_ref(&command)).await
+    }
+
     /// Sends `command` to the worker: `Ok` when `ok` accepts the (trimmed) answer,
     /// [`HaproxyError::Refused`] otherwise.
     async fn expect(&self, command: String, ok: impl Fn(&str) -> bool) -> Result<(), HaproxyError> {
@@ -60,11 +138,7 @@ impl MasterCli {
         port: &str,
         keywords: &[&str],
     ) -> Result<(), HaproxyError> {
-        let command = format!("add server {s} {addr}:{port} {}", keywords.join(" "));
-        self.expect(command.trim_end().to_string(), |a| {
-            a.contains("New server registered")
-        })
-        .await
+        self.run(Command::add_server(s, addr, port, keywords)).await
     }
 
     /// `set server … addr <addr> port <port>`, whether or not anything changes.
@@ -88,10 +162,7 @@ impl MasterCli {
         addr: &str,
         port: &str,
     ) -> Result<(), HaproxyError> {
-        self.expect(format!("set server {s} addr {addr} port {port}"), |a| {
-            a.contains("IP changed")
-        })
-        .await
+        self.run(Command::move_to_addr(s, addr, port)).await
     }
 
     /// `set server … addr <placeholder>`: HAProxy closes the server's idle connections at
@@ -118,18 +189,17 @@ impl MasterCli {
         s: ServerRef<'_>,
         state: AdminState,
     ) -> Result<(), HaproxyError> {
-        self.expect(format!("set server {s} state {}", state.as_str()), quiet)
-            .await
+        self.run(Command::set_server_state(s, state)).await
     }
 
     /// `enable server …`: out of maintenance.
     pub async fn enable_server(&self, s: ServerRef<'_>) -> Result<(), HaproxyError> {
-        self.expect(format!("enable server {s}"), quiet).await
+        self.run(Command::enable_server(s)).await
     }
 
     /// `enable health …`: starts the server's health checks.
     pub async fn enable_health(&self, s: ServerRef<'_>) -> Result<(), HaproxyError> {
-        self.expect(format!("enable health {s}"), quiet).await
+        self.run(Command::enable_health(s)).await
     }
 
     /// `disable health …`: stops the check task. Any answer will do (a server without

@@ -16,7 +16,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use cli::MasterCli;
-pub use commands::ServerRef;
+pub use commands::{Command, ServerRef};
 pub use parse::{
     check_summary, dynamic_cookie, parse_servers_state, parse_stat, parse_version, rejected_line,
     ProcTable, ServerState, ServersState,
