@@ -53,6 +53,10 @@ pub struct Renderer {
     haproxy: Value,
     /// The texts `{{#each}}` items rendered to (see [`each`]).
     each_cache: Arc<Mutex<each::Cache>>,
+    /// The length of each template's last text: the next one is written into a buffer of
+    /// about that size, not one that doubles its way there (at 100 000 instances: a 6 MB
+    /// config copied ~once more while growing, and kept in an 8 MiB buffer).
+    sizes: Mutex<std::collections::HashMap<String, usize>>,
     /// A template uses partials or decorators: `{{#each}}` renders every item every time.
     plain_each: bool,
     /// A template may read the root's flat `instances` list (see [`flat`]).
@@ -116,6 +120,7 @@ impl Renderer {
             named_services: BTreeSet::new(),
             haproxy: serde_json::json!({"version": ""}),
             each_cache,
+            sizes: Mutex::default(),
             plain_each: false,
             flat_instances: false,
             services_read_otherwise: !cached_each,
@@ -266,14 +271,18 @@ impl Renderer {
     }
 
     pub fn render_with(&self, name: &str, ctx: &Context) -> Result<Vec<u8>, RenderFailure> {
-        let rendered = self.hbs.render_with_context(name, ctx);
+        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
+        let last = sizes.get(name).copied().unwrap_or(0);
+        let mut text = Vec::with_capacity(last + last / 64 + 4096);
+        let rendered = self.hbs.render_with_context_to_write(name, ctx, &mut text);
         self.lock_cache().finish(name);
-        rendered
-            .map(String::into_bytes)
-            .map_err(|e: RenderError| RenderFailure::Render {
-                name: name.to_string(),
-                message: e.to_string(),
-            })
+        rendered.map_err(|e: RenderError| RenderFailure::Render {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+        // Handlebars writes `&str`s only: the bytes are UTF-8, as the string they were.
+        sizes.insert(name.to_string(), text.len());
+        Ok(text)
     }
 }
 
