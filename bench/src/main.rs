@@ -68,7 +68,8 @@ struct Args {
     /// Scenarios to run (default: all but chaos): chaos (a seeded run of random faults
     /// against 3 etcd members, 2 load balancers and 8 registered web apps, with an invariant
     /// checker; exits 1 on a violation, or under --sabotage on none), convergence, deregister, crash, reload, storm,
-    /// scale, wide (100 000 instances in 1 000 services), footprint, outage, frozen (3-member etcd: frozen members and leader), idle
+    /// scale, wide (100 000 instances in 1 000 services; BENCH_WIDE=services,per;
+    /// BENCH_WIDE_JOINS=FILE: each join's total and stages as JSON), footprint, outage, frozen (3-member etcd: frozen members and leader), idle
     /// (10 idle minutes against a default etcd; 30 s with --quick), upgrade (a rolling etcd
     /// 3.4.23 → 3.5.16 upgrade, Debian 12 → 13, under wrk with 8 registrars and 2 load
     /// balancers; JSON report; exits 1 if a request failed, a registration was lost or a

@@ -19,7 +19,7 @@ pub enum ShellError {
     Timeout(Duration),
 }
 
-/// Runs `sh -c line` (behind `prefix`, e.g. `nice -n 10`, when given) with stdin closed,
+/// Runs `sh -c line` (behind `prefix`, e.g. `nice -n 19`, when given) with stdin closed,
 /// collecting its output; killed when `timeout` passes.
 pub async fn shell(prefix: &[&str], line: &str, timeout: Duration) -> Result<Output, ShellError> {
     let mut command = match prefix.split_first() {

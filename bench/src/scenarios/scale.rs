@@ -473,6 +473,11 @@ pub(crate) async fn wide(o: &Opts) -> Vec<Row> {
     }
     let (reloads, _, _) = lb.proc_state().await;
     let split = stages::split(&measured, &stages::apply_lines(&lb.proc.log()));
+    // Each join's total and stages, for a look at the spread behind the p50s.
+    if let Ok(path) = std::env::var("BENCH_WIDE_JOINS") {
+        let json = serde_json::json!({"put_to_served_ms": joins, "stages": stages::STAGES, "split_ms": split});
+        std::fs::write(&path, json.to_string()).expect("write BENCH_WIDE_JOINS");
+    }
     // HAProxy's side of a verification at this size, asked by hand: every backend's id
     // (a new session each time, so never from the renderer's per-session memory) and one
     // server's row.
