@@ -19,8 +19,11 @@ fn still_open(s: &UnixStream) -> bool {
     matches!(s.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-/// Reads one answer of an interactive session, up to and without the prompt.
-async fn read_answer(s: &mut UnixStream) -> std::io::Result<String> {
+/// Reads from an interactive session until `done` finds what it waits for in what arrived.
+async fn read_until<T>(
+    s: &mut UnixStream,
+    done: impl Fn(&[u8]) -> Option<T>,
+) -> std::io::Result<T> {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 16 * 1024];
     loop {
@@ -32,11 +35,18 @@ async fn read_answer(s: &mut UnixStream) -> std::io::Result<String> {
             ));
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = ends_with_prompt(&buf) {
-            buf.truncate(end);
-            return Ok(String::from_utf8_lossy(&buf).into_owned());
+        if let Some(found) = done(&buf) {
+            return Ok(found);
         }
     }
+}
+
+/// Reads one answer of an interactive session, up to and without the prompt.
+async fn read_answer(s: &mut UnixStream) -> std::io::Result<String> {
+    read_until(s, |buf| {
+        ends_with_prompt(buf).map(|end| String::from_utf8_lossy(&buf[..end]).into_owned())
+    })
+    .await
 }
 
 /// Reads the answers to `n` commands sent together: each ends with the prompt, and the
@@ -45,21 +55,7 @@ async fn read_answers(s: &mut UnixStream, n: usize) -> std::io::Result<Vec<Strin
     if n == 1 {
         return Ok(vec![read_answer(s).await?]);
     }
-    let mut buf = Vec::with_capacity(256);
-    let mut chunk = [0u8; 16 * 1024];
-    loop {
-        let got = s.read(&mut chunk).await?;
-        if got == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the master CLI closed the session",
-            ));
-        }
-        buf.extend_from_slice(&chunk[..got]);
-        if let Some(answers) = split_answers(&buf, n) {
-            return Ok(answers);
-        }
-    }
+    read_until(s, |buf| split_answers(buf, n)).await
 }
 
 /// The `n` answers in `buf` once it holds them all (and ends with the last prompt).

@@ -190,6 +190,14 @@ impl Cache {
             .unwrap_or(0)
     }
 
+    /// Keeps `text`, just rendered in `template`, under `key`.
+    fn keep(&mut self, template: &str, key: &[u8], text: String) {
+        if let Some(texts) = self.templates.get_mut(template) {
+            let generation = texts.generation;
+            texts.entries.insert(key.into(), (text, generation));
+        }
+    }
+
     /// Ends one render of `template`: drops the texts it did not use.
     pub(crate) fn finish(&mut self, template: &str) {
         if let Some(t) = self.templates.get_mut(template) {
@@ -578,13 +586,7 @@ impl HelperDef for CachedEach {
                     rendered?;
                     replay(t, &text.0, rc, out)?;
                     if reads.is_some() {
-                        let mut c = lock(&self.0);
-                        if let Some(texts) = c.templates.get_mut(&template_name) {
-                            let generation = texts.generation;
-                            texts
-                                .entries
-                                .insert(key.clone().into_boxed_slice(), (text.0, generation));
-                        }
+                        lock(&self.0).keep(&template_name, &key, text.0);
                     }
                     continue;
                 }
@@ -627,13 +629,7 @@ impl HelperDef for CachedEach {
                     let mut text = Text::default();
                     t.render(r, ctx, rc, &mut text)?;
                     out.write(&text.0)?;
-                    let mut c = lock(&self.0);
-                    if let Some(texts) = c.templates.get_mut(&template_name) {
-                        let generation = texts.generation;
-                        texts
-                            .entries
-                            .insert(key.clone().into_boxed_slice(), (text.0, generation));
-                    }
+                    lock(&self.0).keep(&template_name, &key, text.0);
                 } else {
                     t.render(r, ctx, rc, out)?;
                 }
