@@ -271,8 +271,8 @@ impl Renderer {
     }
 
     pub fn render_with(&self, name: &str, ctx: &Context) -> Result<Vec<u8>, RenderFailure> {
-        let mut sizes = self.sizes.lock().unwrap_or_else(|e| e.into_inner());
-        let last = sizes.get(name).copied().unwrap_or(0);
+        let sizes = || self.sizes.lock().unwrap_or_else(|e| e.into_inner());
+        let last = sizes().get(name).copied().unwrap_or(0);
         let mut text = Vec::with_capacity(last + last / 64 + 4096);
         let rendered = self.hbs.render_with_context_to_write(name, ctx, &mut text);
         self.lock_cache().finish(name);
@@ -281,7 +281,7 @@ impl Renderer {
             message: e.to_string(),
         })?;
         // Handlebars writes `&str`s only: the bytes are UTF-8, as the string they were.
-        sizes.insert(name.to_string(), text.len());
+        sizes().insert(name.to_string(), text.len());
         Ok(text)
     }
 }

@@ -158,10 +158,6 @@ impl MasterCli {
     /// Sends a command to the current worker (`@1 …`) through the master, on the shared
     /// interactive session.
     pub async fn worker_command(&self, cmd: &str) -> Result<String, HaproxyError> {
-        if cmd.contains(['\n', ';']) {
-            // One command per exchange: a second one would be answered after our prompt.
-            return self.command(&format!("@1 {cmd}")).await;
-        }
         let mut answers = self.worker_commands(&[cmd]).await?;
         Ok(answers.pop().unwrap_or_default())
     }

@@ -115,18 +115,8 @@ impl MasterCli {
 
     /// Sends `command` to the worker: `Ok` when `ok` accepts the (trimmed) answer,
     /// [`HaproxyError::Refused`] otherwise.
-    async fn expect(&self, command: String, ok: impl Fn(&str) -> bool) -> Result<(), HaproxyError> {
-        let answer = self.worker_command(&command).await?;
-        let answer = answer.trim();
-        debug!(%command, %answer, "runtime API");
-        if ok(answer) {
-            Ok(())
-        } else {
-            Err(HaproxyError::Refused {
-                command,
-                answer: short(answer),
-            })
-        }
+    async fn expect(&self, command: String, ok: fn(&str) -> bool) -> Result<(), HaproxyError> {
+        self.run(Command { line: command, ok }).await
     }
 
     /// `add server <backend>/<name> <addr>:<port> <keywords…>`: the server starts in

@@ -420,6 +420,22 @@ fn encode_outer_params<'reg: 'rc, 'rc>(
     }
 }
 
+/// `@first`, `@last`, `@index` and (over an object) `@key` of one item.
+fn set_loop_vars(
+    block: &mut BlockContext<'_>,
+    first: bool,
+    last: bool,
+    index: usize,
+    key: Option<&String>,
+) {
+    block.set_local_var("first", to_json(first));
+    block.set_local_var("last", to_json(last));
+    block.set_local_var("index", to_json(index));
+    if let Some(k) = key {
+        block.set_local_var("key", to_json(k));
+    }
+}
+
 /// Writes `text`, rendered by `t` earlier or elsewhere, and leaves `rc` as rendering it
 /// would have.
 fn replay<'reg: 'rc, 'rc>(
@@ -572,10 +588,7 @@ impl HelperDef for CachedEach {
                     let item = Context::from(super::thaw_for_render(name, frozen)?);
                     let mut own = RenderContext::new(rc.get_root_template_name());
                     let mut block = BlockContext::new();
-                    block.set_local_var("first", to_json(is_first));
-                    block.set_local_var("last", to_json(is_last));
-                    block.set_local_var("index", to_json(i));
-                    block.set_local_var("key", to_json(name));
+                    set_loop_vars(&mut block, is_first, is_last, i, k);
                     own.push_block(block);
                     let mut text = Text::default();
                     let outer = lock(&self.0)
@@ -592,12 +605,7 @@ impl HelperDef for CachedEach {
                 }
 
                 if let Some(block) = rc.block_mut() {
-                    block.set_local_var("first", to_json(is_first));
-                    block.set_local_var("last", to_json(is_last));
-                    block.set_local_var("index", to_json(i));
-                    if let Some(k) = k {
-                        block.set_local_var("key", to_json(k));
-                    }
+                    set_loop_vars(block, is_first, is_last, i, k);
                     let index_or_key = k.map_or_else(|| to_json(i), to_json);
                     let segment = k.cloned().unwrap_or_else(|| i.to_string());
                     match base_path {
