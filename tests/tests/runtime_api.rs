@@ -303,7 +303,13 @@ async fn ten_thousand_servers_a_join_and_a_leave_stay_live_and_sticky() {
     etcd.delete(&registry::instance_key("/services", "webapp", "s1"))
         .await;
     wait_routed(lb.http_port, &["s2"], T).await;
-    let live = lb.live_servers().await;
+    // Traffic leaves s1 when it is set to drain; it leaves HAProxy's list a moment later,
+    // once drained and deleted.
+    let live = eventually(T, "s1 deleted from HAProxy", || async {
+        let live = lb.live_servers().await;
+        (!live.contains_key("s1")).then_some(live)
+    })
+    .await;
     assert!(live.contains_key("s2") && !live.contains_key("s1"));
     assert_eq!(live.len(), N + 1);
     assert_eq!(
